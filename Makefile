@@ -1,0 +1,30 @@
+# The two README commands. Both set up the environment on a fresh machine (Python 3.11, no GPU).
+#   make demo   the main job on the bundled demo data
+#   make test   the test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup benchmarks clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/oefpredictor demo --out demo_output --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/bench_simulate.py
+
+clean:
+	rm -rf demo_output .pytest_cache

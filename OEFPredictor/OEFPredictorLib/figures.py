@@ -1,0 +1,67 @@
+"""Figures (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import phantom
+
+OEF_RANGE = (0.0, 80.0)  # percent; the display range used everywhere (Slicer too)
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def central_slice(mask: np.ndarray, axis: int = 0) -> int:
+    """Index of the slice (along `axis`) through the centre of mass of the mask."""
+    counts = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis))
+    if counts.sum() == 0:
+        return mask.shape[axis] // 2
+    return int(round(np.average(np.arange(len(counts)), weights=counts)))
+
+
+def label_colormap():
+    from matplotlib.colors import ListedColormap
+
+    colours = ["#000000", "#9e9e9e", "#f5f5f5", "#4daf4a", "#984ea3", "#377eb8", "#e41a1c", "#ff7f00"]
+    return ListedColormap(colours)
+
+
+def patient_montage(patient_dir: str | Path, out_png: str | Path, slice_index: int | None = None) -> Path:
+    """Echo 1, QSM, truth OEF and labels of one virtual patient on an axial slice."""
+    from . import simulate
+
+    plt = _matplotlib()
+    data = simulate.load_patient(patient_dir)
+    k = central_slice(data.lesion_map > 0 if data.lesion_map.any() else data.mask) if slice_index is None else slice_index
+    flip = lambda a: a[k][::-1]  # LPS arrays: show anterior up (radiological left-right)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6), constrained_layout=True)
+    panels = [
+        (flip(data.echoes[..., 0]), "Echo 1 magnitude (a.u.)", "gray", None),
+        (flip(np.where(data.mask, data.qsm * 1000, np.nan)), "QSM (ppb)", "RdBu_r", (-150, 150)),
+        (flip(np.where(data.metric_mask, data.truth["OEF"], np.nan)), "Truth OEF (%)", "inferno", OEF_RANGE),
+        (flip(data.labels), "Tissue / lesion labels", label_colormap(), (-0.5, 7.5)),
+    ]
+    for ax, (img, title, cmap, lim) in zip(axes, panels):
+        im = ax.imshow(img, cmap=cmap, vmin=None if lim is None else lim[0], vmax=None if lim is None else lim[1],
+                       interpolation="nearest")
+        ax.set_title(title)
+        ax.axis("off")
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        if title.startswith("Tissue"):
+            cb.set_ticks(range(8))
+            cb.set_ticklabels([phantom.LABELS[i].replace("_", " ") for i in range(8)], fontsize=7)
+    snr = data.sidecar.get("Noise", "")
+    fig.suptitle(f"Virtual patient {data.pid}, axial slice {k} ({data.protocol.describe()}; {snr})")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,200 @@
+"""Keras model builders (the paper's LSTM, the DNN baseline, variants) and model cards.
+
+Keras 3 code only (no backend-specific calls): TensorFlow is the default backend, and the same
+.keras file loads under another backend (e.g. torch). A model ships as MODEL.keras plus MODEL.json,
+its card: protocol, input normalisation, output scaling, window definition, training data, test
+metrics, versions and the SHA-256 of the .keras file. Loading checks the checksum and uses Keras
+safe mode (no arbitrary code from a model file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import physics, sequences
+from .errors import InputError
+
+PAPER_LSTM = {"architecture": "lstm", "cell": "lstm", "units": [512, 256, 128, 64], "dense": [64, 32, 16]}
+PAPER_DNN = {"architecture": "mlp", "dense": [256, 256, 128]}
+LEAKY_SLOPE = 0.01
+CARD_VERSION = 1
+
+
+def build_model(spec: dict | None = None, window_length: int = sequences.WINDOW_LENGTH, n_features: int = 9,
+                n_outputs: int = 5):
+    """Build the network a spec describes (default: the paper's LSTM).
+
+    lstm: Input(L, F) -> recurrent layers (all but the last return sequences) -> Flatten ->
+    Dense + LeakyReLU(0.01) ... -> Dense(n_outputs). cell 'lstm' or 'gru'.
+    mlp:  Input(L, F) -> Flatten -> Dense + LeakyReLU(0.01) ... -> Dense(n_outputs); with L = 1
+    this is the voxelwise DNN of the paper's comparison.
+    """
+    import keras
+    from keras import layers
+
+    spec = dict(PAPER_LSTM if spec is None else spec)
+    inputs = keras.Input((window_length, n_features), name="voxel_window")
+    x = inputs
+    if spec["architecture"] == "lstm":
+        cell = {"lstm": layers.LSTM, "gru": layers.GRU}[spec.get("cell", "lstm")]
+        units = spec["units"]
+        for i, width in enumerate(units):
+            # tanh / sigmoid: the cuDNN-compatible configuration (GPU speed), as in the paper
+            x = cell(width, return_sequences=i < len(units) - 1, name=f"{spec.get('cell', 'lstm')}_{i + 1}")(x)
+    elif spec["architecture"] != "mlp":
+        raise ValueError(f"Unknown architecture {spec['architecture']!r}; use 'lstm' or 'mlp'.")
+    x = layers.Flatten(name="flatten")(x)
+    for i, width in enumerate(spec["dense"]):
+        x = layers.Dense(width, name=f"dense_{i + 1}")(x)
+        x = layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"leaky_relu_{i + 1}")(x)
+    outputs = layers.Dense(n_outputs, name="qq_parameters")(x)
+    return keras.Model(inputs, outputs, name=spec["architecture"] + "_oef")
+
+
+# --- Output scaling ---------------------------------------------------------------------------
+def fit_output_scaling(targets: np.ndarray) -> dict:
+    """Per-parameter z-scoring of the training targets (S0 relative to echo 1, R2, Y, v, chi_nb)."""
+    return {"parameters": list(physics.PARAMETER_NAMES), "S0": "relative to the voxel's echo-1 magnitude",
+            "mean": [float(x) for x in targets.mean(axis=0)],
+            "std": [float(max(x, 1e-6)) for x in targets.std(axis=0)]}
+
+
+def encode_targets(params: dict, echo1: np.ndarray, scaling: dict) -> np.ndarray:
+    """Truth parameters -> scaled network targets (N, 5)."""
+    t = np.stack([params["S0"] / echo1 if n == "S0" else params[n] for n in physics.PARAMETER_NAMES], axis=1)
+    return ((t - np.array(scaling["mean"])) / np.array(scaling["std"])).astype(np.float32)
+
+
+def decode_outputs(raw: np.ndarray, echo1: np.ndarray, scaling: dict) -> dict[str, np.ndarray]:
+    """Network outputs (N, 5) -> parameters; S0 back in the input's units."""
+    values = raw * np.array(scaling["std"], dtype=np.float32) + np.array(scaling["mean"], dtype=np.float32)
+    out = {name: values[:, i] for i, name in enumerate(physics.PARAMETER_NAMES)}
+    out["S0"] = out["S0"] * echo1
+    return out
+
+
+# --- Model files and cards --------------------------------------------------------------------
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def card_path_for(model_path: str | Path) -> Path:
+    return Path(model_path).with_suffix(".json")
+
+
+def make_card(spec: dict, protocol: physics.Protocol, output_scaling: dict, window_length: int,
+              target: str, input_normalisation: dict | None = None, **extra) -> dict:
+    import keras
+
+    return {
+        "card_version": CARD_VERSION,
+        "model": spec,
+        "protocol": {"echo_times_s": list(protocol.echo_times), "echo_times_ms": protocol.echo_times_ms,
+                     "field_strength_T": protocol.field_strength},
+        "input_normalisation": dict(input_normalisation or sequences.DEFAULT_INPUT_NORMALISATION),
+        "output_scaling": output_scaling,
+        "window": {"length": window_length, "target": target, "order": "in-mask voxels, C order (z, y, x)",
+                   "padding": "edge"},
+        "versions": {"keras": keras.__version__, "backend": keras.backend.backend()},
+        **extra,
+    }
+
+
+def save_bundle(model, card: dict, path: str | Path) -> Path:
+    """Write MODEL.keras and its card MODEL.json (with the file's SHA-256)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise InputError(f"{path}: a model file must end in .keras.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.keras")
+    model.save(tmp)
+    tmp.replace(path)
+    card = dict(card, sha256=sha256_of(path), file=path.name)
+    card_path_for(path).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """A loaded model with its card."""
+
+    model: object  # keras.Model
+    card: dict
+    path: Path
+
+    @property
+    def protocol(self) -> physics.Protocol:
+        p = self.card["protocol"]
+        return physics.Protocol(tuple(p["echo_times_s"]), p["field_strength_T"])
+
+    @property
+    def window_length(self) -> int:
+        return int(self.card["window"]["length"])
+
+    @property
+    def window_target(self) -> str:
+        return self.card["window"]["target"]
+
+    @property
+    def qsm_scale(self) -> float:
+        return float(self.card["input_normalisation"]["qsm_scale"])
+
+    @property
+    def output_scaling(self) -> dict:
+        return self.card["output_scaling"]
+
+    def check_protocol(self, protocol: physics.Protocol) -> None:
+        """Refuse data whose protocol differs from the model's, saying what differs and what to do."""
+        mine = self.protocol
+        if protocol.n_echoes != mine.n_echoes:
+            raise InputError(f"The data have {protocol.n_echoes} echoes but the model {self.path.name} was "
+                             f"trained on {mine.describe()}. Give exactly those echoes, or use a model "
+                             "trained for your protocol (oefpredictor train).")
+        if not protocol.matches(mine):
+            raise InputError(f"The data's protocol ({protocol.describe()}) differs from the model's "
+                             f"({mine.describe()}). Check the echo times (milliseconds on the command "
+                             "line), or use a model trained for your protocol (oefpredictor train).")
+
+
+def load_bundle(path: str | Path | None = None) -> ModelBundle:
+    """Load MODEL.keras (default: the bundled model) after checking its card and checksum."""
+    from . import resources
+
+    if path is None:
+        try:
+            path = resources.bundled_model_path()
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from None
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such model file.")
+    card_file = card_path_for(path)
+    if not card_file.exists():
+        raise InputError(f"{path}: its model card {card_file.name} is missing; a model needs its card "
+                         "(protocol, normalisation). Keep MODEL.keras and MODEL.json together.")
+    try:
+        card = json.loads(card_file.read_text(encoding="utf-8"))
+        for key in ("protocol", "input_normalisation", "output_scaling", "window", "sha256"):
+            card[key]
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"{card_file}: not a valid model card ({exc}).") from None
+    digest = sha256_of(path)
+    if digest != card["sha256"]:
+        raise InputError(f"{path}: checksum mismatch with its card (file corrupt or replaced). "
+                         "Re-copy the model file with its card.")
+    import keras
+
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a bad archive
+        raise InputError(f"{path}: not a loadable Keras model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}).") from None
+    return ModelBundle(model, card, path)

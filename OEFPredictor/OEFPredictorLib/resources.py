@@ -1,0 +1,38 @@
+"""Where the shipped resources (bundled models, UI, icons) are, in every layout.
+
+- source tree:   <repo>/OEFPredictor/OEFPredictorLib  ->  <repo>/Resources
+- Slicer build:  <modules>/OEFPredictorLib            ->  <modules>/Resources
+- anywhere else: the folder named by the OEFPREDICTOR_RESOURCES environment variable.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+
+
+def resource_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("OEFPREDICTOR_RESOURCES"):
+        dirs.append(Path(os.environ["OEFPREDICTOR_RESOURCES"]))
+    dirs += [_HERE.parent / "Resources", _HERE.parent.parent / "Resources"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def resource_path(*parts: str) -> Path:
+    """The first existing resource with this relative path; FileNotFoundError names where it looked."""
+    for d in resource_dirs():
+        candidate = d.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    looked = ", ".join(str(d) for d in resource_dirs()) or "(no Resources folder found)"
+    raise FileNotFoundError(f"Resource {'/'.join(parts)} not found; looked in {looked}. "
+                            "Set OEFPREDICTOR_RESOURCES to the extension's Resources folder.")
+
+
+BUNDLED_MODEL = ("Models", "oef_lstm.keras")
+
+
+def bundled_model_path() -> Path:
+    return resource_path(*BUNDLED_MODEL)
