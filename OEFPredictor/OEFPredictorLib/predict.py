@@ -1,0 +1,539 @@
+"""The prediction engine: echoes + QSM (+ mask, CBF) -> OEF and QQ parameter maps.
+
+Used by the command line (`oefpredictor predict`, `oefpredictor demo`) and by the Slicer module
+(through PredictionJob, which runs the engine in a background thread).
+
+Steps of predict_maps:
+1. validate the arrays (shapes, 3D, echo count and echo times against the model's card);
+2. the mask: the given one, or one derived from echo 1 (see derive_brain_mask); voxels with
+   NaN/Inf values or echo 1 <= 0 are taken out of it with a warning, so they never reach a window;
+3. per-voxel features (echoes / echo 1, QSM * qsm_scale; sequences.voxel_features);
+4. chunk by chunk (the chunk size follows from memory_budget_mb): make the windows of the chunk,
+   run the network on batches, decode, clamp to physics.BOUNDS (S0 relative to echo 1), and
+   compute the quality map; progress and cancellation are checked between batches;
+5. OEF = 100 (1 - Y / 0.98) percent, CMRO2 = CBF * OEF * [H]a when CBF is given.
+
+Quality map (lower is better): the normalised RMS residual between the measurements and the QQ
+forward model of the predicted (clamped) parameters,
+
+    quality = sqrt( ( sum_j ((S_j - S^_j) / S_1)^2 + ((chi - chi^) / 0.2 ppm)^2 ) / (E + 1) )
+
+The echo residuals are relative to the voxel's echo-1 magnitude, the QSM residual relative to
+0.2 ppm (the span of brain tissue susceptibility), so 1 % of either counts alike. A prediction that
+explains the data leaves about the noise level (~0.01 at SNR 100, QSM noise 2 ppb); larger values
+mark voxels the model cannot explain (artefacts, unmodelled tissue, wrong protocol).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import physics, sequences
+from .errors import CancelledError, InputError
+
+log = logging.getLogger(__name__)
+
+MAP_NAMES = ("OEF", "S0", "R2", "Y", "v", "chi_nb", "quality")  # + "CMRO2" with CBF
+KERAS_METHODS = {"lstm": ("Models", "oef_lstm.keras"), "dnn": ("Models", "oef_dnn.keras")}
+QSM_RESIDUAL_SCALE_PPM = 0.2  # see the quality-map definition above
+DEVICES = ("auto", "cpu", "gpu")
+DEFAULT_BATCH = 4096  # voxels per network call: large enough to keep the call overhead small
+MIN_CHUNK, MAX_CHUNK = 1024, 262_144
+
+Progress = Callable[[float, str], None]
+
+
+# --- Inputs -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PredictionInputs:
+    """Arrays in SimpleITK order: echoes (z, y, x, E) magnitudes, qsm (z, y, x) ppm, optional mask
+    (z, y, x) bool and CBF (z, y, x) mL/100 g/min; protocol: the echo times of the data."""
+
+    echoes: np.ndarray
+    qsm: np.ndarray
+    protocol: physics.Protocol
+    mask: np.ndarray | None = None
+    cbf: np.ndarray | None = None
+
+    def validate(self, expected: physics.Protocol | None = None) -> list[str]:
+        """Raise InputError for unusable inputs; return warnings (e.g. NaN voxels left out).
+
+        `expected`: the model's protocol; the echo count and times must match it.
+        """
+        echoes, qsm = np.asarray(self.echoes), np.asarray(self.qsm)
+        if echoes.ndim == 3 and qsm.ndim == 2:
+            raise InputError(f"The images are 2D (echoes {echoes.shape}, QSM {qsm.shape}); OEF prediction "
+                             "needs 3D volumes (z, y, x) and echoes (z, y, x, echo).")
+        if qsm.ndim != 3:
+            raise InputError(f"QSM must be a 3D volume (z, y, x); got shape {qsm.shape}"
+                             + (" (a 2D image)." if qsm.ndim == 2 else "."))
+        if echoes.ndim != 4:
+            raise InputError(f"Echoes must be a 4D array (z, y, x, echo); got shape {echoes.shape}"
+                             + (" (a 2D image per echo, or a single echo)." if echoes.ndim == 3 else "."))
+        if min(qsm.shape) < 1 or sum(s > 1 for s in qsm.shape) < 2:
+            raise InputError(f"The volume {qsm.shape} is not 3D image data.")
+        if echoes.shape[:3] != qsm.shape:
+            raise InputError(f"Echoes {echoes.shape[:3]} and QSM {qsm.shape} differ in size (z, y, x); "
+                             "resample them onto the same grid.")
+        if echoes.shape[3] != self.protocol.n_echoes:
+            raise InputError(f"The echo series has {echoes.shape[3]} echoes but {self.protocol.n_echoes} echo "
+                             f"times were given ({self.protocol.describe()}).")
+        if expected is not None and not self.protocol.matches(expected):
+            what = ("echoes" if self.protocol.n_echoes != expected.n_echoes else "echo times")
+            raise InputError(f"The data's protocol ({self.protocol.describe()}) differs in its {what} from the "
+                             f"model's ({expected.describe()}). Give exactly those echoes (milliseconds on the "
+                             "command line), or use a model trained for your protocol (oefpredictor train).")
+        for name, extra in (("mask", self.mask), ("CBF", self.cbf)):
+            if extra is not None and np.shape(extra) != qsm.shape:
+                raise InputError(f"The {name} {np.shape(extra)} and QSM {qsm.shape} differ in size (z, y, x).")
+        warnings = []
+        mask = self.mask
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.dtype.kind == "f" and not np.all(np.isfinite(m)):
+                raise InputError("The mask contains NaN/Inf values; give a 0/1 mask.")
+            if not np.any(m):
+                raise InputError("The mask is empty (no voxel inside); give a brain mask, or none to derive one.")
+        bad = invalid_voxels(echoes, qsm)
+        n_bad = int(np.count_nonzero(bad if mask is None else bad & np.asarray(mask, bool)))
+        if n_bad:
+            warnings.append(f"{n_bad} voxel(s) with NaN/Inf values or echo 1 <= 0 were left out of the mask "
+                            "(their maps are 0).")
+        return warnings
+
+
+def invalid_voxels(echoes: np.ndarray, qsm: np.ndarray) -> np.ndarray:
+    """Voxels that cannot be predicted: any NaN/Inf echo or QSM, or a non-positive echo 1."""
+    bad = ~np.isfinite(qsm)
+    for e in range(echoes.shape[-1]):  # echo by echo: no (z, y, x, E) temporary
+        bad |= ~np.isfinite(echoes[..., e])
+    with np.errstate(invalid="ignore"):
+        bad |= ~(echoes[..., 0] > 0)
+    return bad
+
+
+def derive_brain_mask(echo1: np.ndarray) -> np.ndarray:
+    """A brain mask from the echo-1 magnitude: Otsu threshold on the finite positive voxels,
+    morphological opening (removes noise specks and thin bridges), the largest connected component,
+    then a closing and hole filling (keeps dark CSF and vessels inside)."""
+    from scipy import ndimage
+
+    img = np.nan_to_num(np.asarray(echo1, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    values = img[img > 0]
+    if values.size < 2:
+        raise InputError("Echo 1 has no positive voxels; cannot derive a brain mask. Give --mask.")
+    threshold = _otsu(values)
+    mask = img > threshold
+    structure = ndimage.generate_binary_structure(3, 1)
+    opened = ndimage.binary_opening(mask, structure, iterations=1)
+    if opened.any():
+        mask = opened
+    labels, n = ndimage.label(mask, structure)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(np.argmax(sizes))
+    mask = ndimage.binary_closing(mask, structure, iterations=2, border_value=0) | mask
+    for k in range(mask.shape[0]):  # slice-wise too: CSF spaces open to one side in 3D
+        mask[k] = ndimage.binary_fill_holes(mask[k])
+    mask = ndimage.binary_fill_holes(mask)
+    if not mask.any():
+        raise InputError("Could not derive a brain mask from echo 1; give --mask.")
+    return mask
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximum between-class variance) of a 1D sample."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = m0 / w0
+        mu1 = (m0[-1] - m0) / w1
+        between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centres[int(np.nanargmax(between[:-1]))])
+
+
+# --- Result ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PredictionResult:
+    """maps: float32 (z, y, x) arrays, 0 outside the mask: OEF (%), S0 (input units), R2 (Hz), Y, v,
+    chi_nb (ppm), quality (normalised residual, see the module doc) and CMRO2 (umol/100 g/min) with
+    CBF. mask: the voxels predicted. mask_derived: True when the mask came from the data."""
+
+    maps: dict[str, np.ndarray]
+    mask: np.ndarray
+    warnings: list[str]
+    elapsed_s: float
+    device: str
+    model_card: dict | None
+    method: str = "lstm"
+    mask_derived: bool = False
+    n_voxels: int = 0
+
+
+# --- Models and devices ------------------------------------------------------------------------
+def resolve_model(model=None, method: str = "lstm"):
+    """A ModelBundle from None (the bundled model of the method), a path, or a bundle."""
+    from . import models, resources
+
+    if model is not None and not isinstance(model, (str, Path)):
+        return model  # a ModelBundle already
+    if model is None:
+        try:
+            path = resources.resource_path(*KERAS_METHODS[method])
+        except FileNotFoundError as exc:
+            raise InputError(f"The bundled {method.upper()} model is not installed ({exc}) Train one with "
+                             "`oefpredictor train`, or give a model file.") from None
+    else:
+        path = Path(model)
+    path = path.resolve()
+    if not path.exists():
+        raise InputError(f"{path}: no such model file.")
+    st = path.stat()
+    return _load_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, mtime_ns: int, size: int):
+    # Keyed by modification time and size: a replaced file is loaded again. Loading the paper's
+    # LSTM takes seconds; Slicer users predict many times per session.
+    from . import models
+
+    return models.load_bundle(path)
+
+
+def gpu_available() -> bool:
+    """Whether the Keras backend sees a GPU."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return bool(tf.config.list_physical_devices("GPU"))
+        if backend == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available() or torch.backends.mps.is_available())
+        if backend == "jax":
+            import jax
+
+            return any(d.platform == "gpu" for d in jax.devices())
+    except Exception:  # a broken driver counts as no GPU
+        return False
+    return False
+
+
+def choose_device(device: str) -> tuple[str, list[str]]:
+    """'cpu' or 'gpu' for a requested device, plus messages for the user."""
+    if device not in DEVICES:
+        raise InputError(f"Unknown device {device!r}; use one of {', '.join(DEVICES)}.")
+    if device == "cpu":
+        return "cpu", []
+    has_gpu = gpu_available()
+    if device == "gpu" and not has_gpu:
+        raise InputError("--device gpu was asked for, but the Keras backend sees no GPU (check the driver "
+                         "and a GPU build of TensorFlow/PyTorch), or use --device cpu.")
+    return ("gpu", []) if has_gpu else ("cpu", [])
+
+
+def _device_scope(device: str):
+    import keras
+
+    return keras.device("gpu:0" if device == "gpu" else "cpu:0")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(k in text for k in ("resourceexhausted", "out of memory", "oom", "cuda_error_out_of_memory"))
+
+
+def chunk_size_for(bundle, n_features: int, memory_budget_mb: int) -> int:
+    """Target voxels per chunk so that the chunk's windows, activations and forward-model
+    temporaries stay within the memory budget."""
+    L = bundle.window_length
+    activations = 0
+    for layer in bundle.model.layers:
+        try:
+            dims = [d for d in layer.output.shape[1:] if d]
+        except Exception:  # layers without a single static output
+            continue
+        activations += int(np.prod(dims)) if dims else 0
+    # windows (float32) + activations (x4: LSTM gates and framework temporaries) + outputs,
+    # forward model and quality in float64 (about 12 arrays of E values)
+    per_voxel = 4 * L * n_features + 4 * 4 * activations + 8 * 12 * n_features
+    chunk = int(memory_budget_mb * 2 ** 20 / max(per_voxel, 1))
+    return int(np.clip(chunk, MIN_CHUNK, MAX_CHUNK))
+
+
+# --- The engine --------------------------------------------------------------------------------
+def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", method: str = "lstm",
+                 progress: Progress | None = None, cancel_event: threading.Event | None = None,
+                 chunk_voxels: int | None = None, memory_budget_mb: int = 1024,
+                 batch_size: int = DEFAULT_BATCH) -> PredictionResult:
+    """OEF and QQ parameter maps of one volume (see the module doc for the steps).
+
+    model: None (the bundled model of `method`), a .keras path, or a models.ModelBundle.
+    method: 'lstm' / 'dnn' run a Keras bundle; another name ('nlls', 'cat', 'ccm') runs
+    baselines.predict_voxels. progress(fraction, message) is called from the running thread;
+    cancel_event set -> CancelledError between batches, nothing is returned.
+    """
+    start = time.perf_counter()
+    report = progress or (lambda fraction, message: None)
+
+    def check_cancel():
+        if cancel_event is not None and cancel_event.is_set():
+            raise CancelledError("Prediction cancelled; nothing was produced.")
+
+    check_cancel()
+    method = (method or "lstm").lower()
+    keras_method = method in KERAS_METHODS
+    bundle = None
+    if keras_method:
+        report(0.0, "Loading the model")
+        bundle = resolve_model(model, method)
+    warnings = inputs.validate(bundle.protocol if bundle is not None else None)
+    dev, messages = choose_device(device) if keras_method else ("cpu", [])
+    warnings += messages
+    check_cancel()
+
+    echoes = np.asarray(inputs.echoes)
+    qsm = np.asarray(inputs.qsm)
+    report(0.02, "Preparing the mask")
+    mask_derived = inputs.mask is None
+    mask = derive_brain_mask(echoes[..., 0]) if mask_derived else np.asarray(inputs.mask).astype(bool)
+    bad = invalid_voxels(echoes, qsm)
+    if mask_derived and np.any(bad & mask):
+        warnings.append(f"{int(np.count_nonzero(bad & mask))} voxel(s) with NaN/Inf values or echo 1 <= 0 were "
+                        "left out of the mask (their maps are 0).")
+    mask = mask & ~bad
+    if not mask.any():
+        raise InputError("No voxel inside the mask has finite echoes and QSM with echo 1 > 0; nothing to predict.")
+    idx = np.flatnonzero(mask)  # C order (z, y, x): the voxel list of sequences.py
+    n = idx.size
+    echo_rows = echoes.reshape(-1, echoes.shape[-1])[idx].astype(np.float32)
+    qsm_rows = qsm.reshape(-1)[idx].astype(np.float32)
+    check_cancel()
+
+    if keras_method:
+        params, quality, dev = _run_keras(bundle, echo_rows, qsm_rows, inputs.protocol, dev, device,
+                                          report, check_cancel, chunk_voxels, memory_budget_mb, batch_size,
+                                          warnings)
+    else:
+        params, quality = _run_baseline(method, echo_rows, qsm_rows, inputs.protocol, report, cancel_event)
+    check_cancel()
+
+    report(0.97, "Assembling the maps")
+    values = dict(params)
+    values["OEF"] = (100.0 * physics.oef_from_Y(params["Y"])).astype(np.float32)
+    values["quality"] = quality
+    if inputs.cbf is not None:
+        cbf_rows = np.asarray(inputs.cbf).reshape(-1)[idx].astype(np.float64)
+        finite = np.isfinite(cbf_rows)
+        if not finite.all():
+            warnings.append(f"{int((~finite).sum())} voxel(s) with NaN/Inf CBF get CMRO2 0.")
+        values["CMRO2"] = np.where(finite, physics.cmro2(np.where(finite, cbf_rows, 0.0),
+                                                         values["OEF"] / 100.0), 0.0)
+    maps = {}
+    for name in MAP_NAMES + (("CMRO2",) if "CMRO2" in values else ()):
+        volume = np.zeros(mask.size, dtype=np.float32)
+        volume[idx] = values[name]
+        maps[name] = volume.reshape(mask.shape)
+    check_cancel()
+    elapsed = time.perf_counter() - start
+    report(1.0, f"Done: {n} voxels in {elapsed:.1f} s")
+    for w in warnings:
+        log.warning(w)
+    return PredictionResult(maps, mask, warnings, elapsed, dev, bundle.card if bundle else None, method,
+                            mask_derived, n)
+
+
+def _run_keras(bundle, echo_rows, qsm_rows, protocol, dev, requested, report, check_cancel, chunk_voxels,
+               memory_budget_mb, batch_size, warnings):
+    """Windows chunk by chunk, the network on batches; returns clamped parameters, quality, device."""
+    from . import models
+
+    features, echo1 = sequences.voxel_features(echo_rows, qsm_rows, bundle.qsm_scale)
+    n = len(features)
+    chunk = chunk_voxels or chunk_size_for(bundle, features.shape[1], memory_budget_mb)
+    batch = max(1, min(batch_size, chunk))
+    params = {name: np.empty(n, dtype=np.float32) for name in physics.PARAMETER_NAMES}
+    quality = np.empty(n, dtype=np.float32)
+    predict = _batch_predictor(bundle.model)
+    done = 0
+    for start, stop in sequences.iter_chunks(n, chunk):
+        windows = sequences.make_windows(features, start, stop, bundle.window_length, bundle.window_target)
+        raw = np.empty((stop - start, len(physics.PARAMETER_NAMES)), dtype=np.float32)
+        b0 = 0
+        while b0 < len(windows):
+            check_cancel()
+            b1 = min(len(windows), b0 + batch)
+            try:
+                with _device_scope(dev):
+                    raw[b0:b1] = predict(windows[b0:b1])
+            except (CancelledError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                if dev != "gpu":
+                    raise
+                if _is_out_of_memory(exc) and batch > 256:
+                    batch //= 2  # try smaller batches on the GPU first
+                    warnings.append(f"GPU out of memory; batch size reduced to {batch}.")
+                    continue
+                if requested == "gpu":
+                    raise InputError(f"The GPU failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                                     "use --device cpu or auto.") from None
+                dev = "cpu"
+                warnings.append(f"The GPU failed ({type(exc).__name__}); continued on the CPU.")
+                continue
+            done += b1 - b0
+            b0 = b1
+            report(0.05 + 0.9 * done / n, f"Predicting: {done}/{n} voxels")
+        decoded = models.decode_outputs(raw, echo1[start:stop], bundle.output_scaling)
+        clamped = physics.clamp_to_bounds(decoded, s0_scale=echo1[start:stop])
+        for name in physics.PARAMETER_NAMES:
+            params[name][start:stop] = clamped[name]
+        quality[start:stop] = quality_map(echo_rows[start:stop], qsm_rows[start:stop], clamped, protocol)
+    return params, quality, dev
+
+
+def _batch_predictor(model):
+    """model.predict_on_batch: a compiled graph function, without the per-call overhead of
+    model.predict (data adapters, callbacks) and faster than eager model(x)."""
+    return lambda x: model.predict_on_batch(x)
+
+
+def _run_baseline(method, echo_rows, qsm_rows, protocol, report, cancel_event):
+    from . import baselines  # written by another module owner; imported only when asked for
+
+    def scaled(fraction, message=""):
+        report(0.05 + 0.9 * float(fraction), message)
+
+    raw = baselines.predict_voxels(method, echo_rows, qsm_rows, protocol, scaled, cancel_event)
+    if cancel_event is not None and cancel_event.is_set():
+        raise CancelledError("Prediction cancelled; nothing was produced.")
+    missing = [p for p in physics.PARAMETER_NAMES if p not in raw]
+    if missing:
+        raise RuntimeError(f"baselines.predict_voxels({method!r}) returned no {', '.join(missing)}.")
+    clamped = physics.clamp_to_bounds({p: np.asarray(raw[p], dtype=np.float64) for p in physics.PARAMETER_NAMES},
+                                      s0_scale=echo_rows[:, 0])
+    params = {p: clamped[p].astype(np.float32) for p in physics.PARAMETER_NAMES}
+    quality = np.empty(len(echo_rows), dtype=np.float32)
+    for start, stop in sequences.iter_chunks(len(echo_rows), 65536):
+        quality[start:stop] = quality_map(echo_rows[start:stop], qsm_rows[start:stop],
+                                          {p: params[p][start:stop] for p in params}, protocol)
+    return params, quality
+
+
+def quality_map(echo_rows: np.ndarray, qsm_rows: np.ndarray, params: dict, protocol: physics.Protocol) -> np.ndarray:
+    """Normalised RMS residual of the forward model of `params` (definition in the module doc)."""
+    signal = physics.qbold_signal(params["S0"], params["R2"], params["Y"], params["v"], params["chi_nb"], protocol)
+    chi = physics.qsm_value(params["Y"], params["v"], params["chi_nb"])
+    echo1 = echo_rows[:, :1].astype(np.float64)
+    echo_term = np.sum(((echo_rows - signal) / echo1) ** 2, axis=1)
+    qsm_term = ((qsm_rows - chi) / QSM_RESIDUAL_SCALE_PPM) ** 2
+    return np.sqrt((echo_term + qsm_term) / (echo_rows.shape[1] + 1)).astype(np.float32)
+
+
+# --- The background job (the Slicer module's way to run the engine) -----------------------------
+class PredictionJob:
+    """predict_maps in a background thread, with a queue of progress events and cancellation.
+
+    job = PredictionJob(inputs); job.start(); ... job.poll_events() from a GUI timer ...;
+    job.cancel(); result = job.wait(). One run per job. A cancelled or failed run never yields a
+    result: wait() raises CancelledError or the run's error, and .result stays None.
+    """
+
+    def __init__(self, inputs: PredictionInputs, model=None, device: str = "auto", method: str = "lstm", **kw):
+        self.inputs = inputs
+        self.model = model
+        self.device = device
+        self.method = method
+        self.kw = kw
+        self._cancel = threading.Event()
+        self._events: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._result: PredictionResult | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> "PredictionJob":
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("This prediction job has already been started; make a new PredictionJob.")
+            self._thread = threading.Thread(target=self._run, name="OEFPredictionJob", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        try:
+            result = predict_maps(self.inputs, self.model, self.device, self.method,
+                                  progress=self._on_progress, cancel_event=self._cancel, **self.kw)
+            if self._cancel.is_set():  # cancelled after the last check: still no result
+                raise CancelledError("Prediction cancelled; nothing was produced.")
+            self._result = result
+        except BaseException as exc:  # handed to wait(); a thread must not die silently
+            self._error = exc
+        finally:
+            self._events.put((1.0, "finished") if self._error is None else
+                             (1.0, "cancelled" if isinstance(self._error, CancelledError) else "failed"))
+
+    def _on_progress(self, fraction: float, message: str):
+        self._events.put((float(fraction), str(message)))
+
+    def cancel(self) -> None:
+        """Ask the run to stop at the next batch boundary (returns at once)."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> PredictionResult:
+        """Block until the run ends; return its result or raise its error (CancelledError when
+        cancelled). TimeoutError if it is still running after `timeout` seconds."""
+        if self._thread is None:
+            raise RuntimeError("The prediction job was not started; call start() first.")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"The prediction is still running after {timeout} s.")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def poll_events(self) -> list[tuple[float, str]]:
+        """Progress events (fraction, message) since the last poll; never blocks."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.done and isinstance(self._error, CancelledError)
+
+    @property
+    def result(self) -> PredictionResult | None:
+        return self._result if self.done else None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error if self.done else None
