@@ -114,17 +114,21 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
         f.write("\n")
 
 
-def check_writable_parent(path: str | os.PathLike) -> Path:
-    """The folder that will receive `path`: it must exist or be creatable, and be writable."""
-    path = Path(path).absolute()
-    parent = path.parent
-    existing = parent
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """A folder that must exist or be creatable, and be writable (checked before any work)."""
+    folder = Path(folder).absolute()
+    existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"Cannot write to {path}: {existing} is not a writable folder. "
+        raise InputError(f"Cannot write to {folder}: {existing} is not a writable folder. "
                          "Choose another output location.")
-    return parent
+    return folder
+
+
+def check_writable_parent(path: str | os.PathLike) -> Path:
+    """The folder that will receive the file or folder `path`: it must be creatable and writable."""
+    return check_writable_dir(Path(path).absolute().parent)
 
 
 @contextmanager
@@ -149,3 +153,164 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+# --- Reading the prediction inputs: echo series, QSM, mask, CBF ------------------------------
+def describe_geometry(shape, geometry: Geometry) -> str:
+    """One line naming a volume's grid, for geometry-mismatch messages."""
+    size = "x".join(str(s) for s in tuple(shape)[:3][::-1])
+    fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+    return f"size {size} (x, y, z), spacing {fmt(geometry.spacing)} mm, origin {fmt(geometry.origin)}"
+
+
+def check_same_grid(name_a: str, shape_a, geom_a: Geometry, name_b: str, shape_b, geom_b: Geometry) -> None:
+    """Refuse two volumes that are not on the same voxel grid, naming both geometries."""
+    if tuple(shape_a)[:3] != tuple(shape_b)[:3] or not geom_a.matches(geom_b):
+        raise InputError(f"{name_b} and {name_a} are not on the same voxel grid: {name_b} has "
+                         f"{describe_geometry(shape_b, geom_b)}, {name_a} has {describe_geometry(shape_a, geom_a)}. "
+                         "Resample them onto one grid (e.g. with 3D Slicer's Resample Scalar Volume).")
+
+
+def _dicom_echo_groups(folder: Path) -> list[tuple[float | None, list[str]]]:
+    """Files of a DICOM folder grouped by echo time (ms, from tag 0018|0081), in echo order; each
+    group in GDCM's slice order. Several series in one folder are read as one echo set."""
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: no DICOM series found in this folder.")
+    groups: dict[float | None, list[str]] = {}
+    reader = sitk.ImageFileReader()
+    for sid in series:
+        for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid):
+            reader.SetFileName(name)
+            reader.ReadImageInformation()
+            te = None
+            if reader.HasMetaDataKey("0018|0081") and reader.GetMetaData("0018|0081").strip():
+                te = round(float(reader.GetMetaData("0018|0081")), 4)
+            groups.setdefault(te, []).append(name)
+    if None in groups and len(groups) > 1:
+        raise InputError(f"{folder}: some DICOM files have an EchoTime and some have none; give one series.")
+    return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0.0))
+
+
+def _read_dicom_files(files: list[str], where: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{where}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1]}).") from None
+    return sitk.GetArrayFromImage(image).astype(np.float32), Geometry.from_image(image)
+
+
+def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, Geometry, list[float] | None]:
+    """A DICOM folder -> (array, geometry, echo times in ms or None). One echo time: a 3D array;
+    several (a multi-echo series): a 4D array, echo last, in increasing echo time."""
+    folder = Path(folder)
+    groups = _dicom_echo_groups(folder)
+    volumes, geometry = [], None
+    for te, files in groups:
+        array, geom = _read_dicom_files(files, folder)
+        if volumes and (array.shape != volumes[0].shape or not geom.matches(geometry)):
+            raise InputError(f"{folder}: the echo at {te} ms has another grid than the first echo.")
+        volumes.append(array)
+        geometry = geom
+    tes = [te for te, _ in groups] if groups[0][0] is not None else None
+    if len(volumes) == 1:
+        return volumes[0], geometry, tes
+    return np.stack(volumes, axis=-1), geometry, tes
+
+
+def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
+    """An image file (NIfTI, NRRD, MHA, ...) or a DICOM series folder -> (array, geometry)."""
+    path = Path(path)
+    if path.is_dir():
+        array, geometry, _ = read_dicom_series(path)
+        return array.astype(dtype, copy=False), geometry
+    return read_volume(path, dtype)
+
+
+def sidecar_path(image_path: str | os.PathLike) -> Path:
+    """The BIDS JSON sidecar of an image: the same name with .json instead of .nii(.gz)/.nrrd/..."""
+    p = Path(image_path)
+    name = p.name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.endswith(ext):
+            return p.with_name(name[: -len(ext)] + ".json")
+    return p.with_suffix(".json")
+
+
+def _sidecar_echo_times_s(path: Path) -> tuple[list[float], float | None] | None:
+    """EchoTime (seconds, BIDS) and MagneticFieldStrength from the sidecar of `path`, if any."""
+    side = sidecar_path(path)
+    if not side.exists():
+        return None
+    try:
+        data = read_json(side)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{side}: not a readable JSON sidecar ({exc}).") from None
+    te = data.get("EchoTime")
+    if te is None:
+        return None
+    values = [float(t) for t in (te if isinstance(te, (list, tuple)) else [te])]
+    if max(values) > 1.0:
+        raise InputError(f"{side}: EchoTime {values} looks like milliseconds; BIDS sidecars give seconds "
+                         "(e.g. 0.0045). Fix the sidecar or give --te in milliseconds.")
+    return values, data.get("MagneticFieldStrength")
+
+
+def read_echo_series(paths, te_ms: list[float] | None = None):
+    """Echoes from one 4D file, several 3D files in echo order, or a DICOM series folder.
+
+    Returns (echoes (z, y, x, E) float32, geometry, echo times in ms, field strength in T or None).
+    Echo times: `te_ms` (the command line's --te) when given, else the BIDS sidecar(s) next to the
+    echo file(s) (seconds), else the DICOM EchoTime tags; InputError when none of these exists.
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise InputError("No echo images given.")
+    found_te, field = None, None
+    if len(paths) == 1 and paths[0].is_dir():
+        echoes, geometry, found_te = read_dicom_series(paths[0])
+    elif len(paths) == 1:
+        echoes, geometry = read_volume(paths[0])
+        side = _sidecar_echo_times_s(paths[0])
+        if side:
+            found_te, field = [t * 1000.0 for t in side[0]], side[1]
+    else:
+        volumes, geometry, tes = [], None, []
+        for p in paths:
+            array, geom = read_image(p)
+            if array.ndim != 3:
+                raise InputError(f"{p}: with several echo files each must be one 3D echo; this one has shape "
+                                 f"{array.shape}.")
+            if volumes:
+                check_same_grid(f"echo 1 ({paths[0].name})", volumes[0].shape, geometry, f"echo {len(volumes) + 1} "
+                                f"({p.name})", array.shape, geom)
+            else:
+                geometry = geom
+            volumes.append(array)
+            side = _sidecar_echo_times_s(p) if not p.is_dir() else None
+            tes.append(side[0][0] * 1000.0 if side and len(side[0]) == 1 else None)
+            if side:
+                field = side[1]
+        echoes = np.stack(volumes, axis=-1)
+        found_te = tes if all(t is not None for t in tes) else None
+    if echoes.ndim == 2 or (echoes.ndim == 3 and len(paths) == 1 and not paths[0].is_dir()
+                            and echoes.shape[0] > 1 and False):
+        pass
+    if echoes.ndim != 4:
+        raise InputError(f"{paths[0]}: the echoes have shape {echoes.shape}; give one 4D image (echo on the 4th "
+                         "axis), several 3D files in echo order, or a DICOM multi-echo series folder"
+                         + (" (this is a 2D image)." if echoes.ndim == 2 else "."))
+    tes = te_ms if te_ms is not None else found_te
+    if tes is None:
+        raise InputError(f"No echo times for {paths[0]}: give --te in milliseconds (e.g. --te 4.5,9.5,...) or "
+                         f"put a BIDS sidecar {sidecar_path(paths[0]).name} with EchoTime in seconds next to it.")
+    if len(tes) != echoes.shape[-1]:
+        raise InputError(f"{len(tes)} echo times for {echoes.shape[-1]} echoes in {paths[0]}; give one echo time "
+                         "per echo.")
+    return echoes, geometry, [float(t) for t in tes], (float(field) if field else None)

@@ -209,14 +209,8 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
     """
     protocol = protocol or physics.Protocol.default()
     noise = noise or NoiseModel()
-    if not 1 <= n_patients <= 99:
-        raise InputError(f"--patients must be between 1 and 99, got {n_patients}.")
     out = Path(out)
-    pids = [patient_id(first_index + i) for i in range(n_patients)]
-    existing = [pid for pid in pids if (out / pid).exists()]
-    if existing and not overwrite:
-        raise InputError(f"{out} already holds {', '.join(existing)}; choose another folder or pass --overwrite.")
-    io.check_writable_parent(out / "x")
+    pids = check_dataset_output(out, n_patients, overwrite, first_index)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for n, pid in enumerate(pids):
@@ -238,6 +232,20 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
         if progress:
             progress(n + 1, n_patients, pid)
     return written
+
+
+def check_dataset_output(out: str | Path, n_patients: int, overwrite: bool = False,
+                         first_index: int = 1) -> list[str]:
+    """Refuse, before any work, what simulate_dataset could not write. Returns the patient ids."""
+    if not 1 <= n_patients <= 99:
+        raise InputError(f"--patients must be between 1 and 99, got {n_patients}.")
+    out = Path(out)
+    io.check_writable_dir(out)
+    pids = [patient_id(first_index + i) for i in range(n_patients)]
+    existing = [pid for pid in pids if (out / pid).exists()]
+    if existing and not overwrite:
+        raise InputError(f"{out} already holds {', '.join(existing)}; choose another folder or pass --overwrite.")
+    return pids
 
 
 def _update_dataset_index(out: Path, pid, patient, seed, protocol, noise, voxel_size, fraction):

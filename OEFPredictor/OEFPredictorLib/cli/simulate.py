@@ -48,6 +48,7 @@ def run(args) -> int:
         raise InputError("--independent-fraction must lie between 0 and 1.")
     noise = simulate.NoiseModel(None if args.no_noise else args.snr, 0.0 if args.no_noise else args.qsm_noise_ppb)
 
+    simulate.check_dataset_output(args.out, args.patients, args.overwrite)  # before any work
     start = time.perf_counter()
     bar = progress_bar(args.patients, "Simulating", unit="patient")
 
