@@ -1,0 +1,1076 @@
+"""OEFPredictor: oxygen extraction fraction (OEF) maps in 3D Slicer.
+
+Slicer's scripted-module template: OEFPredictor (metadata), OEFPredictorWidget (the Qt panel, thin),
+OEFPredictorLogic (MRML <-> numpy, the background run, output nodes, colours, overlays; usable from
+Python without the panel) and OEFPredictorTest (the self-test).
+
+Importing this file needs no TensorFlow and no main window: the engine (OEFPredictorLib.predict,
+which imports Keras) is imported only when a prediction starts, and Qt is used only by the widget.
+The same file also imports under the slicer-core wheel (real MRML, no Qt, no Slicer application)
+so that CI can test the Logic against a real MRML scene; see the guarded imports below.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+import slicer
+from slicer.util import VTKObservationMixin
+
+_MODULE_DIR = Path(__file__).resolve().parent
+if str(_MODULE_DIR) not in sys.path:  # Slicer adds it; plain Python (tests, scripts) may not
+    sys.path.insert(0, str(_MODULE_DIR))
+
+from OEFPredictorLib.errors import CancelledError, InputError  # noqa: E402  (pure Python, no Keras)
+
+# --- Slicer-application-only imports, guarded ---------------------------------------------------
+# Inside the Slicer application these all exist. Under the slicer-core wheel (CI) there is no Qt,
+# no ScriptedLoadableModule, no parameterNodeWrapper and no slicer.i18n: the minimal fallbacks
+# below exist ONLY so that the Logic can be imported and tested there; Slicer never uses them.
+try:
+    import qt  # PythonQt in Slicer; a test may put a PySide6-based shim here
+except ImportError:  # slicer-core wheel: no Qt at all
+    qt = None
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # outside the application: no translation
+
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+try:
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+
+    IN_SLICER_APP = True
+except ImportError:
+    IN_SLICER_APP = False
+
+    class ScriptedLoadableModule:  # fallback outside the Slicer application only
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:  # fallback outside the Slicer application only
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest:  # fallback outside the Slicer application only
+        def delayDisplay(self, message, msec=0):
+            logging.info(message)
+
+    class ScriptedLoadableModuleWidget:  # fallback outside the Slicer application only (needs qt)
+        def __init__(self, parent=None):
+            if parent is None:
+                parent = qt.QWidget()
+                parent.setLayout(qt.QVBoxLayout())
+            self.parent = parent
+            self.layout = parent.layout()
+
+        def setup(self):
+            pass
+
+        def cleanup(self):
+            pass
+
+try:
+    from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
+except ImportError:  # slicer-core wheel: the panel (and its parameter node) exists only in the app
+    parameterNodeWrapper = None
+
+from typing import Annotated  # noqa: E402
+
+
+# --- What the maps are and how they are shown ---------------------------------------------------
+MAP_NAMES = ("OEF", "S0", "R2", "Y", "v", "chi_nb")
+OPTIONAL_MAP_NAMES = ("CMRO2",)
+METHODS = ("lstm", "dnn", "nlls", "cat", "ccm")
+METHODS_WITH_MODEL = {"lstm": "oef_lstm.keras", "dnn": "oef_dnn.keras"}
+DEVICES = ("auto", "cpu", "gpu")
+
+# range: fixed display range (None: 1st-99th percentile inside the mask); colors: table kind;
+# threshold: hide voxels at or below this value (None: hide the engine's background value when
+# it lies outside the map's in-mask range).
+MAP_DISPLAY = {
+    "OEF": {"title": "OEF", "unit": "%", "range": (0.0, 80.0), "colors": "viridis", "format": "%.0f",
+            "threshold": 1e-3},
+    "S0": {"title": "S0", "unit": "a.u.", "range": None, "colors": "grey", "format": "%.3g", "threshold": None},
+    "R2": {"title": "R2", "unit": "Hz", "range": (0.0, 30.0), "colors": "inferno", "format": "%.0f",
+           "threshold": None},
+    "Y": {"title": "Y (venous O2 saturation)", "unit": "", "range": (0.2, 1.0), "colors": "viridis",
+          "format": "%.2f", "threshold": None},
+    "v": {"title": "v (venous blood volume)", "unit": "", "range": (0.0, 0.1), "colors": "viridis",
+          "format": "%.2f", "threshold": None},
+    "chi_nb": {"title": "chi_nb", "unit": "ppm", "range": (-0.1, 0.1), "colors": "diverging", "format": "%.2f",
+               "threshold": None},
+    "CMRO2": {"title": "CMRO2", "unit": "umol/100g/min", "range": (0.0, 250.0), "colors": "inferno",
+              "format": "%.0f", "threshold": 1e-3},
+}
+
+# Colour tables: Slicer's own (file-based, present in the application) first, else our own copy.
+SLICER_COLOR_NODE_IDS = {
+    "viridis": "vtkMRMLColorTableNodeFileViridis.txt",
+    "inferno": "vtkMRMLColorTableNodeFileInferno.txt",
+    "diverging": "vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
+    "grey": "vtkMRMLColorTableNodeGrey",
+}
+# 17 anchors each of matplotlib's viridis, inferno and RdBu_r (perceptually uniform / diverging).
+_COLOR_ANCHORS = {
+    "viridis": [(0.267, 0.005, 0.329), (0.282, 0.095, 0.417), (0.279, 0.175, 0.483), (0.259, 0.252, 0.525),
+                (0.23, 0.322, 0.546), (0.199, 0.388, 0.555), (0.173, 0.449, 0.558), (0.149, 0.508, 0.557),
+                (0.128, 0.567, 0.551), (0.121, 0.626, 0.533), (0.158, 0.684, 0.502), (0.246, 0.739, 0.452),
+                (0.369, 0.789, 0.383), (0.516, 0.831, 0.294), (0.678, 0.864, 0.19), (0.846, 0.887, 0.1),
+                (0.993, 0.906, 0.144)],
+    "inferno": [(0.001, 0.0, 0.014), (0.042, 0.028, 0.141), (0.129, 0.047, 0.291), (0.238, 0.037, 0.396),
+                (0.342, 0.062, 0.429), (0.441, 0.099, 0.432), (0.541, 0.135, 0.415), (0.64, 0.171, 0.381),
+                (0.736, 0.216, 0.33), (0.822, 0.275, 0.266), (0.894, 0.353, 0.194), (0.947, 0.449, 0.115),
+                (0.978, 0.558, 0.035), (0.988, 0.675, 0.065), (0.975, 0.798, 0.206), (0.948, 0.917, 0.411),
+                (0.988, 0.998, 0.645)],
+    "diverging": [(0.02, 0.188, 0.38), (0.089, 0.321, 0.565), (0.163, 0.445, 0.698), (0.247, 0.556, 0.754),
+                  (0.421, 0.676, 0.819), (0.606, 0.79, 0.88), (0.761, 0.869, 0.925), (0.878, 0.926, 0.952),
+                  (0.969, 0.966, 0.965), (0.984, 0.898, 0.847), (0.982, 0.801, 0.706), (0.96, 0.668, 0.536),
+                  (0.895, 0.504, 0.4), (0.817, 0.332, 0.281), (0.728, 0.155, 0.197), (0.577, 0.055, 0.149),
+                  (0.404, 0.0, 0.122)],
+}
+OWN_COLOR_NODE_NAMES = {"viridis": "OEFPredictor Viridis", "inferno": "OEFPredictor Inferno",
+                        "diverging": "OEFPredictor Diverging"}
+
+
+def resourcePath(*parts):
+    """A shipped resource, in the source tree (Resources/ at the top) and in a Slicer build."""
+    from OEFPredictorLib import resources
+
+    return resources.resource_path(*parts)
+
+
+#
+# OEFPredictor
+#
+
+
+class OEFPredictor(ScriptedLoadableModule):
+    """Module metadata: title, category, help and acknowledgement."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("OEF Predictor")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["OEFPredictor developers"]
+        self.parent.helpText = _("""
+Maps the brain's <b>oxygen extraction fraction (OEF, %)</b> and the QQ-model parameters (S0, R2 in Hz,
+venous oxygen saturation Y, venous blood volume fraction v, non-blood susceptibility chi_nb in ppm) from
+a multi-echo gradient-echo (mGRE) <b>magnitude</b> series and a <b>QSM</b> map (ppm), with an LSTM
+network (or a DNN, or a voxelwise QQ fit).
+<ul>
+<li><b>Echoes</b>: a sequence whose index values are the echo times, or scalar volumes ticked in echo
+order. The echo times (ms) are filled from the sequence or the DICOM attributes; check them.</li>
+<li><b>QSM</b> in ppm, on the same voxel grid as the echoes; optional brain mask and CBF
+(mL/100 g/min, adds a CMRO2 map).</li>
+<li>The model's protocol (echo times, field strength) must match the data; the bundled model was
+trained on simulated 3 T data with 8 echoes (TE 4.5-39.5 ms).</li>
+</ul>
+Research software, not a medical device. See the
+<a href="https://github.com/oefpredictor/SlicerOEFPredictor">project page</a>.
+""")
+        self.parent.acknowledgementText = _("""
+Method: Kim and Lee, "OEF mapping with an LSTM network on QSM and mGRE", J. KIIT 22(6), 2024.
+QQ model: Cho J, et al. Cluster analysis of time evolution (CAT) for quantitative susceptibility mapping
+(QSM) and quantitative blood oxygen level-dependent magnitude (qBOLD)-based oxygen extraction fraction
+(OEF) and cerebral metabolic rate of oxygen (CMRO2) mapping. MRM 2018 and MRM 2020.
+Anatomy of the virtual patients: MNI ICBM152 2009a templates (c) McConnell Brain Imaging Centre.
+""")
+
+
+#
+# Parameter node (Slicer application only)
+#
+
+if parameterNodeWrapper is not None:
+
+    @parameterNodeWrapper
+    class OEFPredictorParameterNode:
+        """The panel's state, saved with the scene.
+
+        echoSource: "sequence" (echoSequence) or "volumes" (echoVolumes, in echo order; there is no
+        GUI connector for a list of nodes, so the widget keeps it in sync by hand).
+        """
+
+        echoSource: Annotated[str, Choice(["sequence", "volumes"]), Default("sequence")]
+        echoSequence: slicer.vtkMRMLSequenceNode
+        echoVolumes: list[slicer.vtkMRMLScalarVolumeNode]
+        qsm: slicer.vtkMRMLScalarVolumeNode
+        mask: slicer.vtkMRMLScalarVolumeNode
+        cbf: slicer.vtkMRMLScalarVolumeNode
+        echoTimesMs: str
+        fieldStrength: Annotated[float, WithinRange(0.1, 21.0), Default(3.0)]
+        useBundledModel: Annotated[bool, Default(True)]
+        modelPath: str
+        device: Annotated[str, Choice(list(DEVICES)), Default("auto")]
+        method: Annotated[str, Choice(list(METHODS)), Default("lstm")]
+        outputOEF: slicer.vtkMRMLScalarVolumeNode
+        outputS0: slicer.vtkMRMLScalarVolumeNode
+        outputR2: slicer.vtkMRMLScalarVolumeNode
+        outputY: slicer.vtkMRMLScalarVolumeNode
+        outputV: slicer.vtkMRMLScalarVolumeNode
+        outputChinb: slicer.vtkMRMLScalarVolumeNode
+        opacity: Annotated[float, WithinRange(0.0, 1.0), Default(0.6)]
+
+else:
+    OEFPredictorParameterNode = None
+
+OUTPUT_FIELDS = {"OEF": "outputOEF", "S0": "outputS0", "R2": "outputR2", "Y": "outputY", "v": "outputV",
+                 "chi_nb": "outputChinb"}
+
+
+#
+# OEFPredictorWidget
+#
+
+
+class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: thin; state in the parameter node, work in the Logic."""
+
+    POLL_INTERVAL_MS = 100
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.ui = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._timer = None
+        self.lastOutputs = None
+        self.lastError = None
+
+    # --- setup ----------------------------------------------------------------------------------
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(str(resourcePath("UI", "OEFPredictor.ui")))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = OEFPredictorLogic()
+
+        self.ui.deviceComboBox.clear()
+        for device, label in (("auto", _("Automatic (GPU if available)")), ("cpu", _("CPU")), ("gpu", _("GPU"))):
+            self.ui.deviceComboBox.addItem(label, device)
+        self.ui.methodComboBox.clear()
+        for method, label in (("lstm", _("LSTM (paper)")), ("dnn", _("DNN (voxelwise)")),
+                              ("nlls", _("QQ fit (NLLS)")), ("cat", _("QQ fit (CAT)")),
+                              ("ccm", _("QQ fit (CCM)"))):
+            self.ui.methodComboBox.addItem(label, method)
+        self.ui.progressBar.setValue(0)
+        self.ui.progressBar.setVisible(False)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_INTERVAL_MS)
+        self._timer.timeout.connect(self.onPollTimer)
+
+        # Everything that changes whether Apply makes sense
+        for selector in (self.ui.echoSequenceSelector, self.ui.qsmSelector, self.ui.maskSelector,
+                         self.ui.cbfSelector):
+            selector.currentNodeChanged.connect(self.onInputChanged)
+        self.ui.echoSequenceSelector.currentNodeChanged.connect(self.onEchoSourceNodesChanged)
+        self.ui.echoVolumesSelector.checkedNodesChanged.connect(self.onEchoSourceNodesChanged)
+        self.ui.echoSequenceRadioButton.toggled.connect(self.onEchoSourceToggled)
+        self.ui.echoVolumesRadioButton.toggled.connect(self.onEchoSourceToggled)
+        self.ui.echoTimesLineEdit.textChanged.connect(self.onInputChanged)
+        self.ui.bundledModelRadioButton.toggled.connect(self.onModelChanged)
+        self.ui.modelFileRadioButton.toggled.connect(self.onModelChanged)
+        self.ui.modelPathLineEdit.currentPathChanged.connect(self.onModelChanged)
+        self.ui.methodComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.detectBackendButton.clicked.connect(self.onDetectBackend)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+
+        if IN_SLICER_APP:
+            self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+            self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+            self.initializeParameterNode()
+        self.onEchoSourceToggled()
+        self.onModelChanged()
+        self.ui.backendInfoLabel.setText(self.logic.backendSummary(detect=False))
+
+    def cleanup(self):
+        self.removeObservers()
+        if self._run is not None:
+            self._run.cancel()
+        if self._timer is not None:
+            self._timer.stop()
+
+    def enter(self):
+        if IN_SLICER_APP:
+            self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event):
+        if self._run is not None:
+            self._run.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # --- parameter node (application only) --------------------------------------------------------
+    def initializeParameterNode(self):
+        if OEFPredictorParameterNode is None:
+            return
+        self.setParameterNode(OEFPredictorParameterNode(self.logic.getParameterNode()))
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # the checkable list has no connector: restore it by hand, then bind the rest
+            volumes = list(self._parameterNode.echoVolumes or [])
+            for i in range(self.ui.echoVolumesSelector.nodeCount()):
+                node = self.ui.echoVolumesSelector.nodeFromIndex(i)
+                self.ui.echoVolumesSelector.setCheckState(node, qt.Qt.Checked if node in volumes else qt.Qt.Unchecked)
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+        self.updateApplyState()
+
+    # --- reading the panel ------------------------------------------------------------------------
+    def echoInput(self):
+        """The echoes as the Logic takes them: a sequence node, a list of volume nodes, or None."""
+        if self.ui.echoSequenceRadioButton.isChecked():
+            return self.ui.echoSequenceSelector.currentNode()
+        nodes = list(self.ui.echoVolumesSelector.checkedNodes())
+        return nodes or None
+
+    def echoTimesMs(self):
+        """The echo times typed in the panel (ms); raises InputError with what is wrong."""
+        return parseEchoTimes(self.ui.echoTimesLineEdit.text)
+
+    def modelChoice(self):
+        method = self.ui.methodComboBox.currentData
+        if method not in METHODS_WITH_MODEL:
+            return None
+        if self.ui.bundledModelRadioButton.isChecked():
+            return "bundled:" + METHODS_WITH_MODEL[method]
+        return self.ui.modelPathLineEdit.currentPath or ""
+
+    def missingInputs(self):
+        """Reasons Apply cannot run now (empty when it can)."""
+        missing = []
+        echoes = self.echoInput()
+        if echoes is None:
+            missing.append(_("Choose the echo sequence, or tick the echo volumes in echo order."))
+        elif isinstance(echoes, list) and len(echoes) < 2:
+            missing.append(_("Tick at least two echo volumes."))
+        if self.ui.qsmSelector.currentNode() is None:
+            missing.append(_("Choose the QSM volume (ppm)."))
+        try:
+            tes = self.echoTimesMs()
+            n = echoCount(echoes) if echoes is not None else None
+            if n is not None and len(tes) != n:
+                missing.append(_("Give {n} echo times (ms); {m} are typed.").format(n=n, m=len(tes)))
+        except InputError as exc:
+            missing.append(str(exc))
+        model = self.modelChoice()
+        if model is not None and not model.startswith("bundled:"):
+            if not model:
+                missing.append(_("Choose a model file (.keras, with its .json card beside it)."))
+            elif not os.path.isfile(model) or not os.path.isfile(os.path.splitext(model)[0] + ".json"):
+                missing.append(_("The model file or its .json card does not exist."))
+        return missing
+
+    # --- reacting ---------------------------------------------------------------------------------
+    def onEchoSourceToggled(self, *args):
+        useSequence = self.ui.echoSequenceRadioButton.isChecked()
+        self.ui.echoSequenceSelector.setEnabled(useSequence)
+        self.ui.echoVolumesSelector.setEnabled(not useSequence)
+        if self._parameterNode:
+            self._parameterNode.echoSource = "sequence" if useSequence else "volumes"
+        self.onEchoSourceNodesChanged()
+
+    def onEchoSourceNodesChanged(self, *args):
+        """Fill the echo times from the sequence index or the volumes' DICOM attributes."""
+        echoes = self.echoInput()
+        if self._parameterNode and not self.ui.echoSequenceRadioButton.isChecked():
+            self._parameterNode.echoVolumes = list(echoes or [])
+        if echoes is not None:
+            try:
+                tes = self.logic.echoTimesFromNodes(echoes)
+            except InputError:
+                tes = None
+            if tes:
+                self.ui.echoTimesLineEdit.setText(", ".join(f"{t:g}" for t in tes))
+        self.updateApplyState()
+
+    def onModelChanged(self, *args):
+        method = self.ui.methodComboBox.currentData
+        needsModel = method in METHODS_WITH_MODEL
+        for w in (self.ui.bundledModelRadioButton, self.ui.modelFileRadioButton):
+            w.setEnabled(needsModel)
+        self.ui.modelPathLineEdit.setEnabled(needsModel and self.ui.modelFileRadioButton.isChecked())
+        self.ui.modelInfoLabel.setText(self.logic.modelSummary(self.modelChoice(), method))
+        self.updateApplyState()
+
+    def onInputChanged(self, *args):
+        self.updateApplyState()
+
+    def updateApplyState(self):
+        if self._run is not None:  # running: the button is Cancel
+            return
+        missing = self.missingInputs()
+        self.ui.applyButton.setEnabled(not missing)
+        if missing:
+            self.ui.applyButton.setToolTip(_("Cannot run yet:") + "\n- " + "\n- ".join(missing))
+        else:
+            self.ui.applyButton.setToolTip(_("Compute the OEF and parameter maps in the background."))
+
+    def onDetectBackend(self):
+        self.ui.backendInfoLabel.setText(self.logic.backendSummary(detect=True))
+
+    # --- run --------------------------------------------------------------------------------------
+    def onApplyButton(self):
+        if self._run is not None:
+            self._run.cancel()
+            self.ui.statusLabel.setText(_("Cancelling after the current chunk..."))
+            self.ui.applyButton.setEnabled(False)
+            return
+        method = self.ui.methodComboBox.currentData
+        if method in METHODS_WITH_MODEL and not self.logic.ensureDependencies(ask=True):
+            self.ui.statusLabel.setText(_("TensorFlow is not installed; see the message for what to do."))
+            return
+        outputs = {name: getattr(self.ui, f"output{suffix}Selector").currentNode()
+                   for name, suffix in (("OEF", "OEF"), ("S0", "S0"), ("R2", "R2"), ("Y", "Y"), ("v", "V"),
+                                        ("chi_nb", "Chinb"))}
+        model = self.modelChoice()
+        if model is not None and model.startswith("bundled:"):
+            model = str(resourcePath("Models", model.split(":", 1)[1]))
+        self.lastOutputs = None
+        self.lastError = None
+        try:
+            self._run = self.logic.startPrediction(
+                self.echoInput(), self.ui.qsmSelector.currentNode(), mask=self.ui.maskSelector.currentNode(),
+                cbf=self.ui.cbfSelector.currentNode(), echoTimesMs=self.echoTimesMs(),
+                fieldStrength=self.ui.fieldStrengthSpinBox.value, model=model,
+                device=self.ui.deviceComboBox.currentData, method=method, outputNodes=outputs,
+                opacity=self.ui.opacitySliderWidget.value)
+        except InputError as exc:
+            self.lastError = exc
+            self._showError(str(exc))
+            return
+        self.ui.applyButton.setText(_("Cancel"))
+        self.ui.applyButton.setToolTip(_("Stop the computation; nothing is written."))
+        self.ui.progressBar.setValue(0)
+        self.ui.progressBar.setVisible(True)
+        self.ui.statusLabel.setText(_("Starting..."))
+        self._timer.start()
+
+    def onPollTimer(self):
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        fraction, message = run.progress()
+        self.ui.progressBar.setValue(int(round(100 * fraction)))
+        if message:
+            self.ui.statusLabel.setText(message)
+        if not run.done:
+            return
+        self._timer.stop()
+        try:
+            self.lastOutputs = run.finish()
+        except CancelledError:
+            self.ui.statusLabel.setText(_("Cancelled; no volume was created or changed."))
+        except Exception as exc:  # shown to the user; details in the log
+            self.lastError = exc
+            logging.exception("OEFPredictor failed")
+            self._showError(str(exc))
+        else:
+            for name, node in self.lastOutputs.items():
+                if name in OUTPUT_FIELDS:
+                    suffix = OUTPUT_FIELDS[name][len("output"):]
+                    getattr(self.ui, f"output{suffix}Selector").setCurrentNode(node)
+            self.ui.progressBar.setValue(100)
+            self.ui.statusLabel.setText(run.summary())
+        finally:
+            self._run = None
+            self.ui.applyButton.setText(_("Apply"))
+            self.updateApplyState()
+
+    def _showError(self, message):
+        self.ui.statusLabel.setText(_("Failed: ") + message.splitlines()[0][:200])
+        if IN_SLICER_APP:
+            slicer.util.errorDisplay(message)
+
+
+#
+# Helpers (pure, no Qt)
+#
+
+
+def parseEchoTimes(text):
+    """'4.5, 9.5 14.5' -> [4.5, 9.5, 14.5] (ms); InputError with what is wrong."""
+    parts = [p for p in (text or "").replace(";", ",").replace(",", " ").split() if p]
+    if not parts:
+        raise InputError(_("Type the echo times in ms, e.g. 4.5, 9.5, 14.5."))
+    try:
+        tes = [float(p) for p in parts]
+    except ValueError:
+        raise InputError(_("Echo times must be numbers in ms, separated by commas.")) from None
+    if any(not np.isfinite(t) or t <= 0 for t in tes) or any(b <= a for a, b in zip(tes, tes[1:])):
+        raise InputError(_("Echo times must be positive and increasing (ms)."))
+    if max(tes) < 1.0:
+        raise InputError(_("Echo times look like seconds; type them in milliseconds."))
+    return tes
+
+
+def echoCount(echoes):
+    if echoes is None:
+        return 0
+    if isinstance(echoes, (list, tuple)):
+        return len(echoes)
+    return echoes.GetNumberOfDataNodes()
+
+
+def _matrixArray(volumeNode):
+    m = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m).copy()
+
+
+def _interpolateAnchors(anchors, n=256):
+    anchors = np.asarray(anchors, dtype=float)
+    x = np.linspace(0.0, 1.0, len(anchors))
+    t = np.linspace(0.0, 1.0, n)
+    return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], axis=1)
+
+
+#
+# OEFPredictorLogic
+#
+
+
+class OEFPredictorRun:
+    """A prediction running in the background (returned by OEFPredictorLogic.startPrediction).
+
+    progress() -> (fraction, message), done, cancel(), wait() and finish() -> {map name: node}.
+    Nothing in the scene changes until finish() is called after success (main thread only).
+    """
+
+    def __init__(self, logic, job, context):
+        self.logic = logic
+        self.job = job
+        self.context = context
+        self._fraction = 0.0
+        self._message = ""
+        self.outputs = None
+
+    def progress(self):
+        for fraction, message in self.job.poll_events():
+            self._fraction, self._message = float(fraction), str(message)
+        return self._fraction, self._message
+
+    @property
+    def done(self):
+        return bool(self.job.done)
+
+    def cancel(self):
+        self.job.cancel()
+
+    def wait(self, timeout=None):
+        """Block until the job ends (scripts, tests); then write the outputs (see finish)."""
+        try:
+            self.job.wait(timeout)
+        except Exception:  # finish() re-raises the job's error on the main thread
+            pass
+        return self.finish()
+
+    def finish(self):
+        """Write the maps into MRML (main thread). Raises CancelledError or the job's error;
+        then the scene is untouched."""
+        if self.outputs is not None:
+            return self.outputs
+        if not self.job.done:
+            raise RuntimeError("The prediction is still running; call finish() once done is True.")
+        if self.job.cancelled:
+            raise CancelledError("The prediction was cancelled; nothing was written.")
+        if self.job.error is not None:
+            raise self.job.error
+        self.outputs = self.logic.writeOutputs(self.job.result, self.context)
+        return self.outputs
+
+    def summary(self):
+        result = self.job.result
+        if result is None:
+            return ""
+        text = _("Done in {s:.1f} s on {d}.").format(s=float(result.elapsed_s), d=result.device)
+        if getattr(result, "warnings", None):
+            text += " " + " ".join(str(w) for w in result.warnings)[:300]
+        return text
+
+
+class OEFPredictorLogic(ScriptedLoadableModuleLogic):
+    """MRML nodes in, MRML nodes out; usable from Python without the panel.
+
+    One call does it all::
+
+        logic = OEFPredictorLogic()
+        outputs = logic.process(echoSequenceNode, qsmNode)   # waits; {"OEF": node, "S0": node, ...}
+
+    or, without blocking: run = logic.startPrediction(...); poll run.progress() / run.done from a
+    QTimer; run.finish() writes the outputs; run.cancel() stops between chunks.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return ScriptedLoadableModuleLogic.getParameterNode(self)
+
+    # --- echo times -------------------------------------------------------------------------------
+    def echoTimesFromNodes(self, echoes):
+        """Echo times in ms from a sequence's index values, or from volumes' DICOM echo times;
+        None when unknown."""
+        if echoes is None:
+            return None
+        if isinstance(echoes, (list, tuple)):
+            tes = [self._volumeEchoTimeMs(node) for node in echoes]
+            return None if any(t is None for t in tes) else tes
+        n = echoes.GetNumberOfDataNodes()
+        try:
+            values = [float(echoes.GetNthIndexValue(i)) for i in range(n)]
+        except ValueError:
+            return None
+        unit = (echoes.GetIndexUnit() or "").strip().lower()
+        if unit in ("s", "sec", "second", "seconds") or (unit not in ("ms", "msec") and values and max(values) < 1.0):
+            values = [v * 1000.0 for v in values]
+        return [round(v, 6) for v in values]
+
+    @staticmethod
+    def _volumeEchoTimeMs(node):
+        for attribute in ("DICOM.EchoTime", "EchoTime"):
+            value = node.GetAttribute(attribute)
+            if value:
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        uids = node.GetAttribute("DICOM.instanceUIDs")
+        db = getattr(slicer, "dicomDatabase", None)
+        if uids and db is not None:
+            try:
+                value = db.fileValue(db.fileForInstance(uids.split()[0]), "0018,0081")
+                return float(value) if value else None
+            except Exception:
+                return None
+        return None
+
+    # --- inputs -----------------------------------------------------------------------------------
+    def echoVolumeNodes(self, echoes):
+        """The echo volumes (sequence data nodes or the given list), in echo order."""
+        if echoes is None:
+            raise InputError(_("No echo volumes given."))
+        if isinstance(echoes, (list, tuple)):
+            nodes = list(echoes)
+        elif echoes.IsA("vtkMRMLSequenceNode"):
+            nodes = [echoes.GetNthDataNode(i) for i in range(echoes.GetNumberOfDataNodes())]
+        else:
+            raise InputError(_("The echoes must be a sequence node or a list of scalar volume nodes."))
+        for i, node in enumerate(nodes):
+            if node is None or not node.IsA("vtkMRMLScalarVolumeNode") or node.GetImageData() is None:
+                raise InputError(_("Echo {i} is not a scalar volume with voxels.").format(i=i + 1))
+        if len(nodes) < 2:
+            raise InputError(_("At least two echoes are needed, got {n}.").format(n=len(nodes)))
+        return nodes
+
+    def collectInputs(self, echoes, qsm, mask=None, cbf=None, echoTimesMs=None, fieldStrength=3.0):
+        """Copy the arrays out of MRML (main thread): (PredictionInputs, context for the outputs).
+
+        Refuses, with what to do, inputs that do not share the echoes' voxel grid."""
+        from OEFPredictorLib import physics
+        from OEFPredictorLib.predict import PredictionInputs
+
+        nodes = self.echoVolumeNodes(echoes)
+        if qsm is None:
+            raise InputError(_("No QSM volume given."))
+        reference = nodes[0]
+        refMatrix = _matrixArray(reference)
+        refDims = reference.GetImageData().GetDimensions()
+        refTransform = self._parentTransformID(reference, echoes)
+        named = [(_("echo {i}").format(i=i + 1), n) for i, n in enumerate(nodes)] + [(_("QSM"), qsm)]
+        if mask is not None:
+            named.append((_("mask"), mask))
+        if cbf is not None:
+            named.append((_("CBF"), cbf))
+        for label, node in named:
+            if node.GetImageData() is None:
+                raise InputError(_("The {label} volume '{name}' has no voxels.").format(label=label, name=node.GetName()))
+            dims = node.GetImageData().GetDimensions()
+            if node.GetImageData().GetNumberOfScalarComponents() != 1:
+                raise InputError(_("The {label} volume '{name}' has several components per voxel; give a "
+                                   "scalar volume.").format(label=label, name=node.GetName()))
+            if tuple(dims) != tuple(refDims) or not np.allclose(_matrixArray(node), refMatrix, atol=1e-4, rtol=1e-5):
+                raise InputError(_(
+                    "The {label} volume '{name}' is not on the same voxel grid as echo 1 (size {d} vs {rd}, or a "
+                    "different IJK-to-RAS: origin, spacing or directions). All inputs must share echo 1's grid: "
+                    "resample it onto echo 1 first (Resample Image (BRAINS) or Volumes > Resample).").format(
+                        label=label, name=node.GetName(), d="x".join(map(str, dims)),
+                        rd="x".join(map(str, refDims))))
+            tid = self._parentTransformID(node, echoes if node in nodes else None)
+            if tid != refTransform:
+                raise InputError(_("The {label} volume '{name}' is under a different transform than echo 1. "
+                                   "Harden or remove the transforms (Data module) so that all inputs share one "
+                                   "grid.").format(label=label, name=node.GetName()))
+        if echoTimesMs is None:
+            echoTimesMs = self.echoTimesFromNodes(echoes)
+            if echoTimesMs is None:
+                raise InputError(_("The echo times are unknown; give them in ms (echoTimesMs)."))
+        if len(echoTimesMs) != len(nodes):
+            raise InputError(_("{n} echo volumes but {m} echo times; give one echo time (ms) per echo.").format(
+                n=len(nodes), m=len(echoTimesMs)))
+        try:
+            protocol = physics.Protocol.from_milliseconds(list(echoTimesMs), float(fieldStrength))
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+        echoArray = np.stack([np.asarray(slicer.util.arrayFromVolume(n), dtype=np.float32) for n in nodes], axis=-1)
+        qsmArray = np.array(slicer.util.arrayFromVolume(qsm), dtype=np.float32)
+        maskArray = None if mask is None else np.array(slicer.util.arrayFromVolume(mask)) > 0
+        cbfArray = None if cbf is None else np.array(slicer.util.arrayFromVolume(cbf), dtype=np.float32)
+        inputs = PredictionInputs(echoes=echoArray, qsm=qsmArray, protocol=protocol, mask=maskArray, cbf=cbfArray)
+        context = {
+            "ijkToRAS": refMatrix,
+            "transformID": refTransform,
+            "background": self._echoOneDisplayNode(echoes, nodes),
+            "baseName": (echoes.GetName() if not isinstance(echoes, (list, tuple)) else nodes[0].GetName()) or "OEF",
+        }
+        return inputs, context
+
+    @staticmethod
+    def _parentTransformID(node, sequence=None):
+        # sequence data nodes live in the sequence's own scene: the proxy node's transform counts
+        if node.GetScene() is not slicer.mrmlScene:
+            return None
+        return node.GetTransformNodeID()
+
+    @staticmethod
+    def _echoOneDisplayNode(echoes, nodes):
+        """The scene node that shows echo 1: the volume itself, or the sequence's proxy node (the
+        sequence browser is moved to the first echo)."""
+        if isinstance(echoes, (list, tuple)):
+            return nodes[0]
+        scene = slicer.mrmlScene
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+            browser = scene.GetNthNodeByClass(i, "vtkMRMLSequenceBrowserNode")
+            if browser.IsSynchronizedSequenceNode(echoes, True):
+                proxy = browser.GetProxyNode(echoes)
+                if proxy is not None:
+                    return {"browser": browser, "proxy": proxy}
+        return None
+
+    # --- running ----------------------------------------------------------------------------------
+    def startPrediction(self, echoes, qsm, mask=None, cbf=None, echoTimesMs=None, fieldStrength=3.0, model=None,
+                        device="auto", method="lstm", outputNodes=None, opacity=0.6):
+        """Copy the inputs out of MRML and start the engine in a background thread.
+
+        echoes: a vtkMRMLSequenceNode (index values = echo times) or a list of scalar volume nodes in
+        echo order. model: None (bundled), a .keras path (with its .json card) or a ModelBundle.
+        outputNodes: {map name: existing scalar volume node to overwrite}; missing ones are created
+        (only on success). Returns an OEFPredictorRun."""
+        from OEFPredictorLib.predict import PredictionJob
+
+        if method not in METHODS:
+            raise InputError(_("Unknown method {m!r}; choose one of {ms}.").format(m=method, ms=", ".join(METHODS)))
+        if device not in DEVICES:
+            raise InputError(_("Unknown device {d!r}; choose auto, cpu or gpu.").format(d=device))
+        inputs, context = self.collectInputs(echoes, qsm, mask, cbf, echoTimesMs, fieldStrength)
+        outputNodes = dict(outputNodes or {})
+        for name, node in outputNodes.items():
+            if node is not None and not node.IsA("vtkMRMLScalarVolumeNode"):
+                raise InputError(_("The output for {name} must be a scalar volume node.").format(name=name))
+            if node is not None and (node in self.echoVolumeNodes(echoes) or node in (qsm, mask, cbf)):
+                raise InputError(_("The output for {name} is one of the inputs; choose another volume or create "
+                                   "a new one.").format(name=name))
+        context["outputNodes"] = outputNodes
+        context["opacity"] = float(opacity)
+        job = PredictionJob(inputs, model=model, device=device, method=method)
+        job.start()
+        return OEFPredictorRun(self, job, context)
+
+    def process(self, echoes, qsm, mask=None, cbf=None, echoTimesMs=None, fieldStrength=3.0, model=None,
+                device="auto", method="lstm", outputNodes=None, opacity=0.6, wait=True, timeout=None):
+        """Predict OEF and the QQ parameter maps from MRML nodes.
+
+        wait=True (default): blocks until done and returns {map name: output volume node}
+        (OEF, S0, R2, Y, v, chi_nb, and CMRO2 when a CBF volume is given); raises CancelledError or
+        InputError without touching the scene. wait=False: returns the OEFPredictorRun."""
+        run = self.startPrediction(echoes, qsm, mask=mask, cbf=cbf, echoTimesMs=echoTimesMs,
+                                   fieldStrength=fieldStrength, model=model, device=device, method=method,
+                                   outputNodes=outputNodes, opacity=opacity)
+        if not wait:
+            return run
+        return run.wait(timeout)
+
+    # --- outputs ----------------------------------------------------------------------------------
+    def writeOutputs(self, result, context):
+        """Write a finished PredictionResult into volume nodes (main thread).
+
+        Nodes are created only here, after success; if writing fails, the nodes created here are
+        removed again and existing nodes keep their voxels."""
+        scene = slicer.mrmlScene
+        maps = result.maps
+        names = [n for n in MAP_NAMES + OPTIONAL_MAP_NAMES if n in maps]
+        missing = [n for n in MAP_NAMES if n not in maps]
+        if missing:
+            raise RuntimeError(f"The engine returned no {', '.join(missing)} map.")
+        outputNodes = context["outputNodes"]
+        resultMask = getattr(result, "mask", None)
+        resultMask = None if resultMask is None else np.asarray(resultMask, dtype=bool)
+        created = []
+        written = {}
+        try:
+            for name in names:
+                array = np.asarray(maps[name], dtype=np.float32)
+                node = outputNodes.get(name)
+                if node is None:
+                    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                                   scene.GenerateUniqueName(f"{context['baseName']} {name}"))
+                    created.append(node)
+                written[name] = (node, array)
+            for name, (node, array) in written.items():
+                node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(context["ijkToRAS"]))
+                node.SetAndObserveTransformNodeID(context["transformID"])
+                slicer.util.updateVolumeFromArray(node, array)
+                unit = MAP_DISPLAY[name]["unit"]
+                node.SetAttribute("OEFPredictor.Map", name)
+                node.SetAttribute("OEFPredictor.Unit", unit)
+                node.SetVoxelValueUnits(self._unitsCode(unit)) if hasattr(node, "SetVoxelValueUnits") else None
+                self.setMapDisplay(node, name, array, resultMask)
+        except Exception:
+            for node in created:
+                scene.RemoveNode(node)
+            raise
+        outputs = {name: node for name, (node, _array) in written.items()}
+        self.showOverlay(outputs["OEF"], context.get("background"), context.get("opacity", 0.6))
+        return outputs
+
+    @staticmethod
+    def _unitsCode(unit):
+        code = slicer.vtkCodedEntry()
+        code.SetValueSchemeMeaning(unit or "1", "UCUM", unit or "no units")
+        return code
+
+    def colorNodeID(self, kind):
+        """Slicer's colour table of this kind when the application has it, else our own copy."""
+        scene = slicer.mrmlScene
+        nodeID = SLICER_COLOR_NODE_IDS.get(kind)
+        if nodeID and scene.GetNodeByID(nodeID) is not None:
+            return nodeID
+        if kind == "grey":
+            return "vtkMRMLColorTableNodeGrey"
+        name = OWN_COLOR_NODE_NAMES[kind]
+        existing = scene.GetFirstNode(name, "vtkMRMLColorTableNode")
+        if existing is not None:
+            return existing.GetID()
+        colors = _interpolateAnchors(_COLOR_ANCHORS[kind])
+        node = slicer.vtkMRMLColorTableNode()
+        node.SetName(name)
+        node.SetTypeToUser()
+        node.SetNumberOfColors(len(colors))
+        node.GetLookupTable().SetTableRange(0, len(colors) - 1)
+        for i, (r, g, b) in enumerate(colors):
+            node.SetColor(i, r, g, b, 1.0)
+        node.SetAttribute("Category", "OEFPredictor")
+        node.SetHideFromEditors(False)
+        scene.AddNode(node)
+        return node.GetID()
+
+    def setMapDisplay(self, node, name, array, mask=None):
+        """Colour table, fixed window, background thresholded away."""
+        spec = MAP_DISPLAY[name]
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        inside = array[mask] if mask is not None and mask.shape == array.shape else array[array != 0]
+        inside = inside[np.isfinite(inside)]
+        lo, hi = spec["range"] or (
+            (float(np.percentile(inside, 1)), float(np.percentile(inside, 99))) if inside.size else (0.0, 1.0))
+        display.SetAndObserveColorNodeID(self.colorNodeID(spec["colors"]))
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(lo, hi)
+        threshold = spec["threshold"]
+        background = None
+        if mask is not None and mask.shape == array.shape and (~mask).any():
+            background = float(np.median(array[~mask]))
+        if threshold is None and background is not None and inside.size and background < inside.min():
+            threshold = background + 1e-6 * max(1.0, abs(background))
+        display.SetAutoThreshold(False)
+        if threshold is not None:
+            display.SetThreshold(threshold, max(float(np.nanmax(array)) if array.size else hi, hi) + 1.0)
+            display.SetApplyThreshold(True)
+        else:
+            display.SetApplyThreshold(False)
+        display.SetInterpolate(False)
+
+    def colorLogic(self):
+        modules = getattr(slicer, "modules", None)
+        if modules is not None and hasattr(modules, "colors"):
+            return modules.colors.logic()
+        app = getattr(slicer, "app", None)
+        return app.applicationLogic().GetModuleLogic("Colors") if app is not None else None
+
+    def showOverlay(self, oefNode, background, opacity):
+        """OEF as the foreground over echo 1 in every slice view, with a colour legend (with units)."""
+        if isinstance(background, dict):  # a sequence: show its first echo through the proxy node
+            background["browser"].SetSelectedItemNumber(0)
+            background = background["proxy"]
+        kwargs = {"foreground": oefNode, "foregroundOpacity": float(opacity)}
+        if background is not None:
+            kwargs["background"] = background
+        slicer.util.setSliceViewerLayers(**kwargs)
+        colorLogic = self.colorLogic()
+        if colorLogic is not None:
+            legend = colorLogic.AddDefaultColorLegendDisplayNode(oefNode)
+            if legend is not None:
+                spec = MAP_DISPLAY["OEF"]
+                legend.SetTitleText(f"{spec['title']} ({spec['unit']})")
+                legend.SetLabelFormat(spec["format"])
+                legend.SetVisibility(True)
+        return oefNode
+
+    # --- models, backend, dependencies -------------------------------------------------------------
+    def modelSummary(self, model, method="lstm"):
+        """One line about the chosen model (from its card), without loading Keras."""
+        import json
+
+        if method not in METHODS_WITH_MODEL:
+            return _("Voxelwise QQ fit: no network model needed (slower).")
+        if not model:
+            return _("Choose a .keras model file; its .json card must be beside it.")
+        try:
+            path = resourcePath("Models", model.split(":", 1)[1]) if model.startswith("bundled:") else Path(model)
+            card = json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8"))
+            tes = card["protocol"]["echo_times_ms"]
+            text = _("{name}: {n} echoes, TE {a:g}-{b:g} ms, {t:g} T").format(
+                name=Path(path).name, n=len(tes), a=tes[0], b=tes[-1], t=card["protocol"]["field_strength_T"])
+            return text
+        except FileNotFoundError:
+            return _("The bundled model is not installed; choose a model file.")
+        except Exception as exc:
+            return _("Cannot read the model card: {e}").format(e=exc)
+
+    @staticmethod
+    def tensorflowInstalled():
+        return importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("keras") is not None
+
+    def backendSummary(self, detect=False):
+        """What the backend sees. detect=True imports TensorFlow (a few seconds) to list devices."""
+        if not self.tensorflowInstalled():
+            return _("TensorFlow is not installed yet: it is installed on the first Apply (about 600 MB).")
+        if not detect:
+            return _("TensorFlow is installed. Press Detect to list the devices it sees.")
+        try:
+            import keras
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            names = ", ".join(g.name.split(":", 1)[-1] for g in gpus) if gpus else _("none")
+            return _("Keras {k} on TensorFlow {t}: CPU; GPUs: {g}.").format(k=keras.__version__, t=tf.__version__, g=names)
+        except Exception as exc:
+            return _("TensorFlow does not load: {e}").format(e=str(exc).splitlines()[0][:200])
+
+    def ensureDependencies(self, ask=True):
+        """Install TensorFlow/Keras (Resources/requirements.txt) on first use, after asking.
+
+        Returns True when they are importable. Never runs at import."""
+        if self.tensorflowInstalled():
+            return True
+        requirements = resourcePath("requirements.txt")
+        if ask and not slicer.util.confirmOkCancelDisplay(
+                _("OEF Predictor needs TensorFlow and Keras (about 600 MB download). Install them now?\n\n"
+                  "Offline: install the wheels listed in {req} with\n"
+                  "slicer.util.pip_install('-r {req}') from a local wheel folder.").format(req=requirements)):
+            return False
+        try:
+            with slicer.util.WaitCursor():
+                if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):  # Slicer >= 5.12
+                    reqs = [line.strip() for line in Path(requirements).read_text().splitlines()
+                            if line.strip() and not line.strip().startswith("#")]
+                    slicer.packaging.pip_ensure(reqs, requester="OEFPredictor")
+                else:
+                    slicer.util.pip_install(f"-r {requirements}")
+        except Exception as exc:
+            logging.exception("Installing TensorFlow failed")
+            slicer.util.errorDisplay(_(
+                "Installing TensorFlow failed: {e}\n\nCheck the network or proxy, or install offline from "
+                "wheels listed in {req}. The voxelwise QQ fits (Advanced > Method) work without "
+                "TensorFlow.").format(e=exc, req=requirements))
+            return False
+        importlib.invalidate_caches()
+        if not self.tensorflowInstalled():
+            slicer.util.errorDisplay(_("TensorFlow was installed but cannot be found; restart Slicer."))
+            return False
+        return True
+
+
+#
+# OEFPredictorTest
+#
+
+
+class OEFPredictorTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: a small virtual patient, a tiny untrained network, the full Logic."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_OEFPredictor_logic()
+
+    def test_OEFPredictor_logic(self):
+        import tempfile
+
+        from OEFPredictorLib import models, physics, simulate
+
+        if not OEFPredictorLogic.tensorflowInstalled():
+            self.delayDisplay("TensorFlow not installed: skipping the prediction self-test")
+            return
+        self.delayDisplay("Simulating a small virtual patient")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = simulate.simulate_dataset(tmp, n_patients=1, seed=5, voxel_size=6.0, lesions=False)[0]
+            patient = simulate.load_patient(folder, with_truth=False)
+            protocol = patient.protocol
+            spec = {"architecture": "lstm", "cell": "lstm", "units": [8, 8], "dense": [8]}
+            card = models.make_card(spec, protocol, {"parameters": list(physics.PARAMETER_NAMES),
+                                                     "mean": [1.0, 15.0, 0.6, 0.03, 0.0],
+                                                     "std": [0.1, 5.0, 0.1, 0.01, 0.05]}, 5, "centre")
+            modelPath = models.save_bundle(models.build_model(spec), card, Path(tmp) / "tiny.keras")
+            ijkToRAS = np.diag([-6.0, -6.0, 6.0, 1.0])
+            echoNodes = [slicer.util.addVolumeFromArray(patient.echoes[..., e], ijkToRAS, f"echo{e + 1}")
+                         for e in range(protocol.n_echoes)]
+            qsmNode = slicer.util.addVolumeFromArray(patient.qsm, ijkToRAS, "QSM")
+            self.delayDisplay("Predicting")
+            outputs = OEFPredictorLogic().process(echoNodes, qsmNode, echoTimesMs=protocol.echo_times_ms,
+                                                  model=str(modelPath), device="cpu")
+        self.assertEqual(set(MAP_NAMES), set(outputs))
+        self.assertEqual(outputs["OEF"].GetImageData().GetDimensions(), echoNodes[0].GetImageData().GetDimensions())
+        self.delayDisplay("Test passed")

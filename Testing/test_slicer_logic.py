@@ -1,0 +1,229 @@
+"""OEFPredictorLogic against the real MRML library of the slicer-core wheel (no Slicer application).
+
+The scene, the colour / volumes / sequences logics and the slice views are the real MRML classes
+(set up as shared/design/slicer.md says); the engine is the real OEFPredictorLib.predict with a tiny
+untrained LSTM (the numbers need not be good, only identical to the engine run on the same arrays).
+The input is the demo virtual patient (seed and index of `oefpredictor demo`) at 4 mm.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+pytest.importorskip("keras")
+
+from slicer_testing import (  # noqa: E402
+    add_echo_sequence,
+    add_echo_volumes,
+    demo_case,
+    ijk_to_ras,
+    scene_node_ids,
+    slicer_scene,
+)
+
+import OEFPredictor as module  # noqa: E402
+from OEFPredictorLib import predict  # noqa: E402
+from OEFPredictorLib.errors import CancelledError, InputError  # noqa: E402
+
+SIX = ("OEF", "S0", "R2", "Y", "v", "chi_nb")
+
+
+@pytest.fixture(scope="module")
+def case():
+    return demo_case()
+
+
+@pytest.fixture()
+def env():
+    return slicer_scene()
+
+
+def _matrix(node):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+def _engine(patient, model_path, mask=None):
+    inputs = predict.PredictionInputs(patient.echoes.astype(np.float32), patient.qsm.astype(np.float32),
+                                      patient.protocol, mask=mask)
+    return predict.predict_maps(inputs, model=str(model_path), device="cpu")
+
+
+def _snapshot(nodes):
+    return {n.GetID(): (np.array(slicer.util.arrayFromVolume(n)), _matrix(n).copy(), n.GetName()) for n in nodes}
+
+
+def _assert_unchanged(before, nodes):
+    for n in nodes:
+        array, matrix, name = before[n.GetID()]
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(n), array)
+        np.testing.assert_array_equal(_matrix(n), matrix)
+        assert n.GetName() == name
+
+
+def _check_outputs(outputs, reference_matrix, expected, opacity, background_id, env):
+    scene = env.scene
+    assert set(outputs) == set(SIX)
+    assert len({n.GetID() for n in outputs.values()}) == 6
+    for name in SIX:
+        node = outputs[name]
+        assert node.IsA("vtkMRMLScalarVolumeNode") and scene.GetNodeByID(node.GetID()) is node
+        np.testing.assert_allclose(_matrix(node), reference_matrix, atol=1e-9)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), expected.maps[name])
+        display = node.GetDisplayNode()
+        assert display is not None and not display.GetAutoWindowLevel()
+        assert display.GetColorNodeID() and scene.GetNodeByID(display.GetColorNodeID()) is not None
+    oef = outputs["OEF"].GetDisplayNode()
+    assert (oef.GetWindowLevelMin(), oef.GetWindowLevelMax()) == pytest.approx((0.0, 80.0))
+    assert "viridis" in scene.GetNodeByID(oef.GetColorNodeID()).GetName().lower()
+    assert oef.GetApplyThreshold() and 0.0 < oef.GetLowerThreshold() < 0.01  # background (0 %) hidden
+    chi = outputs["chi_nb"].GetDisplayNode()
+    assert "diverging" in scene.GetNodeByID(chi.GetColorNodeID()).GetName().lower()
+    assert chi.GetWindowLevelMin() == pytest.approx(-chi.GetWindowLevelMax())
+    r2 = outputs["R2"].GetDisplayNode()
+    assert "inferno" in scene.GetNodeByID(r2.GetColorNodeID()).GetName().lower()
+    assert r2.GetApplyThreshold() and r2.GetLowerThreshold() < expected.maps["R2"][expected.mask].min()
+    # overlay: OEF in the foreground of every slice view, over echo 1, with the chosen opacity
+    n_views = scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")
+    assert n_views == 3
+    for i in range(n_views):
+        composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        assert composite.GetForegroundVolumeID() == outputs["OEF"].GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(opacity)
+        assert composite.GetBackgroundVolumeID() == background_id
+    # colour legend with units
+    legend = slicer.vtkMRMLColorLegendDisplayNode.SafeDownCast(
+        env.colorLogic.GetColorLegendDisplayNode(outputs["OEF"]))
+    assert legend is not None and scene.GetNodeByID(legend.GetID()) is legend
+    assert legend.GetTitleText() == "OEF (%)"
+
+
+def test_echo_list_run_and_wait(case, env):
+    patient, model_path = case
+    echoes = add_echo_volumes(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    mask = slicer.util.addVolumeFromArray(patient.mask.astype(np.uint8), ijk_to_ras(patient.geometry), "mask",
+                                          nodeClassName="vtkMRMLLabelMapVolumeNode")
+    before = _snapshot(echoes + [qsm, mask])
+    outputs = module.OEFPredictorLogic().process(
+        echoes, qsm, mask=mask, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), device="cpu",
+        opacity=0.35)
+    expected = _engine(patient, model_path, mask=patient.mask)
+    _check_outputs(outputs, _matrix(echoes[0]), expected, 0.35, echoes[0].GetID(), env)
+    _assert_unchanged(before, echoes + [qsm, mask])
+
+
+def test_sequence_run_and_wait_and_rerun_overwrites(case, env):
+    patient, model_path = case
+    seq, browser = add_echo_sequence(patient)
+    browser.SetSelectedItemNumber(5)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    logic = module.OEFPredictorLogic()
+    assert logic.echoTimesFromNodes(seq) == pytest.approx(patient.protocol.echo_times_ms)
+    # no echo times given: they come from the sequence's index values
+    outputs = logic.process(seq, qsm, model=str(model_path), device="cpu", opacity=0.6)
+    expected = _engine(patient, model_path)
+    proxy = browser.GetProxyNode(seq)
+    _check_outputs(outputs, _matrix(seq.GetNthDataNode(0)), expected, 0.6, proxy.GetID(), env)
+    assert browser.GetSelectedItemNumber() == 0  # echo 1 under the overlay
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(proxy), patient.echoes[..., 0])
+
+    # a rerun into the same output nodes overwrites them and creates no node
+    ids = scene_node_ids(env.scene)
+    again = logic.process(seq, qsm, model=str(model_path), device="cpu", outputNodes=outputs, opacity=0.8)
+    assert {k: v.GetID() for k, v in again.items()} == {k: v.GetID() for k, v in outputs.items()}
+    assert scene_node_ids(env.scene) == ids
+    scene = env.scene
+    assert scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode").GetForegroundOpacity() == pytest.approx(0.8)
+
+
+def test_background_run_progress_then_finish(case, env):
+    patient, model_path = case
+    echoes = add_echo_volumes(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    ids = scene_node_ids(env.scene)
+    run = module.OEFPredictorLogic().startPrediction(
+        echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), device="cpu")
+    fractions = []
+    run.job.wait()
+    assert scene_node_ids(env.scene) == ids  # nothing written before finish() on the main thread
+    fractions.append(run.progress()[0])
+    assert run.done and fractions[-1] == pytest.approx(1.0)
+    outputs = run.finish()
+    assert set(outputs) == set(SIX)
+    assert run.finish() is outputs  # idempotent
+
+
+def test_cancel_leaves_scene_and_existing_outputs_untouched(case, env):
+    patient, model_path = case
+    seq, _browser = add_echo_sequence(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    existing = slicer.util.addVolumeFromArray(np.full(patient.qsm.shape, 7.0, np.float32),
+                                              ijk_to_ras(patient.geometry), "old OEF")
+    before = _snapshot([qsm, existing])
+    ids = scene_node_ids(env.scene)
+    composites = [(c.GetForegroundVolumeID(), c.GetForegroundOpacity())
+                  for c in (env.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3))]
+    run = module.OEFPredictorLogic().startPrediction(seq, qsm, model=str(model_path), device="cpu",
+                                                     outputNodes={"OEF": existing})
+    run.cancel()
+    with pytest.raises(CancelledError):
+        run.wait()
+    assert run.job.cancelled
+    assert scene_node_ids(env.scene) == ids
+    _assert_unchanged(before, [qsm, existing])
+    assert [(c.GetForegroundVolumeID(), c.GetForegroundOpacity())
+            for c in (env.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3))] == composites
+
+
+def test_engine_error_leaves_scene_untouched(case, env):
+    """Echo times that differ from the model's protocol: the engine refuses in the worker thread."""
+    patient, model_path = case
+    echoes = add_echo_volumes(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    before = _snapshot(echoes + [qsm])
+    ids = scene_node_ids(env.scene)
+    wrong = [t + 1.0 for t in patient.protocol.echo_times_ms]
+    with pytest.raises(InputError, match="protocol"):
+        module.OEFPredictorLogic().process(echoes, qsm, echoTimesMs=wrong, model=str(model_path), device="cpu")
+    assert scene_node_ids(env.scene) == ids
+    _assert_unchanged(before, echoes + [qsm])
+
+
+def test_geometry_mismatch_refused_before_running(case, env):
+    patient, model_path = case
+    echoes = add_echo_volumes(patient)
+    shifted = ijk_to_ras(patient.geometry).copy()
+    shifted[0, 3] += 2.0  # QSM 2 mm off
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, shifted, "QSM shifted")
+    ids = scene_node_ids(env.scene)
+    logic = module.OEFPredictorLogic()
+    with pytest.raises(InputError, match="same voxel grid"):
+        logic.process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path))
+    cropped = slicer.util.addVolumeFromArray(np.ascontiguousarray(patient.qsm[1:]), ijk_to_ras(patient.geometry),
+                                             "QSM cropped")
+    with pytest.raises(InputError, match="same voxel grid"):
+        logic.process(echoes, cropped, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path))
+    with pytest.raises(InputError, match="echo times"):
+        logic.process(echoes, qsm=slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "q"),
+                      echoTimesMs=[5.0, 10.0], model=str(model_path))
+    assert scene_node_ids(env.scene)[: len(ids)] == ids
+
+
+def test_module_imports_without_tensorflow_and_main_window():
+    """WITH_GENERIC_TESTS loads the module with --no-main-window: importing must not pull in Keras."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, 'OEFPredictor'); import OEFPredictor; "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, sorted(sys.modules); "
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
