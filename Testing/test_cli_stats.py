@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -76,6 +78,10 @@ def test_cli_equals_library(patient, tmp_path, capsys):
         pred[wm].astype(np.float64).mean(), rel=1e-9)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out_csv.parent.iterdir()) == ["stats.csv", "stats.png"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out_csv, out_png):  # ordinary permissions, not a temporary file's 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert "| WM | OEF |" in out
 
 

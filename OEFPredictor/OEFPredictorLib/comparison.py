@@ -8,7 +8,6 @@ so they are the ones of the CSV.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -187,8 +186,7 @@ def comparison_figure(out_png: str | os.PathLike, values: np.ndarray, reference:
     fig.suptitle(title or f"{map_name}: prediction vs {reference_label.lower()}, axial slice {k}")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_png.name}.", suffix=".partial", dir=out_png.parent)
-    os.close(fd)
+    tmp = roistats.temporary_sibling(out_png)
     try:
         fig.savefig(tmp, dpi=90, format="png")
         os.replace(tmp, out_png)

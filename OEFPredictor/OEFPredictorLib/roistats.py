@@ -31,7 +31,7 @@ import csv
 import math
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -307,15 +307,22 @@ def _csv_cell(value) -> str:
     return str(value)
 
 
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """A unique hidden name beside `path` for writing it atomically (write, then os.replace).
+    Unlike tempfile.mkstemp, the file gets the usual permissions (umask), not 0600."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
 def write_csv(rows: Sequence[Mapping], path: str | os.PathLike,
               columns: Sequence[str] = COLUMNS) -> Path:
     """Write the rows as CSV (header = columns; NaN as an empty cell; floats at full precision).
     Written to a temporary file beside `path` and renamed: an error leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = temporary_sibling(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        with open(tmp, "x", encoding="utf-8", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
             for row in rows:

@@ -211,8 +211,9 @@ def run(args) -> int:
 def _move(src, dst: Path) -> None:
     """Move across folders atomically: copy beside the destination, then rename."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)
-    os.close(fd)
+    from ..roistats import temporary_sibling
+
+    tmp = temporary_sibling(dst)
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
