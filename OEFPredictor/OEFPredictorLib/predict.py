@@ -121,16 +121,16 @@ def invalid_voxels(echoes: np.ndarray, qsm: np.ndarray) -> np.ndarray:
 
 
 def derive_brain_mask(echo1: np.ndarray) -> np.ndarray:
-    """A brain mask from the echo-1 magnitude: Otsu threshold on the finite positive voxels,
+    """A brain mask from the echo-1 magnitude: Otsu threshold over all voxels (background noise
+    vs tissue),
     morphological opening (removes noise specks and thin bridges), the largest connected component,
     then a closing and hole filling (keeps dark CSF and vessels inside)."""
     from scipy import ndimage
 
     img = np.nan_to_num(np.asarray(echo1, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    values = img[img > 0]
-    if values.size < 2:
+    if not np.any(img > 0):
         raise InputError("Echo 1 has no positive voxels; cannot derive a brain mask. Give --mask.")
-    threshold = _otsu(values)
+    threshold = _otsu(img.ravel())
     mask = img > threshold
     structure = ndimage.generate_binary_structure(3, 1)
     opened = ndimage.binary_opening(mask, structure, iterations=1)

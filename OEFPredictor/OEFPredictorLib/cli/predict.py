@@ -1,0 +1,151 @@
+"""`oefpredictor predict`: OEF and QQ parameter maps from echo images + QSM (the main job on real data).
+
+Output names are a contract other tools rely on: DIR/oef.nii.gz (percent), S0, R2 (Hz), Y, v,
+chi_nb (ppm), quality, cmro2 (with --cbf), mask (when derived), and prediction.json (provenance).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+OUTPUT_FILES = {"OEF": "oef.nii.gz", "S0": "S0.nii.gz", "R2": "R2.nii.gz", "Y": "Y.nii.gz", "v": "v.nii.gz",
+                "chi_nb": "chi_nb.nii.gz", "quality": "quality.nii.gz", "CMRO2": "cmro2.nii.gz"}
+MASK_FILE = "mask.nii.gz"
+
+
+def register(sub):
+    p = sub.add_parser(
+        "predict", help="predict OEF maps from mGRE echoes + QSM",
+        description="Predict OEF (percent), S0, R2, Y, v, chi_nb and a quality map (and CMRO2 with --cbf) "
+                    "from multi-echo GRE magnitude images and a QSM map, with the bundled LSTM or your model. "
+                    "Outputs have the geometry of the inputs; 0 outside the mask.")
+    p.add_argument("--echoes", nargs="+", required=True, metavar="FILE",
+                   help="one 4D image (echo on the 4th axis), several 3D images in echo order, or a DICOM "
+                        "multi-echo series folder")
+    p.add_argument("--qsm", required=True, metavar="FILE", help="QSM map in ppm (image or DICOM folder)")
+    p.add_argument("--mask", metavar="FILE", help="brain mask (nonzero inside); default: derived from echo 1")
+    p.add_argument("--te", metavar="MS,MS,...",
+                   help="echo times in milliseconds; default: the BIDS sidecar (EchoTime in seconds) next to "
+                        "the echo file, or the DICOM EchoTime tags")
+    p.add_argument("--cbf", metavar="FILE", help="CBF map (mL/100 g/min) for a CMRO2 map")
+    p.add_argument("--model", metavar="FILE", help="a .keras model with its .json card (default: bundled)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="auto (GPU if the backend sees one, else CPU; default), cpu, or gpu")
+    p.add_argument("--method", default="lstm",
+                   help="lstm (default), dnn, or a fitting baseline (nlls, cat, ccm)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
+    p.set_defaults(func=run)
+
+
+def load_inputs(args):
+    """Read and cross-check the input files -> (PredictionInputs, geometry)."""
+    from .. import io, physics, predict
+    from . import parse_echo_times_ms
+
+    te_ms = parse_echo_times_ms(args.te).echo_times_ms if args.te else None
+    echoes, geometry, tes, field = io.read_echo_series(args.echoes, te_ms)
+    try:
+        protocol = physics.Protocol.from_milliseconds(tes, field or 3.0)
+    except ValueError as exc:
+        raise InputError(f"Echo times of {args.echoes[0]}: {exc}") from None
+    echo_name = f"the echoes ({Path(args.echoes[0]).name})"
+
+    def read_3d(path, what):
+        array, geom = io.read_image(path)
+        if array.ndim != 3:
+            raise InputError(f"{path}: the {what} must be a 3D volume; it has shape {array.shape}"
+                             + (" (a 2D image)." if array.ndim == 2 else "."))
+        io.check_same_grid(echo_name, echoes.shape, geometry, f"the {what} ({Path(path).name})", array.shape, geom)
+        return array
+
+    qsm = read_3d(args.qsm, "QSM")
+    mask = None
+    if args.mask:
+        m = read_3d(args.mask, "mask")
+        mask = np.nan_to_num(m) > 0.5
+    cbf = read_3d(args.cbf, "CBF") if args.cbf else None
+    return predict.PredictionInputs(echoes, qsm, protocol, mask, cbf), geometry
+
+
+def write_maps(result, geometry, folder: Path, mask_file: bool | None = None) -> list[Path]:
+    """The maps of a PredictionResult as NIfTI files with the input geometry (and the derived mask)."""
+    from .. import io
+
+    written = []
+    for name, array in result.maps.items():
+        path = folder / OUTPUT_FILES[name]
+        io.write_volume(array.astype(np.float32), geometry, path)
+        written.append(path)
+    if result.mask_derived if mask_file is None else mask_file:
+        io.write_volume(result.mask.astype(np.uint8), geometry, folder / MASK_FILE)
+        written.append(folder / MASK_FILE)
+    return written
+
+
+def provenance(result, args_dict: dict, protocol) -> dict:
+    card = result.model_card or {}
+    return {"method": result.method, "device": result.device, "elapsed_s": round(result.elapsed_s, 3),
+            "n_voxels": result.n_voxels, "mask_derived": result.mask_derived, "warnings": result.warnings,
+            "protocol": {"echo_times_ms": protocol.echo_times_ms, "field_strength_T": protocol.field_strength},
+            "model": {"file": card.get("file"), "sha256": card.get("sha256"), "model": card.get("model")},
+            "inputs": args_dict,
+            "units": {"OEF": "%", "S0": "input units", "R2": "Hz", "Y": "fraction", "v": "fraction",
+                      "chi_nb": "ppm", "quality": "normalised RMS residual (see OEFPredictorLib.predict)",
+                      "CMRO2": "umol/100 g/min"}}
+
+
+def run_prediction(inputs, args, bar_label: str = "Predicting"):
+    """predict_maps with a progress bar on stderr."""
+    from .. import predict
+    from . import progress_bar
+
+    bar = progress_bar(1000, bar_label, unit="")
+    bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}"
+
+    def progress(fraction, message):
+        bar.n = int(round(1000 * min(max(fraction, 0.0), 1.0)))
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+
+    try:
+        return predict.predict_maps(inputs, model=getattr(args, "model_bundle", None) or args.model,
+                                    device=args.device, method=args.method, progress=progress)
+    finally:
+        bar.close()
+
+
+def run(args) -> int:
+    import sys
+
+    from .. import io, predict
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"{out} already exists; choose another folder or pass --overwrite.")
+    io.check_writable_parent(out)
+    method = args.method.lower()
+    inputs, geometry = load_inputs(args)
+    if method in predict.KERAS_METHODS:
+        args.model_bundle = predict.resolve_model(args.model, method)  # a bad model fails before any work
+        expected = args.model_bundle.protocol
+    else:
+        expected = None
+    inputs.validate(expected)
+    with io.atomic_directory(out, overwrite=args.overwrite) as tmp:
+        result = run_prediction(inputs, args)
+        write_maps(result, geometry, Path(tmp))
+        record = {k: v for k, v in vars(args).items() if k not in ("func", "model_bundle")}
+        io.write_json(provenance(result, record, inputs.protocol), Path(tmp) / "prediction.json")
+    for w in result.warnings:
+        sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
+    n = result.n_voxels
+    print(f"OEF maps of {n} voxels written to {out}/ ({', '.join(OUTPUT_FILES[k] for k in result.maps)}"
+          f"{', ' + MASK_FILE if result.mask_derived else ''}) in {time.perf_counter() - start:.1f} s "
+          f"(prediction {result.elapsed_s:.1f} s on the {result.device.upper()}).")
+    return 0
