@@ -21,7 +21,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def _add_run_options(p):
     p.add_argument("--preset", choices=["fast", "paper"], default="fast",
-                   help="fast: <=96 px slices, 3 iterations, 10/15/20 evaluations (CPU); "
+                   help="fast: <=96 px slices, 2 iterations, 60/80/100 evaluations (CPU); "
                         "paper: native size, 20 iterations, 500/600/700 evaluations")
     p.add_argument("--iterations", type=int, help="override the preset's outer iterations")
     p.add_argument("--denoiser", choices=["nlm", "tv"], help="override the preset's denoiser")
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="simulated low-field MNI152 at three noise levels")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--slices", type=int, default=2, help="axial slices per noise level")
+    d.add_argument("--slices", type=int, default=1, help="axial slices per noise level")
     d.add_argument("--seed", type=int, default=0)
     _add_run_options(d)
     d.set_defaults(func=cmd_demo)

@@ -115,7 +115,7 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
     if model is None:
         model = build_vgg16_features(weights if weights is not None
                                      else load_vgg16_conv_weights())
-    out01 = c01.copy()
+    output = content.astype(np.float32).copy()  # slices outside the range stay bit-identical
     per_slice = evaluations_per_slice(preset)
     total = per_slice * len(slices)
     result = VolumeResult(output=content, axis=axis, slices=list(slices))
@@ -136,12 +136,11 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
         res = rnst_slice(c2, st2, model, preset, cancel=cancel, on_eval=on_eval)
         index = [slice(None)] * 3
         index[axis] = s
-        out01[tuple(index)] = res.image
+        output[tuple(index)] = res.image.astype(np.float64) * (hi - lo) + lo
         result.losses[int(s)] = res.losses
     if progress is not None:
         progress(1.0, "done")
-    result.output = (out01.astype(np.float64) * (hi - lo) + lo).astype(np.float32)
-    result.output = result.output.reshape(shape)
+    result.output = output.reshape(shape)
     return result
 
 

@@ -1,0 +1,116 @@
+"""The Slicer module: CMake lists every shipped file, the module imports without TensorFlow or a
+main window, and its Logic runs against the real MRML of the slicer-core wheel."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE_DIR = REPO / "RNSTFieldTransfer"
+
+
+def test_cmake_lists_every_file_and_only_existing_ones():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text().replace("${MODULE_NAME}",
+                                                                "RNSTFieldTransfer")
+    listed = set(re.findall(r"^\s+(\S+\.(?:py|png|ui|txt))\s*$", text, re.M))
+    for path in listed:
+        assert (MODULE_DIR / path).is_file(), f"CMake lists a missing file: {path}"
+    shipped = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*")
+               if p.is_file() and p.name != "CMakeLists.txt" and "__pycache__" not in p.parts}
+    assert shipped - listed == set(), "files not in CMakeLists.txt"
+    assert "WITH_GENERIC_TESTS" in text
+    assert "add_subdirectory(RNSTFieldTransfer)" in (REPO / "CMakeLists.txt").read_text()
+
+
+def test_import_needs_no_tensorflow_and_no_main_window():
+    code = ("import sys; sys.path.insert(0, %r); import RNSTFieldTransfer as m; "
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; "
+            "assert not m.HAVE_APP; m.RNSTFieldTransferLogic(); print('ok')" % str(MODULE_DIR))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.fixture()
+def mrml():
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core not installed")
+    scene = slicer.vtkMRMLScene()
+    app_logic = slicer.vtkSlicerApplicationLogic()
+    app_logic.SetMRMLScene(scene)
+    vol_logic = slicer.vtkSlicerVolumesLogic()
+    vol_logic.SetMRMLApplicationLogic(app_logic)
+    vol_logic.SetMRMLScene(scene)
+    app_logic.SetModuleLogic("Volumes", vol_logic)
+    old = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    yield slicer, scene
+    slicer.mrmlScene = old
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("RNSTFieldTransfer",
+                                                  MODULE_DIR / "RNSTFieldTransfer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_logic_on_real_mrml(mrml):
+    slicer, scene = mrml
+    mod = _module()
+    ref, low, style = mod.synthetic_phantom()
+    nodes = [slicer.util.addVolumeFromArray(a, name=n)
+             for a, n in ((low, "low"), (style, "style"), (ref, "ref"))]
+    for node in nodes:
+        node.SetSpacing(1.5, 1.5, 3.0)
+        node.SetOrigin(-20.0, 10.0, 5.0)
+    logic = mod.RNSTFieldTransferLogic()
+    job = logic.prepare(*nodes, plane="axial", first=1, last=1, iterations=1)
+    job.start()  # the worker thread, as the widget runs it; the test waits for it
+    job.wait()
+    progress = job.drainProgress()
+    assert progress and progress[-1][0] == pytest.approx(1.0)
+    out = logic.finish(job)
+    assert out.GetName() == "low_RNST" and scene.GetNodeByID(out.GetID()) is out
+    arr = slicer.util.arrayFromVolume(out)
+    assert arr.shape == low.shape and out.GetSpacing() == (1.5, 1.5, 3.0)
+    np.testing.assert_array_equal(arr[0], low[0])
+    (_, s_in), (_, s_out) = job.metrics["input"], job.metrics["output"]
+    assert s_out > s_in
+    assert out.GetAttribute("RNST.output.SSIM") == f"{s_out:.4f}"
+    assert "SSIM" in logic.metricsText(job.metrics)
+
+
+def test_logic_rejects_bad_inputs(mrml):
+    slicer, _ = mrml
+    mod = _module()
+    from RNSTFieldTransferLib.errors import RNSTInputError
+    ref, low, style = mod.synthetic_phantom()
+    low_n = slicer.util.addVolumeFromArray(low, name="low")
+    style_n = slicer.util.addVolumeFromArray(style, name="style")
+    small = slicer.util.addVolumeFromArray(ref[:, :20], name="small")
+    with pytest.raises(RNSTInputError, match="reference dimensions"):
+        mod.RNSTFieldTransferLogic().prepare(low_n, style_n, small)
+    with pytest.raises(RNSTInputError, match="selects no slice"):
+        mod.RNSTFieldTransferLogic().prepare(low_n, style_n, first=2, last=1)
+
+
+def test_cancel_from_another_thread(mrml):
+    slicer, _ = mrml
+    mod = _module()
+    ref, low, style = mod.synthetic_phantom()
+    nodes = [slicer.util.addVolumeFromArray(a, name=n) for a, n in ((low, "l"), (style, "s"))]
+    job = mod.RNSTFieldTransferLogic().prepare(*nodes, preset="fast")
+    job.cancel.set()
+    job.start()
+    job.wait()
+    from RNSTFieldTransferLib.errors import RNSTCancelled
+    assert isinstance(job.error, RNSTCancelled) and job.output is None
