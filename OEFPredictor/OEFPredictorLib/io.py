@@ -64,8 +64,12 @@ class Geometry:
         return m
 
 
-def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, dtype=None) -> None:
-    """Write a 3D array (z, y, x) or a 4D array (z, y, x, n) as one image with this geometry."""
+def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, dtype=None,
+                 compression_level: int = 1) -> None:
+    """Write a 3D array (z, y, x) or a 4D array (z, y, x, n) as one image with this geometry.
+
+    Compressed files use a fast zlib level by default: noisy float data hardly compresses more at
+    higher levels, and writing is several times faster."""
     import SimpleITK as sitk
 
     a = np.asarray(array if dtype is None else array.astype(dtype))
@@ -80,7 +84,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike,
     else:
         raise ValueError(f"Expected a 3D or 4D array, got shape {a.shape}.")
     geometry.apply_to(image)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    sitk.WriteImage(image, str(path), useCompression=True, compressionLevel=compression_level)
 
 
 def read_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
@@ -299,9 +303,6 @@ def read_echo_series(paths, te_ms: list[float] | None = None):
                 field = side[1]
         echoes = np.stack(volumes, axis=-1)
         found_te = tes if all(t is not None for t in tes) else None
-    if echoes.ndim == 2 or (echoes.ndim == 3 and len(paths) == 1 and not paths[0].is_dir()
-                            and echoes.shape[0] > 1 and False):
-        pass
     if echoes.ndim != 4:
         raise InputError(f"{paths[0]}: the echoes have shape {echoes.shape}; give one 4D image (echo on the 4th "
                          "axis), several 3D files in echo order, or a DICOM multi-echo series folder"

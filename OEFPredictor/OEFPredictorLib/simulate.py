@@ -84,11 +84,11 @@ def synthesize(params: dict, mask: np.ndarray, protocol: physics.Protocol, noise
     if not noise.noise_free:
         sigma = float(e_flat[idx, 0].mean() / noise.snr)
         for e in range(protocol.n_echoes):  # Rician: modulus of complex Gaussian noise
-            re = echoes[..., e] + rng.normal(0.0, sigma, shape).astype(np.float32)
-            im = rng.normal(0.0, sigma, shape).astype(np.float32)
+            re = echoes[..., e] + np.float32(sigma) * rng.standard_normal(shape, dtype=np.float32)
+            im = np.float32(sigma) * rng.standard_normal(shape, dtype=np.float32)
             echoes[..., e] = np.hypot(re, im)
         if noise.qsm_noise_ppb > 0:
-            qsm[mask] += rng.normal(0.0, noise.qsm_noise_ppb * 1e-3, idx.size).astype(np.float32)
+            qsm[mask] += np.float32(noise.qsm_noise_ppb * 1e-3) * rng.standard_normal(idx.size, dtype=np.float32)
     return echoes, qsm, sigma
 
 
