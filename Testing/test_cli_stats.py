@@ -148,3 +148,10 @@ def test_failure_while_drawing_leaves_no_files(patient, tmp_path, capsys, monkey
                             "--figure", tmp_path / "s.png"], capsys)
     assert code == 2 and "drawing failed" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_truth_of_another_map_is_refused(patient, tmp_path, capsys):
+    files = patient["files"]
+    code, _, err = run_cli(["--map", patient["pred_dir"] / "R2.nii.gz", "--labels", files["labels"],
+                            "--truth", files["truth_OEF"], "--out", tmp_path / "s.csv"], capsys)
+    assert code == 2 and "['OEF'] match no --map" in err and list(tmp_path.iterdir()) == []

@@ -125,8 +125,11 @@ def run(args) -> int:
 
     maps = _unique_names(args.map, "--map")
     truths = _unique_names(args.truth, "--truth")
-    if len(maps) == 1 and len(truths) == 1:
-        truth_of = {next(iter(maps)): next(iter(truths.values()))}  # one of each: they pair
+    known = set(roistats.MAP_ORDER)
+    if (len(maps) == 1 and len(truths) == 1
+            and (set(maps) == set(truths) or not (set(maps) | set(truths)) <= known)):
+        # One of each pairs unless the names say they are different maps (e.g. R2 and OEF).
+        truth_of = {next(iter(maps)): next(iter(truths.values()))}
     else:
         unmatched = [n for n in truths if n not in maps]
         if unmatched:
