@@ -297,6 +297,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelFileRadioButton.toggled.connect(self.onModelChanged)
         self.ui.modelPathLineEdit.currentPathChanged.connect(self.onModelChanged)
         self.ui.methodComboBox.currentIndexChanged.connect(self.onModelChanged)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
         self.ui.detectBackendButton.clicked.connect(self.onDetectBackend)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
 
@@ -350,6 +351,16 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for i in range(self.ui.echoVolumesSelector.nodeCount()):
                 node = self.ui.echoVolumesSelector.nodeFromIndex(i)
                 self.ui.echoVolumesSelector.setCheckState(node, qt.Qt.Checked if node in volumes else qt.Qt.Unchecked)
+            # radio buttons and data-carrying combo boxes have no connector either
+            p = self._parameterNode
+            self.ui.echoVolumesRadioButton.setChecked(p.echoSource == "volumes")
+            self.ui.echoSequenceRadioButton.setChecked(p.echoSource != "volumes")
+            self.ui.bundledModelRadioButton.setChecked(bool(p.useBundledModel))
+            self.ui.modelFileRadioButton.setChecked(not p.useBundledModel)
+            for combo, value in ((self.ui.deviceComboBox, p.device), (self.ui.methodComboBox, p.method)):
+                index = combo.findData(value)
+                if index >= 0:
+                    combo.setCurrentIndex(index)
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
         self.updateApplyState()
 
@@ -363,15 +374,15 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def echoTimesMs(self):
         """The echo times typed in the panel (ms); raises InputError with what is wrong."""
-        return parseEchoTimes(self.ui.echoTimesLineEdit.text)
+        return parseEchoTimes(_prop(self.ui.echoTimesLineEdit, "text"))
 
     def modelChoice(self):
-        method = self.ui.methodComboBox.currentData
+        method = _prop(self.ui.methodComboBox, "currentData")
         if method not in METHODS_WITH_MODEL:
             return None
         if self.ui.bundledModelRadioButton.isChecked():
             return "bundled:" + METHODS_WITH_MODEL[method]
-        return self.ui.modelPathLineEdit.currentPath or ""
+        return _prop(self.ui.modelPathLineEdit, "currentPath") or ""
 
     def missingInputs(self):
         """Reasons Apply cannot run now (empty when it can)."""
@@ -391,7 +402,12 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except InputError as exc:
             missing.append(str(exc))
         model = self.modelChoice()
-        if model is not None and not model.startswith("bundled:"):
+        if model is not None and model.startswith("bundled:"):
+            try:
+                resourcePath("Models", model.split(":", 1)[1])
+            except FileNotFoundError:
+                missing.append(_("The bundled model is not installed; choose a model file."))
+        elif model is not None:
             if not model:
                 missing.append(_("Choose a model file (.keras, with its .json card beside it)."))
             elif not os.path.isfile(model) or not os.path.isfile(os.path.splitext(model)[0] + ".json"):
@@ -422,12 +438,15 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateApplyState()
 
     def onModelChanged(self, *args):
-        method = self.ui.methodComboBox.currentData
+        method = _prop(self.ui.methodComboBox, "currentData")
         needsModel = method in METHODS_WITH_MODEL
         for w in (self.ui.bundledModelRadioButton, self.ui.modelFileRadioButton):
             w.setEnabled(needsModel)
         self.ui.modelPathLineEdit.setEnabled(needsModel and self.ui.modelFileRadioButton.isChecked())
         self.ui.modelInfoLabel.setText(self.logic.modelSummary(self.modelChoice(), method))
+        if self._parameterNode:
+            self._parameterNode.useBundledModel = self.ui.bundledModelRadioButton.isChecked()
+            self._parameterNode.method = method
         self.updateApplyState()
 
     def onInputChanged(self, *args):
@@ -443,17 +462,21 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.applyButton.setToolTip(_("Compute the OEF and parameter maps in the background."))
 
-    def onDetectBackend(self):
+    def onDeviceChanged(self, *args):
+        if self._parameterNode:
+            self._parameterNode.device = _prop(self.ui.deviceComboBox, "currentData")
+
+    def onDetectBackend(self, *args):
         self.ui.backendInfoLabel.setText(self.logic.backendSummary(detect=True))
 
     # --- run --------------------------------------------------------------------------------------
-    def onApplyButton(self):
+    def onApplyButton(self, *args):
         if self._run is not None:
             self._run.cancel()
             self.ui.statusLabel.setText(_("Cancelling after the current chunk..."))
             self.ui.applyButton.setEnabled(False)
             return
-        method = self.ui.methodComboBox.currentData
+        method = _prop(self.ui.methodComboBox, "currentData")
         if method in METHODS_WITH_MODEL and not self.logic.ensureDependencies(ask=True):
             self.ui.statusLabel.setText(_("TensorFlow is not installed; see the message for what to do."))
             return
@@ -469,9 +492,9 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = self.logic.startPrediction(
                 self.echoInput(), self.ui.qsmSelector.currentNode(), mask=self.ui.maskSelector.currentNode(),
                 cbf=self.ui.cbfSelector.currentNode(), echoTimesMs=self.echoTimesMs(),
-                fieldStrength=self.ui.fieldStrengthSpinBox.value, model=model,
-                device=self.ui.deviceComboBox.currentData, method=method, outputNodes=outputs,
-                opacity=self.ui.opacitySliderWidget.value)
+                fieldStrength=_prop(self.ui.fieldStrengthSpinBox, "value"), model=model,
+                device=_prop(self.ui.deviceComboBox, "currentData"), method=method, outputNodes=outputs,
+                opacity=_prop(self.ui.opacitySliderWidget, "value"))
         except InputError as exc:
             self.lastError = exc
             self._showError(str(exc))
@@ -524,6 +547,13 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 # Helpers (pure, no Qt)
 #
+
+
+def _prop(widget, name):
+    """A Qt property's value: PythonQt (Slicer) exposes properties as attributes (widget.text),
+    PySide6 (the widget tests) as getter methods (widget.text()); this reads both."""
+    value = getattr(widget, name)
+    return value() if callable(value) else value
 
 
 def parseEchoTimes(text):
