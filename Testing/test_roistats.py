@@ -223,3 +223,26 @@ def test_helpers():
     assert roistats.map_name_from_path("my_map.nrrd") == "my_map"
     d = roistats.difference_map(np.array([[[1.0, np.nan, 3.0]]]), np.array([[[0.5, 1.0, np.inf]]]))
     assert d[0, 0, 0] == 0.5 and np.isnan(d[0, 0, 1:]).all()
+
+
+def test_box_roi_axis_aligned_and_rotated():
+    # Grid: 2 mm voxels, origin (10, 20, 30); shape (z, y, x) = (5, 6, 7).
+    m = np.eye(4)
+    m[:3, :3] = np.diag([2.0, 2.0, 2.0])
+    m[:3, 3] = [10.0, 20.0, 30.0]
+    # Centres x = 10 + 2i: a box from x 13 to 19 holds i = 2, 3, 4; y 20..24 holds j = 0..2
+    # (faces count as inside); z 33..35 holds k = 2.
+    box = roistats.box_roi((5, 6, 7), m, center=(16.0, 22.0, 34.0), size=(6.0, 4.0, 2.0))
+    want = np.zeros((5, 6, 7), bool)
+    want[2, 0:3, 2:5] = True
+    np.testing.assert_array_equal(box, want)
+    # The same box turned 90 degrees about z: its first axis along world y, its second along -x.
+    axes = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    # Sides 4 mm along world y (j = 0..2) and 8 mm along world x (x 12..20: i = 1..5).
+    turned = roistats.box_roi((5, 6, 7), m, center=(16.0, 22.0, 34.0), size=(4.0, 8.0, 2.0), axes=axes)
+    want_turned = np.zeros((5, 6, 7), bool)
+    want_turned[2, 0:3, 1:6] = True
+    np.testing.assert_array_equal(turned, want_turned)
+    unturned = roistats.box_roi((5, 6, 7), m, center=(16.0, 22.0, 34.0), size=(4.0, 8.0, 2.0))
+    assert not np.array_equal(unturned, want_turned)
+    assert not roistats.box_roi((5, 6, 7), m, center=(0.0, 0.0, 0.0), size=(1.0, 1.0, 1.0)).any()

@@ -179,6 +179,35 @@ def rois_from_labels(label_array: np.ndarray, names: Mapping[int, str] | None = 
     return {names.get(v, f"label_{v}"): labels == v for v in sorted(values)}
 
 
+def box_roi(shape: Sequence[int], ijk_to_world: np.ndarray, center: Sequence[float],
+            size: Sequence[float], axes: np.ndarray | None = None) -> np.ndarray:
+    """Boolean ROI of the voxels whose centres lie inside a box (e.g. a Slicer markups ROI).
+
+    shape: the volume's (z, y, x) array shape. ijk_to_world: 4x4 matrix from (i, j, k) = (x, y, z)
+    voxel indices to world mm (RAS or LPS: the box must be given in the same space). center and
+    size: the box's centre and full side lengths in mm. axes: 3x3 matrix whose columns are the
+    box's axes in world space (default: the world axes). Centres on a face count as inside.
+    """
+    m = np.asarray(ijk_to_world, dtype=np.float64)
+    rot = np.eye(3) if axes is None else np.asarray(axes, dtype=np.float64)
+    half = np.asarray(size, dtype=np.float64) / 2.0
+    if m.shape != (4, 4) or rot.shape != (3, 3) or half.shape != (3,) or np.any(half < 0):
+        raise InputError("A box ROI needs a 4x4 voxel-to-world matrix, a 3x3 axes matrix, and a "
+                         "centre and three non-negative side lengths in mm.")
+    # Voxel index -> box coordinates in one affine map; tolerance for centres exactly on a face.
+    to_box = rot.T @ m[:3, :3]
+    offset = rot.T @ (m[:3, 3] - np.asarray(center, dtype=np.float64))
+    tol = 1e-6 * max(1.0, float(np.abs(m[:3, :3]).max()))
+    nz, ny, nx = (int(n) for n in shape)
+    j, i = np.meshgrid(np.arange(ny), np.arange(nx), indexing="ij")
+    plane = np.stack([i.ravel(), j.ravel()]).astype(np.float64)  # (2, ny*nx)
+    out = np.zeros((nz, ny, nx), bool)
+    for k in range(nz):  # one slice at a time: memory stays small on 1 mm volumes
+        c = to_box[:, :2] @ plane + (to_box[:, 2] * k + offset)[:, None]
+        out[k] = np.all(np.abs(c) <= half[:, None] + tol, axis=0).reshape(ny, nx)
+    return out
+
+
 def read_label_names(tsv_path: str | os.PathLike) -> dict[int, str]:
     """Label value -> name from a BIDS dseg.tsv (columns `index` and `name`, tab separated)."""
     path = Path(tsv_path)
