@@ -1,7 +1,17 @@
 """ROI statistics and comparison with a reference (ground-truth) map, on numpy arrays.
 
 Arrays in, rows out: the command line (`oefpredictor stats`) and the Slicer module's Logic both
-call `roi_statistics`, so their numbers are the same by construction.
+call `roi_statistics`, so their numbers are the same by construction. Arrays are 3D, (z, y, x) as
+SimpleITK and slicer.util.arrayFromVolume give them.
+
+    rois = rois_from_labels(labels, names)          # or {name: bool array}, box_roi(...)
+    rows = roi_statistics({"OEF": oef, "R2": r2}, rois, voxel_volume_ml(spacing), mask=brain,
+                          reference={"OEF": truth}, contrasts=contralateral_pairs(rois))
+    write_csv(rows, "stats.csv"); print(format_table(rows))   # rows: dicts with keys COLUMNS
+
+Also: difference_map (prediction - reference), paired_values (the points of a scatter /
+Bland-Altman plot), contrast_to_noise, describe, paired_statistics, read_label_names (dseg.tsv),
+map_name_from_path.
 
 Definitions (every one is an exact numpy computation in float64 on the voxels used, no histogram):
 
