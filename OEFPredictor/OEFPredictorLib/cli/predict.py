@@ -76,6 +76,7 @@ def write_maps(result, geometry, folder: Path, mask_file: bool | None = None) ->
     """The maps of a PredictionResult as NIfTI files with the input geometry (and the derived mask)."""
     from .. import io
 
+    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, array in result.maps.items():
         path = folder / OUTPUT_FILES[name]
