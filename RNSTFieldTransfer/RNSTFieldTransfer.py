@@ -239,7 +239,8 @@ class RNSTJob:
                 self.metrics = {"input": quality(slab(self.content, self.axis, self.slices), ref),
                                 "output": quality(slab(self.output, self.axis, self.slices), ref)}
         except Exception as exc:  # reported on the main thread by the widget or finish()
-            logging.exception("RNST run failed") if not _is_cancel(exc) else None
+            if not _is_cancel(exc):
+                logging.exception("RNST run failed")
             self.error = exc
 
 
@@ -269,7 +270,7 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         return slicing_axis(plane, self.directions(volumeNode))
 
     def prepare(self, contentNode, styleNode, referenceNode=None, plane="axial", first=0,
-                last=None, preset="fast", iterations=None) -> RNSTJob:
+                last=None, preset="fast", iterations=None, evaluations=None) -> RNSTJob:
         """Copy the arrays out of MRML and check the inputs; last slice included (None: end)."""
         import slicer
         from RNSTFieldTransferLib.errors import RNSTInputError
@@ -292,8 +293,8 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         n = content.shape[axis]
         stop = n if last is None or last < 0 else int(last) + 1
         slices = parse_slices(f"{int(first)}:{stop}", n)
-        return RNSTJob(content, style, reference, axis, style_axis, slices,
-                       get_preset(preset, outer_iterations=iterations),
+        chosen = get_preset(preset, outer_iterations=iterations, budgets=evaluations)
+        return RNSTJob(content, style, reference, axis, style_axis, slices, chosen,
                        content_node_id=contentNode.GetID(), weights_path=self.weightsPath,
                        cache_dir=self.cacheDir)
 
@@ -376,7 +377,8 @@ class RNSTFieldTransferTest(ScriptedLoadableModuleTest):
         ref, low, style = synthetic_phantom()
         nodes = [slicer.util.addVolumeFromArray(a, name=n)
                  for a, n in ((low, "low"), (style, "style"), (ref, "ref"))]
-        out, metrics = logic.process(*nodes, plane="axial", first=1, last=1, iterations=2)
+        out, metrics = logic.process(*nodes, plane="axial", first=1, last=1, iterations=1,
+                                      evaluations=(20, 30, 40))
         assert metrics["output"][1] > metrics["input"][1], metrics
         assert slicer.util.arrayFromVolume(out).shape == low.shape
 

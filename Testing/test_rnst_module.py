@@ -73,7 +73,8 @@ def test_logic_on_real_mrml(mrml):
         node.SetSpacing(1.5, 1.5, 3.0)
         node.SetOrigin(-20.0, 10.0, 5.0)
     logic = mod.RNSTFieldTransferLogic()
-    job = logic.prepare(*nodes, plane="axial", first=1, last=1, iterations=1)
+    job = logic.prepare(*nodes, plane="axial", first=1, last=1, iterations=1,
+                        evaluations=(20, 30, 40))
     job.start()  # the worker thread, as the widget runs it; the test waits for it
     job.wait()
     progress = job.drainProgress()

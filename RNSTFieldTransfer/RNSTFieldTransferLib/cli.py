@@ -13,6 +13,16 @@ import time
 from .errors import RNSTCancelled, RNSTInputError
 
 
+def _budgets(text):
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers like 60,80,100")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets must be at least 1")
+    return values
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -24,6 +34,8 @@ def _add_run_options(p):
                    help="fast: <=96 px slices, 2 iterations, 60/80/100 evaluations (CPU); "
                         "paper: native size, 20 iterations, 500/600/700 evaluations")
     p.add_argument("--iterations", type=int, help="override the preset's outer iterations")
+    p.add_argument("--evaluations", type=_budgets, metavar="A,B,C",
+                   help="override the preset's L-BFGS evaluation budgets of the 3 candidates")
     p.add_argument("--denoiser", choices=["nlm", "tv"], help="override the preset's denoiser")
     p.add_argument("--weights", help="local VGG16 weights (.npz, Keras notop .h5, or .onnx)")
     p.add_argument("--cache-dir", help="where extracted weights are kept "
@@ -85,8 +97,6 @@ def _weights(args):
 
 
 def cmd_transfer(args) -> int:
-    import numpy as np
-
     from .io import direction_matrix, read_volume, write_like
     from .rnst import get_preset
     from .volume import parse_slices, quality, slab, slicing_axis, transfer_volume
@@ -104,15 +114,17 @@ def cmd_transfer(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise RNSTInputError(f"output folder does not exist: {out_dir}")
-    axis = slicing_axis(args.plane, direction_matrix(c_img))
-    style_axis = slicing_axis(args.plane, direction_matrix(s_img)) if style.shape[0] > 1 or \
-        s_img.GetDimension() == 3 else 0
+    # A 2D image is one slice (axis 0) whatever the plane.
+    axis = 0 if c_img.GetDimension() == 2 else slicing_axis(args.plane, direction_matrix(c_img))
+    style_axis = 0 if s_img.GetDimension() == 2 else slicing_axis(args.plane,
+                                                                 direction_matrix(s_img))
     slices = parse_slices(args.slices, content.shape[axis])
-    preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser)
+    preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser,
+                        budgets=args.evaluations)
     weights = _weights(args)
 
-    print(f"RNST {preset.name}: {len(slices)} {args.plane} slice(s) {slices.start}..{slices.stop - 1}"
-          f" of {args.content}, style {args.style}", flush=True)
+    print(f"RNST {preset.name}: {len(slices)} {args.plane} slice(s) "
+          f"{slices.start}..{slices.stop - 1} of {args.content}, style {args.style}", flush=True)
     t0 = time.time()
     res = transfer_volume(content, style, preset=preset, axis=axis, slices=slices,
                           weights=weights, style_axis=style_axis, progress=_progress_printer())
@@ -124,14 +136,14 @@ def cmd_transfer(args) -> int:
         p_out, s_out = quality(slab(res.output, axis, slices), ref)
         print(f"PSNR input {p_in:.2f} dB -> output {p_out:.2f} dB ({p_out - p_in:+.2f})")
         print(f"SSIM input {s_in:.4f} -> output {s_out:.4f} ({s_out - s_in:+.4f})")
-    del np
     return 0
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
     from .rnst import get_preset
-    preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser)
+    preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser,
+                        budgets=args.evaluations)
     run_demo(args.out, preset=preset, weights=_weights(args), n_slices=args.slices,
              seed=args.seed, progress=_progress_printer())
     return 0
@@ -143,8 +155,8 @@ def cmd_weights(args) -> int:
     weights = load_vgg16_conv_weights(args.weights, args.cache_dir)
     digest = weights_digest(weights)
     where = args.weights or os.path.join(args.cache_dir or default_cache_dir(), CACHE_FILE_NAME)
-    print(f"{where}\nSHA-256 {digest} ({'matches' if digest == VGG16_CONV_SHA256 else 'differs from'}"
-          " the committed checksum)")
+    verdict = "matches" if digest == VGG16_CONV_SHA256 else "differs from"
+    print(f"{where}\nSHA-256 {digest} ({verdict} the committed checksum)")
     return 0
 
 

@@ -86,7 +86,7 @@ def run_demo(out_dir, *, preset, weights, n_slices: int = 2, seed: int = 0, prog
     rng = np.random.default_rng(seed)
     image, high = load_high_field()
     style_volume = deformed_copy(high, rng)
-    centre = high.shape[0] // 2 + 6  # axial slices through the ventricles and basal ganglia
+    centre = high.shape[0] // 2 + 6  # axial slices just above the lateral ventricles
     zs = list(range(centre, centre + 3 * n_slices, 3))[:n_slices]
     ref = high[zs]
     style = style_volume[[z + STYLE_SLICE_OFFSET for z in zs]]

@@ -27,7 +27,8 @@ def read_volume(path: str | Path, what: str):
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() not in (2, 3):
-        raise RNSTInputError(f"{what} image {path} is {image.GetDimension()}D; give a 2D or 3D image")
+        raise RNSTInputError(f"{what} image {path} is {image.GetDimension()}D; "
+                             "give a 2D or 3D image")
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     if array.ndim == 2:
         array = array[None]
