@@ -265,6 +265,6 @@ def test_demo_writes_maps_figure_and_roi_statistics(capsys, tmp_path, model):
     code, out, err = run_cli(capsys, "demo", "--out", out_dir, "--model", model, "--voxel-size", "4", "--device", "cpu")
     assert code == 0, err
     assert "OEF RMSE" in out and "cortical_GM" in out
-    assert (out_dir / "maps" / "oef.nii.gz").exists() and (out_dir / "demo_figure.png").stat().st_size > 10_000
+    assert (out_dir / "oef.nii.gz").exists() and (out_dir / "patient" / "P03").is_dir() and (out_dir / "demo_figure.png").stat().st_size > 10_000
     header = (out_dir / "roi_stats.csv").read_text().splitlines()[0]
     assert header.startswith("roi,map,unit") and "rmse" in header

@@ -1,8 +1,9 @@
 """`oefpredictor demo`: the README's main job on the bundled demo patient.
 
-Simulates the deterministic demo patient, predicts its maps with the bundled LSTM, and writes
-DIR/maps/ (the `predict` outputs), DIR/demo_figure.png, DIR/roi_stats.csv and DIR/patient/ (the
-inputs and the truth), then prints the OEF error against the truth.
+Simulates the deterministic demo patient, predicts its maps with the bundled LSTM, and writes the
+`predict` outputs (DIR/oef.nii.gz, S0, R2, Y, v, chi_nb, quality, prediction.json),
+DIR/demo_figure.png, DIR/roi_stats.csv and DIR/patient/P03/ (the inputs and the truth), then
+prints the OEF error against the truth.
 """
 from __future__ import annotations
 
@@ -114,9 +115,9 @@ def run(args) -> int:
         data = simulate.load_patient(make_demo_patient(tmp / "patient", args.voxel_size))
         inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, mask=data.mask)
         result = run_prediction(inputs, args, bar_label="Predicting OEF")
-        write_maps(result, data.geometry, tmp / "maps")
+        write_maps(result, data.geometry, tmp)
         io.write_json(provenance(result, {"patient": "patient/P03", "seed": DEMO_SEED}, data.protocol),
-                      tmp / "maps" / "prediction.json")
+                      tmp / "prediction.json")
         demo_figure(data, result.maps, tmp / "demo_figure.png")
         rows = roi_table(data, result.maps, tmp / "roi_stats.csv")
     sel = data.metric_mask
@@ -129,7 +130,7 @@ def run(args) -> int:
         if row["map"] == "OEF" and row["roi"] != "CSF" and row["n_valid"]:
             truth_mean = row["mean"] - row["bias"]  # bias = mean(prediction - truth) on the same voxels
             print(f"{row['roi']:<34}{row['n_valid']:>8}{row['mean']:>12.1f}{truth_mean:>13.1f}{row['rmse']:>7.1f}")
-    print(f"Wrote {out}/maps/ (oef.nii.gz ...), {out}/demo_figure.png, {out}/roi_stats.csv in "
+    print(f"Wrote {out}/oef.nii.gz (and S0, R2, Y, v, chi_nb, quality), {out}/demo_figure.png, {out}/roi_stats.csv in "
           f"{time.perf_counter() - start:.0f} s.")
     return 0
 
