@@ -651,7 +651,9 @@ class OEFPredictorRun:
         result = self.job.result
         if result is None:
             return ""
-        text = _("Done in {s:.1f} s on {d}.").format(s=float(result.elapsed_s), d=result.device)
+        text = _("Done: {n:,} voxels in {s:.1f} s on the {d}.").format(
+            n=int(getattr(result, "n_voxels", 0) or np.count_nonzero(result.mask)), s=float(result.elapsed_s),
+            d=str(result.device).upper())
         if getattr(result, "warnings", None):
             text += " " + " ".join(str(w) for w in result.warnings)[:300]
         return text
@@ -692,6 +694,8 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
         unit = (echoes.GetIndexUnit() or "").strip().lower()
         if unit in ("s", "sec", "second", "seconds") or (unit not in ("ms", "msec") and values and max(values) < 1.0):
             values = [v * 1000.0 for v in values]
+        if not values or values[0] <= 0 or any(b <= a for a, b in zip(values, values[1:])):
+            return None  # not echo times (e.g. a 4D NIfTI's frame numbers 0, 1, 2...)
         return [round(v, 6) for v in values]
 
     @staticmethod

@@ -50,9 +50,14 @@ def slicer_scene():
         sliceLogic.SetMRMLScene(scene)
         sliceLogic.AddSliceNode(name)
         sliceLogics.append(sliceLogic)
-    # keep the logics alive as long as the scene object
-    return types.SimpleNamespace(scene=scene, appLogic=appLogic, colorLogic=colorLogic, volLogic=volLogic,
+    # the logics hold raw pointers to each other: keep them alive while this scene is current
+    global _CURRENT
+    _CURRENT = types.SimpleNamespace(scene=scene, appLogic=appLogic, colorLogic=colorLogic, volLogic=volLogic,
                                  seqLogic=seqLogic, segLogic=segLogic, sliceLogics=sliceLogics)
+    return _CURRENT
+
+
+_CURRENT = None
 
 
 @functools.lru_cache(maxsize=1)

@@ -514,9 +514,21 @@ def render_screenshot(path):
     module, widget = make_panel()
     panel = types.SimpleNamespace(ui=widget.ui, widget=widget, module=module)
     patient, seq, qsm = _ready_panel(panel)
-    widget.ui.modelFileRadioButton.setChecked(False)
-    widget.ui.bundledModelRadioButton.setChecked(True)
-    widget.ui.modelFileRadioButton.setChecked(True)
+    import shutil
+    import tempfile
+
+    from OEFPredictorLib import resources
+
+    try:  # the bundled model when this checkout has it, else a model file (the tiny test LSTM)
+        resources.bundled_model_path()
+        widget.ui.bundledModelRadioButton.setChecked(True)
+    except FileNotFoundError:
+        _patient, model_path = __import__("slicer_testing").demo_case()
+        folder = Path(tempfile.mkdtemp()) / "models"
+        folder.mkdir()
+        for suffix in (".keras", ".json"):
+            shutil.copy(model_path.with_suffix(suffix), folder / ("my_oef_lstm" + suffix))
+        widget.ui.modelPathLineEdit.setCurrentPath(str(folder / "my_oef_lstm.keras"))
     widget.ui.applyButton.click()
     spin_until(lambda: widget._run is None)
     widget.ui.advancedCollapsibleButton.setProperty("collapsed", False)
@@ -533,6 +545,7 @@ def render_screenshot(path):
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--screenshot":
-        print(render_screenshot(sys.argv[2]))
+        print(render_screenshot(sys.argv[2]), flush=True)
+        os._exit(0)  # skip interpreter teardown: VTK logics and Qt widgets die in arbitrary order
     else:
         sys.exit(pytest.main([__file__, "-q"]))
