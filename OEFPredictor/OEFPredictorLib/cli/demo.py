@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-# The demo patient: deterministic, 2 mm (a whole brain predicts in about a minute on 2 CPU cores),
+# The demo patient: deterministic, 2 mm (about 250 000 brain voxels: a few minutes with the paper LSTM
+# on 2 shared CPU cores, ~750 sequences/s measured in benchmarks/results/predict.json),
 # a test-split patient with lesions.
 DEMO_SEED = 2024
 DEMO_VOXEL_SIZE = 2.0
