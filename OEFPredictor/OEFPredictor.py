@@ -990,6 +990,109 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
                 legend.SetVisibility(True)
         return oefNode
 
+    # --- ROI statistics (issue 6) -----------------------------------------------------------------
+    def roisFromNode(self, roiNode, referenceVolume):
+        """{name: boolean array on referenceVolume's grid} from a segmentation (each segment,
+        resampled onto the volume), a labelmap on the same grid, or a markups ROI box."""
+        from OEFPredictorLib import roistats
+
+        shape = slicer.util.arrayFromVolume(referenceVolume).shape
+        if roiNode.IsA("vtkMRMLSegmentationNode"):
+            segmentation = roiNode.GetSegmentation()
+            rois = {}
+            for i in range(segmentation.GetNumberOfSegments()):
+                segmentId = segmentation.GetNthSegmentID(i)
+                array = slicer.util.arrayFromSegmentBinaryLabelmap(roiNode, segmentId, referenceVolume)
+                rois[segmentation.GetSegment(segmentId).GetName()] = np.asarray(array) > 0
+            return rois
+        if roiNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            if (slicer.util.arrayFromVolume(roiNode).shape != shape
+                    or not np.allclose(_matrixArray(roiNode), _matrixArray(referenceVolume), atol=1e-4)):
+                raise InputError(_("The labelmap '{name}' is not on the maps' voxel grid; resample it or use a "
+                                   "segmentation.").format(name=roiNode.GetName()))
+            names = {}
+            colorNode = roiNode.GetDisplayNode().GetColorNode() if roiNode.GetDisplayNode() else None
+            if colorNode is not None and colorNode.GetSingletonTag():
+                colorNode = None  # Slicer's built-in label tables name colours, not these regions
+            labels = np.array(slicer.util.arrayFromVolume(roiNode))
+            for value in np.unique(labels):
+                if value and colorNode is not None and colorNode.GetColorName(int(value)):
+                    names[int(value)] = colorNode.GetColorName(int(value))
+            return roistats.rois_from_labels(labels, names)
+        if roiNode.IsA("vtkMRMLMarkupsROINode"):
+            center = [0.0, 0.0, 0.0]
+            roiNode.GetCenterWorld(center)
+            axes = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())[:3, :3]
+            return {roiNode.GetName(): roistats.box_roi(shape, _matrixArray(referenceVolume), center,
+                                                        list(roiNode.GetSize()), axes=axes)}
+        raise InputError(_("ROIs come from a segmentation, a labelmap or a markups ROI."))
+
+    def computeRoiStatistics(self, mapNodes, roiNode, referenceNodes=None, maskNode=None, tableNode=None):
+        """Exact ROI statistics (OEFPredictorLib.roistats) of the maps into a table node (one row per
+        ROI and map; columns as roistats.COLUMNS). A given tableNode is updated, not duplicated."""
+        from OEFPredictorLib import roistats
+
+        names = [n for n in roistats.MAP_ORDER if n in mapNodes] + [n for n in mapNodes if n not in roistats.MAP_ORDER]
+        first = mapNodes[names[0]]
+        maps = {n: np.array(slicer.util.arrayFromVolume(mapNodes[n]), dtype=np.float64) for n in names}
+        reference = {n: np.array(slicer.util.arrayFromVolume(node), dtype=np.float64)
+                     for n, node in (referenceNodes or {}).items() if node is not None}
+        for label, node in [(n, mapNodes[n]) for n in names] + list((referenceNodes or {}).items()) + [("mask", maskNode)]:
+            if node is not None and not np.allclose(_matrixArray(node), _matrixArray(first), atol=1e-4):
+                raise InputError(_("The {label} volume is not on the maps' voxel grid.").format(label=label))
+        mask = None if maskNode is None else np.array(slicer.util.arrayFromVolume(maskNode)) > 0
+        rois = self.roisFromNode(roiNode, first)
+        spacing = first.GetSpacing()
+        rows = roistats.roi_statistics(maps, rois, roistats.voxel_volume_ml(spacing), mask=mask,
+                                       reference=reference or None, contrasts=roistats.contralateral_pairs(rois),
+                                       units={n: MAP_DISPLAY.get(n, {}).get("unit", "") for n in names})
+        if tableNode is None:
+            tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
+                                                           slicer.mrmlScene.GenerateUniqueName("OEF ROI statistics"))
+        table = tableNode.GetTable()
+        with slicer.util.NodeModify(tableNode):
+            tableNode.RemoveAllColumns()
+            for column in roistats.COLUMNS:
+                if column in roistats.TEXT_COLUMNS:
+                    array = vtk.vtkStringArray()
+                elif column in roistats.INT_COLUMNS:
+                    array = vtk.vtkIntArray()
+                else:
+                    array = vtk.vtkDoubleArray()
+                array.SetName(column)
+                for row in rows:
+                    value = row[column]
+                    if column in roistats.TEXT_COLUMNS:
+                        array.InsertNextValue("" if value is None else str(value))
+                    elif column in roistats.INT_COLUMNS:
+                        array.InsertNextValue(int(value))
+                    else:
+                        array.InsertNextValue(float("nan") if value is None else float(value))
+                table.AddColumn(array)
+        return tableNode
+
+    def differenceMap(self, mapNode, referenceNode, outputNode=None):
+        """Prediction minus reference in a volume node, with a diverging colour table centred on 0."""
+        from OEFPredictorLib import roistats
+
+        if not np.allclose(_matrixArray(mapNode), _matrixArray(referenceNode), atol=1e-4):
+            raise InputError(_("The reference volume is not on the map's voxel grid."))
+        diff = roistats.difference_map(slicer.util.arrayFromVolume(mapNode), slicer.util.arrayFromVolume(referenceNode))
+        diff = np.nan_to_num(diff, nan=0.0)
+        if outputNode is None:
+            outputNode = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(mapNode.GetName() + " minus reference"))
+        outputNode.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(_matrixArray(mapNode)))
+        slicer.util.updateVolumeFromArray(outputNode, diff)
+        if outputNode.GetDisplayNode() is None:
+            outputNode.CreateDefaultDisplayNodes()
+        display = outputNode.GetDisplayNode()
+        limit = float(np.percentile(np.abs(diff[diff != 0]), 99)) if np.any(diff) else 1.0
+        display.SetAndObserveColorNodeID(self.colorNodeID("diverging"))
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevelMinMax(-limit, limit)
+        return outputNode
+
     # --- models, backend, dependencies -------------------------------------------------------------
     def modelSummary(self, model, method="lstm"):
         """One line about the chosen model (from its card), without loading Keras."""
