@@ -1,0 +1,371 @@
+"""Accuracy of OEF methods on the test patients: the paper's Tables 2 and 3, and what they lack.
+
+Per test patient, inside the metric mask (brain without CSF): RMSE and bias of S0 (relative to the
+voxel's echo-1 magnitude), R2 (Hz), Y, v, chi_nb (ppm) and OEF (percentage points), averaged over
+patients; the lesion-vs-contralateral OEF contrast; and each method's wall time per brain. Results
+are always labelled with the data set's SNR and QSM noise.
+
+Methods are a registry, `METHODS: dict[str, factory]`. A factory takes a `MethodContext` (data set,
+model paths, training patients, seed) and returns `predict(patient, targets) -> dict` where
+`patient` is a `simulate.PatientData`, `targets` are positions in the patient's in-mask voxel list
+(C order, `patient.echoes[patient.mask]` rows) and the dict holds float arrays S0 (input units), R2,
+Y, v, chi_nb for exactly those voxels. Adding a method is one line:
+
+    evaluate.METHODS["nlls"] = lambda ctx: my_predict      # e.g. from baselines.py
+
+The factory runs once per evaluation (load models, build databases there), predict once per patient.
+Every method is given exactly the same target voxels. Built in: 'lstm' and 'dnn' (Keras models with
+cards) and 'tissue_mean' (the trivial predictor: each tissue label's mean parameters over the
+training patients' truth; it uses the test patient's true healthy-tissue labels, lesions get the
+healthy-brain mean).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _io
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import models, phantom, physics, sequences, simulate
+from .errors import InputError
+
+OEF_Y_ART = 0.98  # OEF = 1 - Y / Ya with arterial saturation 0.98 (physics.md)
+METRIC_NAMES = ("S0", "R2", "Y", "v", "chi_nb", "OEF")
+METRIC_UNITS = {"S0": "rel. echo 1", "R2": "Hz", "Y": "", "v": "", "chi_nb": "ppm", "OEF": "pp"}
+PREDICT_BATCH = 8192
+
+
+@dataclasses.dataclass
+class MethodContext:
+    """What a method factory may use. `models` maps method name -> model file (None: bundled)."""
+
+    dataset: Path
+    models: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    train_patients: tuple[str, ...] = simulate.TRAIN_PATIENTS
+    seed: int = 0
+
+
+Predict = Callable[[simulate.PatientData, np.ndarray], dict]
+
+
+# --- Built-in methods -------------------------------------------------------------------------
+def keras_predictor(bundle: models.ModelBundle) -> Predict:
+    """predict() for a Keras model with its card: features, windows per chunk, decode."""
+
+    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
+        bundle.check_protocol(patient.protocol)
+        feats, echo1 = sequences.voxel_features(patient.echoes[patient.mask], patient.qsm[patient.mask],
+                                                bundle.qsm_scale)
+        feats = np.nan_to_num(feats)
+        raw = []
+        for start, stop in sequences.iter_chunks(len(targets), 65536):
+            x = sequences.windows_for(feats, targets[start:stop], bundle.window_length, bundle.window_target)
+            raw.append(bundle.model.predict(x, batch_size=PREDICT_BATCH, verbose=0))
+        raw = np.concatenate(raw) if raw else np.zeros((0, 5), np.float32)
+        return models.decode_outputs(raw, echo1[targets], bundle.output_scaling)
+
+    return predict
+
+
+def _bundled(name: str) -> Path:
+    from . import resources
+
+    return resources.resource_path("Models", f"oef_{name}.keras")
+
+
+def keras_method(name: str):
+    def factory(ctx: MethodContext) -> Predict:
+        path = ctx.models.get(name)
+        if path is None:
+            try:
+                path = _bundled(name)
+            except FileNotFoundError as exc:
+                raise InputError(f"No model for method '{name}': {exc}") from None
+        return keras_predictor(models.load_bundle(path))
+
+    return factory
+
+
+def tissue_mean_factory(ctx: MethodContext) -> Predict:
+    """The trivial predictor: every voxel gets its tissue's mean truth over the training patients."""
+    sums, counts = {}, {}
+    for folder in simulate.list_patients(ctx.dataset):
+        if folder.name not in ctx.train_patients:
+            continue
+        p = simulate.load_patient(folder)
+        m = p.metric_mask
+        echo1 = p.echoes[..., 0][m]
+        rel = {n: (p.truth[n][m] / echo1 if n == "S0" else p.truth[n][m]) for n in physics.PARAMETER_NAMES}
+        labels = p.labels[m]
+        for lab in np.unique(labels):
+            sel = labels == lab
+            sums.setdefault(int(lab), np.zeros(5))
+            sums[int(lab)] += [rel[n][sel].sum(dtype=np.float64) for n in physics.PARAMETER_NAMES]
+            counts[int(lab)] = counts.get(int(lab), 0) + int(sel.sum())
+    if not counts:
+        raise InputError(f"{ctx.dataset} holds none of the training patients {', '.join(ctx.train_patients)}; "
+                         "the trivial predictor needs their truth.")
+    # lesions are not a tissue class the trivial predictor may know: they get the healthy-brain mean
+    lesion = set(phantom.LESION_LABELS.values())
+    means = {lab: sums[lab] / counts[lab] for lab in counts if lab not in lesion}
+    overall = (sum(sums[lab] for lab in means) / sum(counts[lab] for lab in means)) if means else \
+        sum(sums.values()) / sum(counts.values())
+
+    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
+        labels = patient.labels[patient.mask][targets]
+        table = np.array([means.get(lab, overall) for lab in range(256)])
+        values = table[labels]
+        out = {n: values[:, i].astype(np.float32) for i, n in enumerate(physics.PARAMETER_NAMES)}
+        out["S0"] = out["S0"] * patient.echoes[..., 0][patient.mask][targets]
+        return out
+
+    return predict
+
+
+METHODS: dict[str, Callable[[MethodContext], Predict]] = {
+    "lstm": keras_method("lstm"),
+    "dnn": keras_method("dnn"),
+    "tissue_mean": tissue_mean_factory,
+}
+
+
+# --- Metrics ----------------------------------------------------------------------------------
+def oef_percent(Y: np.ndarray) -> np.ndarray:
+    return 100.0 * (1.0 - np.asarray(Y, dtype=np.float64) / OEF_Y_ART)
+
+
+def errors_of(pred: dict, truth: dict, echo1: np.ndarray) -> dict[str, np.ndarray]:
+    """Prediction - truth per metric; S0 relative to echo 1, OEF in percentage points."""
+    err = {}
+    for n in physics.PARAMETER_NAMES:
+        e = np.asarray(pred[n], np.float64) - np.asarray(truth[n], np.float64)
+        err[n] = e / echo1 if n == "S0" else e
+    err["OEF"] = oef_percent(pred["Y"]) - np.asarray(truth["OEF"], np.float64)
+    return err
+
+
+def rmse(e: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(e))))
+
+
+def lesion_contrast(pred_oef: np.ndarray, true_oef: np.ndarray, lesion_labels: np.ndarray) -> list[dict]:
+    """OEF of each lesion type vs its contralateral mirror: difference and contrast-to-noise.
+
+    CNR = (mean lesion - mean contralateral) / sqrt((var lesion + var contralateral) / 2).
+    """
+    rows = []
+    for lesion, mirror, name in ((1, 3, "misery_perfusion"), (2, 4, "infarct_core")):
+        a, b = lesion_labels == lesion, lesion_labels == mirror
+        if a.sum() < 2 or b.sum() < 2:
+            continue
+        row = {"lesion": name, "n_lesion": int(a.sum()), "n_contralateral": int(b.sum())}
+        for key, oef in (("true", true_oef), ("pred", pred_oef)):
+            diff = float(oef[a].mean() - oef[b].mean())
+            noise = float(np.sqrt((oef[a].var() + oef[b].var()) / 2))
+            row[f"{key}_contrast_pp"] = diff
+            row[f"{key}_cnr"] = diff / noise if noise > 0 else float("nan")
+        rows.append(row)
+    return rows
+
+
+def target_voxels(patient: simulate.PatientData, max_voxels: int | None, seed: int, index: int):
+    """(metric targets, lesion targets) as in-mask positions; the same for every method."""
+    in_metric = patient.metric_mask[patient.mask]
+    metric = np.flatnonzero(in_metric)
+    if max_voxels is not None and max_voxels < len(metric):
+        metric = np.sort(np.random.default_rng([seed, index]).choice(metric, max_voxels, replace=False))
+    lesion = np.zeros(0, dtype=np.int64)
+    if patient.lesion_map is not None:
+        lesion = np.flatnonzero(in_metric & (patient.lesion_map[patient.mask] > 0))
+    return metric, lesion
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """All numbers of one evaluation run."""
+
+    dataset: str
+    noise: dict  # SNR, QSM noise (ppb), voxel size
+    methods: list[str]
+    patients: list[str]
+    per_patient: list[dict]  # method, patient, n_voxels, seconds, seconds_per_brain, rmse_*, bias_*
+    lesions: list[dict]  # method, patient, lesion, ...
+    max_voxels_per_patient: int | None
+
+    def summary(self) -> list[dict]:
+        """Average over patients per method (the paper's average row)."""
+        rows = []
+        for m in self.methods:
+            mine = [r for r in self.per_patient if r["method"] == m]
+            row = {"method": m, "patients": len(mine)}
+            for key in [k for k in mine[0] if k.startswith(("rmse_", "bias_", "seconds"))]:
+                row[key] = float(np.mean([r[key] for r in mine]))
+            rows.append(row)
+        return rows
+
+
+def evaluate(dataset: str | Path, methods: list[str], context: MethodContext | None = None,
+             patients: list[str] | None = None, max_voxels_per_patient: int | None = None, seed: int = 0,
+             progress=None) -> Evaluation:
+    dataset = Path(dataset)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"Unknown method(s) {', '.join(unknown)}; available: {', '.join(METHODS)}.")
+    if max_voxels_per_patient is not None and max_voxels_per_patient < 10:
+        raise InputError("--max-voxels-per-patient must be at least 10.")
+    context = context or MethodContext(dataset)
+    folders = simulate.list_patients(dataset, None if patients else "test")
+    if patients:
+        by_name = {f.name: f for f in folders}
+        missing = [p for p in patients if p not in by_name]
+        if missing:
+            raise InputError(f"{dataset} has no patient(s) {', '.join(missing)}.")
+        folders = [by_name[p] for p in patients]
+    if not folders:
+        raise InputError(f"{dataset} holds no test patients; simulate the 17-patient set first.")
+    predictors = {m: METHODS[m](context) for m in methods}
+    desc = _description(dataset)
+    per_patient, lesions = [], []
+    for n, folder in enumerate(folders):
+        patient = simulate.load_patient(folder)
+        metric, lesion = target_voxels(patient, max_voxels_per_patient, seed, n)
+        targets = np.union1d(metric, lesion)
+        in_metric = np.isin(targets, metric)
+        echo1 = patient.echoes[..., 0][patient.mask][targets].astype(np.float64)
+        truth = {k: v[patient.mask][targets] for k, v in patient.truth.items()}
+        lesion_labels = patient.lesion_map[patient.mask][targets]
+        n_brain = int(patient.mask.sum())
+        for m, predict in predictors.items():
+            t0 = time.perf_counter()
+            pred = predict(patient, targets)
+            seconds = time.perf_counter() - t0
+            err = errors_of(pred, truth, echo1)
+            row = {"method": m, "patient": patient.pid, "n_voxels": int(in_metric.sum()),
+                   "seconds": seconds, "seconds_per_brain": seconds * n_brain / len(targets)}
+            row.update({f"rmse_{k}": rmse(err[k][in_metric]) for k in METRIC_NAMES})
+            row.update({f"bias_{k}": float(err[k][in_metric].mean()) for k in METRIC_NAMES})
+            per_patient.append(row)
+            for les in lesion_contrast(oef_percent(pred["Y"]), truth["OEF"], lesion_labels):
+                lesions.append({"method": m, "patient": patient.pid, **les})
+        if progress:
+            progress(n + 1, len(folders), patient.pid)
+    noise = {"SNR": desc.get("SNR"), "QSMNoisePPB": desc.get("QSMNoisePPB"), "VoxelSizeMM": desc.get("VoxelSizeMM"),
+             "Seed": desc.get("Seed"), "Noise": desc.get("Noise")}
+    return Evaluation(str(dataset), noise, list(methods), [f.name for f in folders], per_patient, lesions,
+                      max_voxels_per_patient)
+
+
+def _description(dataset: Path) -> dict:
+    try:
+        return json.loads((dataset / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+# --- Reports ----------------------------------------------------------------------------------
+def noise_label(ev: Evaluation) -> str:
+    snr, q = ev.noise.get("SNR"), ev.noise.get("QSMNoisePPB")
+    if snr is None:
+        return "noise-free (SNR infinite, QSM noise 0 ppb)"
+    return f"SNR {snr:g}, QSM noise {q:g} ppb"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
+
+
+def markdown(ev: Evaluation, title: str | None = None) -> str:
+    vox = (f"a random subsample of at most {ev.max_voxels_per_patient} metric-mask voxels per patient "
+           "(plus all lesion / contralateral voxels for the contrast table)"
+           if ev.max_voxels_per_patient else "every metric-mask voxel")
+    size = ev.noise.get("VoxelSizeMM")
+    lines = [f"## {title or 'Evaluation'}: {noise_label(ev)}", "",
+             f"Data set `{ev.dataset}` ({noise_label(ev)}, {size:g} mm voxels, seed {ev.noise.get('Seed')}); "
+             f"{len(ev.patients)} test patients ({', '.join(ev.patients)}); metrics inside the brain mask "
+             f"without CSF, on {vox}. S0 error relative to the voxel's echo-1 magnitude; OEF in percentage "
+             "points (pp). `tissue_mean` is the trivial predictor (each tissue's mean from the training "
+             "patients' truth, given the true healthy-tissue labels; lesion voxels get the healthy-brain mean).", ""]
+    summary = {r["method"]: r for r in ev.summary()}
+    lines += ["### Table 3: mean OEF RMSE (pp)", "", "| method | OEF RMSE (pp) | OEF bias (pp) | s per brain |",
+              "|---|---|---|---|"]
+    for m in ev.methods:
+        r = summary[m]
+        lines.append(f"| {m} | {r['rmse_OEF']:.2f} | {r['bias_OEF']:+.2f} | {r['seconds_per_brain']:.1f} |")
+    for m in ev.methods:
+        lines += ["", f"### Table 2 ({m}): RMSE per test patient", "",
+                  "| patient | voxels | S0 | R2 (Hz) | Y | v | chi_nb (ppm) | OEF (pp) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in [r for r in ev.per_patient if r["method"] == m]:
+            lines.append(f"| {r['patient']} | {r['n_voxels']} | "
+                         + " | ".join(_fmt(r[f'rmse_{k}']) for k in METRIC_NAMES) + " |")
+        lines.append("| **average** | | " + " | ".join(f"**{_fmt(summary[m][f'rmse_{k}'])}**" for k in METRIC_NAMES) + " |")
+    lines += ["", "### Bias (prediction - truth), mean over test patients", "",
+              "| method | S0 | R2 (Hz) | Y | v | chi_nb (ppm) | OEF (pp) |", "|---|---|---|---|---|---|---|"]
+    for m in ev.methods:
+        lines.append(f"| {m} | " + " | ".join(f"{summary[m][f'bias_{k}']:+.4f}" for k in METRIC_NAMES) + " |")
+    lines += ["", "### Lesion vs contralateral OEF (difference of means in pp; CNR = difference / pooled SD)", ""]
+    if ev.lesions:
+        lines += ["| method | patient | lesion | voxels (lesion / contra) | true contrast | predicted contrast "
+                  "| true CNR | predicted CNR |", "|---|---|---|---|---|---|---|---|"]
+        for r in ev.lesions:
+            lines.append(f"| {r['method']} | {r['patient']} | {r['lesion']} | {r['n_lesion']} / {r['n_contralateral']} | "
+                         f"{r['true_contrast_pp']:+.2f} | {r['pred_contrast_pp']:+.2f} | {r['true_cnr']:+.2f} | "
+                         f"{r['pred_cnr']:+.2f} |")
+    else:
+        lines.append("No test patient has lesions.")
+    return "\n".join(lines) + "\n"
+
+
+def _csv_text(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def write_reports(ev: Evaluation, out: str | Path, title: str | None = None) -> list[Path]:
+    """per_patient.csv, summary.csv, lesions.csv, report.md and evaluation.json into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    noise = {"snr": ev.noise.get("SNR"), "qsm_noise_ppb": ev.noise.get("QSMNoisePPB")}
+    files = {
+        "per_patient.csv": _csv_text([{**noise, **r} for r in ev.per_patient]),
+        "summary.csv": _csv_text([{**noise, **r} for r in ev.summary()]),
+        "lesions.csv": _csv_text([{**noise, **r} for r in ev.lesions]),
+        "report.md": markdown(ev, title),
+        "evaluation.json": json.dumps({**dataclasses.asdict(ev), "summary": ev.summary()}, indent=1) + "\n",
+    }
+    written = []
+    for name, text in files.items():
+        if not text:
+            continue
+        tmp = out / (name + ".partial")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / name)
+        written.append(out / name)
+    return written
+
+
+def record_in_card(ev: Evaluation, model_path: str | Path, method: str = "lstm") -> None:
+    """Store the method's average test metrics in the model card (the checksum covers the .keras only)."""
+    card_file = models.card_path_for(model_path)
+    card = json.loads(card_file.read_text(encoding="utf-8"))
+    r = {x["method"]: x for x in ev.summary()}[method]
+    key = f"SNR {ev.noise.get('SNR'):g}" if ev.noise.get("SNR") is not None else "noise-free"
+    card.setdefault("test_metrics", {})[key] = {
+        "dataset": ev.dataset, "snr": ev.noise.get("SNR"), "qsm_noise_ppb": ev.noise.get("QSMNoisePPB"),
+        "patients": ev.patients, "max_voxels_per_patient": ev.max_voxels_per_patient,
+        **{f"rmse_{k}": round(r[f"rmse_{k}"], 5) for k in METRIC_NAMES},
+        **{f"bias_{k}": round(r[f"bias_{k}"], 5) for k in METRIC_NAMES}}
+    tmp = card_file.with_name(card_file.name + ".partial")
+    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(card_file)
