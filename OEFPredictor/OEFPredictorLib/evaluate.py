@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import models, phantom, physics, sequences, simulate
+from . import baselines, models, phantom, physics, sequences, simulate
 from .errors import InputError
 
 OEF_Y_ART = 0.98  # OEF = 1 - Y / Ya with arterial saturation 0.98 (physics.md)
@@ -132,6 +132,8 @@ METHODS: dict[str, Callable[[MethodContext], Predict]] = {
     "dnn": keras_method("dnn"),
     "tissue_mean": tissue_mean_factory,
 }
+# The classical QQ methods (voxelwise NLLS, CAT, CCM): baselines.py.
+METHODS.update({name: baselines.evaluate_factory(name) for name in baselines.METHODS})
 
 
 # --- Metrics ----------------------------------------------------------------------------------
