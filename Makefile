@@ -25,6 +25,7 @@ test: $(STAMP)
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_simulate.py
+	$(BIN)/python benchmarks/bench_model.py
 
 clean:
 	rm -rf demo_output .pytest_cache
