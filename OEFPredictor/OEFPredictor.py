@@ -295,6 +295,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self.lastOutputs = None
         self.lastError = None
+        self.statsTable = None  # the ROI statistics table node (reruns update it)
+        self.lastComparison = None  # OEFPredictorLogic.compareWithReference's result
 
     # --- setup ----------------------------------------------------------------------------------
     def setup(self):
@@ -336,6 +338,12 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceChanged)
         self.ui.detectBackendButton.clicked.connect(self.onDetectBackend)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
+        # ROI statistics and comparison with a reference (issue 6): the work is in the Logic
+        for selector in (self.ui.roiSelector, self.ui.referenceSelector, self.ui.outputOEFSelector):
+            selector.currentNodeChanged.connect(self.updateRoiStatsButtons)
+        self.ui.computeStatsButton.clicked.connect(self.onComputeStats)
+        self.ui.exportCsvButton.clicked.connect(self.onExportCsv)
+        self.ui.showComparisonButton.clicked.connect(self.onShowComparison)
 
         if IN_SLICER_APP:
             self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -344,6 +352,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onEchoSourceToggled()
         self.onModelChanged()
         self.ui.backendInfoLabel.setText(self.logic.backendSummary(detect=False))
+        self.updateRoiStatsButtons()
 
     def cleanup(self):
         self.removeObservers()
@@ -504,6 +513,78 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDetectBackend(self, *args):
         self.ui.backendInfoLabel.setText(self.logic.backendSummary(detect=True))
+
+    # --- ROI statistics and comparison (issue 6) --------------------------------------------------
+    def outputMapNodes(self):
+        """{map name: node} of the output selectors that hold a volume."""
+        nodes = {name: getattr(self.ui, f"output{field[len('output'):]}Selector").currentNode()
+                 for name, field in OUTPUT_FIELDS.items()}
+        return {name: node for name, node in nodes.items() if node is not None}
+
+    def updateRoiStatsButtons(self, *args):
+        ready = self.ui.roiSelector.currentNode() is not None and self.ui.outputOEFSelector.currentNode() is not None
+        self.ui.computeStatsButton.setEnabled(ready)
+        self.ui.computeStatsButton.setToolTip(
+            _("Exact statistics of the output maps in each ROI; with a reference, also the difference map and "
+              "the plots.") if ready else _("Choose the ROIs and an output OEF volume first."))
+        self.ui.exportCsvButton.setEnabled(self.statsTable is not None and self.statsTable.GetScene() is not None)
+        self.ui.showComparisonButton.setEnabled(self.lastComparison is not None)
+
+    def onComputeStats(self, *args):
+        roiNode = self.ui.roiSelector.currentNode()
+        reference = self.ui.referenceSelector.currentNode()
+        mapNodes = self.outputMapNodes()
+        maskNode = self.ui.maskSelector.currentNode()
+        if self.statsTable is not None and self.statsTable.GetScene() is None:
+            self.statsTable = None  # removed from the scene: make a new one
+        try:
+            if reference is not None:
+                self.lastComparison = self.logic.compareWithReference(mapNodes, roiNode, reference, maskNode=maskNode,
+                                                                      tableNode=self.statsTable)
+                self.statsTable = self.lastComparison["statistics"]
+                c = self.lastComparison
+                text = _("{rows} rows in '{table}'. OEF minus reference: bias {b:.3g}, limits of agreement {lo:.3g} "
+                         "to {hi:.3g} ({n:,} voxels; the plots show {m:,}).").format(
+                    rows=self.statsTable.GetNumberOfRows(), table=self.statsTable.GetName(), b=c["meanDifference"],
+                    lo=c["loaLower"], hi=c["loaUpper"], n=c["nPairs"], m=c["nShown"])
+            else:
+                self.lastComparison = None
+                self.statsTable = self.logic.computeRoiStatistics(mapNodes, roiNode, maskNode=maskNode,
+                                                                  tableNode=self.statsTable)
+                text = _("{rows} rows in '{table}'.").format(rows=self.statsTable.GetNumberOfRows(),
+                                                           table=self.statsTable.GetName())
+        except InputError as exc:
+            self.lastError = exc
+            self.ui.roiStatsStatusLabel.setText(_("Failed: ") + str(exc).splitlines()[0][:200])
+            if IN_SLICER_APP:
+                slicer.util.errorDisplay(str(exc))
+        else:
+            self.ui.roiStatsStatusLabel.setText(text)
+        self.updateRoiStatsButtons()
+
+    def onExportCsv(self, *args):
+        path = qt.QFileDialog.getSaveFileName(self.parent, _("Export ROI statistics"), "oef_roi_statistics.csv",
+                                              _("CSV files (*.csv)"))
+        if isinstance(path, (tuple, list)):  # PySide returns (path, filter); PythonQt the path
+            path = path[0]
+        if not path:
+            return
+        try:
+            written = self.logic.exportTableToCsv(self.statsTable, path)
+        except (InputError, OSError) as exc:
+            self.ui.roiStatsStatusLabel.setText(_("Failed: ") + str(exc).splitlines()[0][:200])
+            if IN_SLICER_APP:
+                slicer.util.errorDisplay(str(exc))
+            return
+        self.ui.roiStatsStatusLabel.setText(_("Wrote {path}").format(path=written))
+
+    def onShowComparison(self, *args):
+        c = self.lastComparison
+        if c is None:
+            return
+        mapNode = self.ui.outputOEFSelector.currentNode()
+        self.logic.showComparisonLayout(mapNode, self.ui.referenceSelector.currentNode(), c["difference"],
+                                        c["scatterChart"], c["blandAltmanChart"], c["statistics"])
 
     # --- run --------------------------------------------------------------------------------------
     def onApplyButton(self, *args):

@@ -14,6 +14,8 @@ smallest honest stand-ins below (registered with QUiLoader under the class names
 - ctkPathLineEdit: a line edit with the currentPath property and currentPathChanged signal.
 - ctkSliderWidget: a slider + spin box with float minimum/maximum/singleStep/value and valueChanged.
 - qt: the PySide6 QtCore/QtGui/QtWidgets names in one module, as PythonQt's `qt` has them.
+- qt.QFileDialog.getSaveFileName (only in the ROI statistics test): returns a chosen path instead of
+  opening a modal dialog, which nobody can answer offscreen.
 
 Everything else is real: the .ui file, QUiLoader, the widget code, the Logic, the MRML scene, the
 prediction engine (a tiny untrained LSTM) and its background thread, polled by a real QTimer.
@@ -504,6 +506,72 @@ def test_cancel_stops_the_run_and_changes_nothing(panel):
     assert widget.lastOutputs is None and widget.lastError is None
     assert scene_node_ids(panel.env.scene) == ids
     assert ui.applyButton.text() == "Apply" and ui.applyButton.isEnabled()
+
+
+def test_roi_statistics_section_calls_the_logic(panel, monkeypatch, tmp_path):
+    """The "ROI statistics and comparison" section: its widgets exist, Compute is enabled only with
+    ROIs and an OEF output, calls the Logic with the panel's nodes, and Export / Show comparison do
+    what the Logic does (a CSV file; the comparison layout)."""
+    ui, widget, module = panel.ui, panel.widget, panel.module
+    assert ui.roiStatsCollapsibleButton.property("text").endswith("ROI statistics and comparison")
+    for name in ("roiSelector", "referenceSelector", "computeStatsButton", "exportCsvButton", "showComparisonButton"):
+        assert ui.roiStatsCollapsibleButton.isAncestorOf(getattr(ui, name)), name
+    assert not ui.computeStatsButton.isEnabled() and not ui.exportCsvButton.isEnabled()
+
+    m = np.diag([-2.0, -2.0, 3.0, 1.0])
+    rng = np.random.default_rng(2)
+    oef = rng.uniform(20, 60, (6, 7, 8)).astype(np.float32)
+    truth = (oef + rng.normal(0, 2, oef.shape)).astype(np.float32)
+    labels = np.zeros(oef.shape, np.int16)
+    labels[1:4, 1:5, 1:5] = 1
+    labels[3:6, 3:7, 4:8] = 2
+    oefNode = slicer.util.addVolumeFromArray(oef, m, "my OEF")
+    truthNode = slicer.util.addVolumeFromArray(truth, m, "truth OEF")
+    labelNode = slicer.util.addVolumeFromArray(labels, m, "regions", nodeClassName="vtkMRMLLabelMapVolumeNode")
+    ui.outputOEFSelector.setCurrentNode(oefNode)
+    assert not ui.computeStatsButton.isEnabled()
+    ui.roiSelector.setCurrentNode(labelNode)
+    assert ui.roiSelector.currentNode() is labelNode and ui.computeStatsButton.isEnabled()
+
+    calls = []
+    real = module.OEFPredictorLogic.compareWithReference
+
+    def spy(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(module.OEFPredictorLogic, "compareWithReference", spy)
+    ui.referenceSelector.setCurrentNode(truthNode)
+    ui.computeStatsButton.click()
+    assert len(calls) == 1, ui.roiStatsStatusLabel.text()
+    (mapNodes, roiNode, reference), kwargs = calls[0]
+    assert mapNodes == {"OEF": oefNode} and roiNode is labelNode and reference is truthNode
+    assert kwargs["maskNode"] is None and kwargs["tableNode"] is None
+    table = widget.statsTable
+    assert table is not None and table.GetTable().GetNumberOfRows() == 2
+    assert "bias" in ui.roiStatsStatusLabel.text()
+    assert ui.exportCsvButton.isEnabled() and ui.showComparisonButton.isEnabled()
+
+    ui.computeStatsButton.click()  # a rerun updates the same table
+    assert len(calls) == 2 and calls[1][1]["tableNode"] is table and widget.statsTable is table
+
+    target = tmp_path / "roi.csv"
+    monkeypatch.setattr(module.qt.QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(target), "")))
+    ui.exportCsvButton.click()
+    from OEFPredictorLib import roistats
+
+    rows = roistats.read_csv(target)
+    assert [r["roi"] for r in rows] == ["label_1", "label_2"] and str(target) in ui.roiStatsStatusLabel.text()
+
+    ui.showComparisonButton.click()
+    layoutNode = widget.logic.layoutNode()
+    assert layoutNode.GetViewArrangement() == module.COMPARISON_LAYOUT_ID
+
+    # without a reference: statistics only, through computeRoiStatistics
+    ui.referenceSelector.setCurrentNode(None)
+    ui.computeStatsButton.click()
+    assert len(calls) == 2 and widget.lastComparison is None and not ui.showComparisonButton.isEnabled()
+    assert table.GetTable().GetColumnByName("rmse") is not None and "rows" in ui.roiStatsStatusLabel.text()
 
 
 def render_screenshot(path):
