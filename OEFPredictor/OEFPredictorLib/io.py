@@ -102,9 +102,25 @@ def read_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, 
         raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "give a scalar image.")
     array = sitk.GetArrayFromImage(image)
+    if array.dtype.kind == "f" and path.name.lower().endswith((".nii", ".nii.gz")):
+        _restore_nifti_nonfinite(array, path)
     if array.ndim == 4:
         array = np.moveaxis(array, 0, -1)
     return array.astype(dtype, copy=False), Geometry.from_image(image)
+
+
+def _restore_nifti_nonfinite(array: np.ndarray, path: Path) -> None:
+    """SimpleITK's NIfTI reader turns NaN and Inf into 0, which would pass as valid data (a QSM of
+    0 ppm). Read the stored values with nibabel (same storage order, axes reversed) and put the
+    non-finite voxels back as NaN, so that they are masked out with a warning downstream."""
+    import nibabel
+
+    stored = np.asanyarray(nibabel.load(str(path)).dataobj)
+    nonfinite = ~np.isfinite(stored)
+    if nonfinite.any():
+        nonfinite = nonfinite.transpose(tuple(range(nonfinite.ndim - 1, -1, -1)))  # (x,y,z[,t]) -> (t,z,y,x)
+        if nonfinite.shape == array.shape:
+            array[nonfinite] = np.nan
 
 
 def read_json(path: str | os.PathLike) -> dict:

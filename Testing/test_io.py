@@ -1,0 +1,37 @@
+"""Image I/O details that would silently corrupt data if wrong."""
+import numpy as np
+import pytest
+
+from OEFPredictorLib import io
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_nonfinite_voxels_survive_a_round_trip(tmp_path, suffix):
+    # SimpleITK alone reads NaN/Inf in NIfTI as 0, which would pass as a valid QSM of 0 ppm.
+    geometry = io.Geometry((1.0, 2.0, 3.0), (10.0, -5.0, 2.0))
+    volume = np.ones((4, 5, 6), np.float32)
+    volume[1, 2, 3], volume[2, 2, 2] = np.nan, np.inf
+    io.write_volume(volume, geometry, tmp_path / f"v{suffix}")
+    back, g = io.read_volume(tmp_path / f"v{suffix}")
+    assert g.matches(geometry)
+    assert [tuple(i) for i in np.argwhere(~np.isfinite(back))] == [(1, 2, 3), (2, 2, 2)]
+    echoes = np.ones((3, 4, 5, 2), np.float32)
+    echoes[0, 1, 2, 1] = np.nan
+    io.write_volume(echoes, geometry, tmp_path / f"e{suffix}")
+    back, _ = io.read_volume(tmp_path / f"e{suffix}")
+    assert back.shape == echoes.shape
+    assert [tuple(i) for i in np.argwhere(~np.isfinite(back))] == [(0, 1, 2, 1)]
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with io.atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "half_written.nii.gz").write_bytes(b"partial")
+            raise RuntimeError("failed half-way")
+    assert list(tmp_path.iterdir()) == []
+    with io.atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (tmp_path / "out" / "done.txt").read_text() == "ok"
+    with pytest.raises(io.InputError, match="--overwrite"):
+        with io.atomic_directory(tmp_path / "out"):
+            pass
