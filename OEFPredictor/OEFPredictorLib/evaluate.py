@@ -127,10 +127,37 @@ def tissue_mean_factory(ctx: MethodContext) -> Predict:
     return predict
 
 
+def prior_mean_factory(ctx: MethodContext) -> Predict:
+    """The population-prior predictor: every voxel gets its tissue's design-prior mean
+    (phantom.TISSUE_PRIORS; lesions the healthy-brain value), S0 the echo-1 value times the mean
+    S0 / S(TE1) of that prior. Unlike 'tissue_mean' it is not pulled by the training patients'
+    tissue-independent voxels, so it is the fair 'knows nothing but the population' reference: a
+    method has learnt something from the data only where it beats this."""
+    protocol = physics.Protocol.default()
+    table = {}
+    for label, tissue in enumerate(phantom.TISSUES, start=1):
+        prior = phantom.TISSUE_PRIORS[tissue]
+        Y, v, R2, chi = (prior[n][0] for n in ("Y", "v", "R2", "chi_nb"))
+        s0_rel = 1.0 / physics.qbold_signal(1.0, R2, Y, v, chi, protocol)[0]
+        table[label] = np.array([s0_rel, R2, Y, v, chi])
+    healthy = np.mean([table[lab] for lab in (1, 2)], axis=0)  # lesions: the GM / WM average
+
+    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
+        labels = patient.labels[patient.mask][targets]
+        lookup = np.array([table.get(lab, healthy) for lab in range(256)])
+        values = lookup[labels]
+        out = {n: values[:, i].astype(np.float32) for i, n in enumerate(physics.PARAMETER_NAMES)}
+        out["S0"] = out["S0"] * patient.echoes[..., 0][patient.mask][targets]
+        return out
+
+    return predict
+
+
 METHODS: dict[str, Callable[[MethodContext], Predict]] = {
     "lstm": keras_method("lstm"),
     "dnn": keras_method("dnn"),
     "tissue_mean": tissue_mean_factory,
+    "prior_mean": prior_mean_factory,
 }
 # The classical QQ methods (voxelwise NLLS, CAT, CCM): baselines.py.
 METHODS.update({name: baselines.evaluate_factory(name) for name in baselines.METHODS})
