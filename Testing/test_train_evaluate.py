@@ -132,3 +132,18 @@ def test_evaluate_refuses_a_protocol_mismatch_and_bad_options(tiny_noisy_dataset
     assert main(["evaluate", "--data", str(tiny_noisy_dataset), "--model", str(model), "--methods", "cat9"]) == 2
     assert "Unknown method" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_noisy_dataset), "--out", "x.h5"]) == 2
+
+
+def test_tissue_oracle_rmse_is_the_within_tissue_spread(tiny_noisy_dataset):
+    ev = evaluate.evaluate(tiny_noisy_dataset, ["tissue_oracle"], patients=["P03"])
+    p = simulate.load_patient(tiny_noisy_dataset / "P03")
+    m = p.metric_mask
+    labels, oef = p.labels[m], p.truth["OEF"][m].astype(np.float64)
+    lesion = np.isin(labels, [6, 7])
+    pred_y = np.empty_like(oef)
+    y = p.truth["Y"][m].astype(np.float64)
+    for lab in np.unique(labels[~lesion]):
+        pred_y[labels == lab] = y[(labels == lab)].mean()
+    pred_y[lesion] = y[~lesion].mean()
+    expected = np.sqrt(np.mean((100 * (1 - pred_y / 0.98) - oef) ** 2))
+    assert ev.per_patient[0]["rmse_OEF"] == pytest.approx(expected, rel=1e-4)

@@ -17,7 +17,8 @@ The factory runs once per evaluation (load models, build databases there), predi
 Every method is given exactly the same target voxels. Built in: 'lstm' and 'dnn' (Keras models with
 cards) and 'tissue_mean' (the trivial predictor: each tissue label's mean parameters over the
 training patients' truth; it uses the test patient's true healthy-tissue labels, lesions get the
-healthy-brain mean).
+healthy-brain mean) and 'tissue_oracle' (each voxel gets its own patient's true tissue mean: not a
+method, the bar a method must pass to resolve anything within a tissue).
 """
 from __future__ import annotations
 
@@ -153,11 +154,34 @@ def prior_mean_factory(ctx: MethodContext) -> Predict:
     return predict
 
 
+def tissue_oracle_factory(ctx: MethodContext) -> Predict:
+    """Not a method but a bar: each voxel gets its own patient's true tissue mean (lesions: the healthy
+    mean). Its RMSE is the within-tissue spread of the truth, which a method must resolve to beat it."""
+
+    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
+        m = patient.metric_mask[patient.mask]
+        labels = patient.labels[patient.mask]
+        echo1 = patient.echoes[..., 0][patient.mask]
+        healthy = m & ~np.isin(labels, list(phantom.LESION_LABELS.values()))
+        out = {}
+        for n in physics.PARAMETER_NAMES:
+            values = patient.truth[n][patient.mask] / (echo1 if n == "S0" else 1.0)
+            table = np.full(256, values[healthy].mean())
+            for lab in np.unique(labels[healthy]):
+                table[lab] = values[healthy & (labels == lab)].mean()
+            out[n] = table[labels[targets]].astype(np.float32)
+        out["S0"] = out["S0"] * echo1[targets]
+        return out
+
+    return predict
+
+
 METHODS: dict[str, Callable[[MethodContext], Predict]] = {
     "lstm": keras_method("lstm"),
     "dnn": keras_method("dnn"),
     "tissue_mean": tissue_mean_factory,
     "prior_mean": prior_mean_factory,
+    "tissue_oracle": tissue_oracle_factory,
 }
 # The classical QQ methods (voxelwise NLLS, CAT, CCM): baselines.py.
 METHODS.update({name: baselines.evaluate_factory(name) for name in baselines.METHODS})
@@ -318,7 +342,8 @@ def markdown(ev: Evaluation, title: str | None = None) -> str:
              f"{len(ev.patients)} test patients ({', '.join(ev.patients)}); metrics inside the brain mask "
              f"without CSF, on {vox}. S0 error relative to the voxel's echo-1 magnitude; OEF in percentage "
              "points (pp). `tissue_mean` is the trivial predictor (each tissue's mean from the training "
-             "patients' truth, given the true healthy-tissue labels; lesion voxels get the healthy-brain mean).", ""]
+             "patients' truth, given the true healthy-tissue labels; lesion voxels get the healthy-brain mean); "
+             "`tissue_oracle` gets each patient's own true tissue means (a bar, not a method).", ""]
     summary = {r["method"]: r for r in ev.summary()}
     lines += ["### Table 3: mean OEF RMSE (pp)", "", "| method | OEF RMSE (pp) | OEF bias (pp) | s per brain |",
               "|---|---|---|---|"]
