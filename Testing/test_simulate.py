@@ -126,8 +126,10 @@ def test_existing_patient_folder_is_refused_without_overwrite(tmp_path, capsys):
 
 def test_console_command_simulates_and_draws_a_montage(tmp_path):
     out = tmp_path / "set"
+    # The progress bar is Unicode; CI may run under an ASCII locale, so decode explicitly.
     run = lambda *a: subprocess.run([sys.executable, "-m", "OEFPredictorLib.cli", *a], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent.parent / "OEFPredictor")
+                                    encoding="utf-8", errors="replace",
+                                    cwd=Path(__file__).parent.parent / "OEFPredictor")
     result = run("simulate", "--out", str(out), "--patients", "1", "--voxel-size", "6", "--no-noise",
                  "--te", "4.5,9.5,14.5,19.5", "--seed", "3")
     assert result.returncode == 0, result.stderr
