@@ -117,10 +117,16 @@ def tissue_mean_factory(ctx: MethodContext) -> Predict:
     overall = (sum(sums[lab] for lab in means) / sum(counts[lab] for lab in means)) if means else \
         sum(sums.values()) / sum(counts.values())
 
+    return label_lookup_predictor(means, overall)
+
+
+def label_lookup_predictor(table: dict[int, np.ndarray], default: np.ndarray) -> Predict:
+    """A predictor that gives every voxel the parameters (S0 / S(TE1), R2, Y, v, chi_nb) listed for
+    its tissue label, `default` for labels not listed; S0 is scaled back by the voxel's echo 1."""
+    lookup = np.array([table.get(lab, default) for lab in range(256)])
+
     def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
-        labels = patient.labels[patient.mask][targets]
-        table = np.array([means.get(lab, overall) for lab in range(256)])
-        values = table[labels]
+        values = lookup[patient.labels[patient.mask][targets]]
         out = {n: values[:, i].astype(np.float32) for i, n in enumerate(physics.PARAMETER_NAMES)}
         out["S0"] = out["S0"] * patient.echoes[..., 0][patient.mask][targets]
         return out
@@ -142,16 +148,7 @@ def prior_mean_factory(ctx: MethodContext) -> Predict:
         s0_rel = 1.0 / physics.qbold_signal(1.0, R2, Y, v, chi, protocol)[0]
         table[label] = np.array([s0_rel, R2, Y, v, chi])
     healthy = np.mean([table[lab] for lab in (1, 2)], axis=0)  # lesions: the GM / WM average
-
-    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
-        labels = patient.labels[patient.mask][targets]
-        lookup = np.array([table.get(lab, healthy) for lab in range(256)])
-        values = lookup[labels]
-        out = {n: values[:, i].astype(np.float32) for i, n in enumerate(physics.PARAMETER_NAMES)}
-        out["S0"] = out["S0"] * patient.echoes[..., 0][patient.mask][targets]
-        return out
-
-    return predict
+    return label_lookup_predictor(table, healthy)
 
 
 def tissue_oracle_factory(ctx: MethodContext) -> Predict:
