@@ -151,14 +151,21 @@ def check_writable_parent(path: str | os.PathLike) -> Path:
     return check_writable_dir(Path(path).absolute().parent)
 
 
+def check_output_dir(folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """An output folder that may be (re)written: refused, before any work, if it exists and
+    `overwrite` is off, or if it cannot be created."""
+    folder = Path(folder).absolute()
+    if folder.exists() and not overwrite:
+        raise InputError(f"{folder} already exists; choose another folder or pass --overwrite.")
+    check_writable_parent(folder)
+    return folder
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
     """Build a folder under a temporary name beside `final`, and move it into place only when the
     block succeeds: a failure or a cancel leaves nothing behind."""
-    final = Path(final).absolute()
-    if final.exists() and not overwrite:
-        raise InputError(f"{final} already exists; choose another folder or pass --overwrite.")
-    check_writable_parent(final)
+    final = check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:

@@ -102,11 +102,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        from ..errors import InputError
-
-        raise InputError(f"{out} already exists; choose another folder or pass --overwrite.")
-    io.check_writable_parent(out)
+    io.check_output_dir(out, args.overwrite)  # before any work
     args.method = "lstm"
     args.model_bundle = predict.resolve_model(args.model, "lstm")  # fails early, in one line, if missing
     with io.atomic_directory(out, overwrite=args.overwrite) as tmp:

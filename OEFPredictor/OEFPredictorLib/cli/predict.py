@@ -127,9 +127,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"{out} already exists; choose another folder or pass --overwrite.")
-    io.check_writable_parent(out)
+    io.check_output_dir(out, args.overwrite)  # before any work
     method = args.method.lower()
     inputs, geometry = load_inputs(args)
     if method in predict.KERAS_METHODS:
