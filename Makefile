@@ -26,6 +26,8 @@ test: $(STAMP)
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_simulate.py
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_predict.py --voxels 200000
+	$(BIN)/python benchmarks/bench_methods.py
 
 clean:
 	rm -rf demo_output .pytest_cache
