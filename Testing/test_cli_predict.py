@@ -64,7 +64,7 @@ def test_predict_writes_every_map_with_the_input_geometry(capsys, tmp_path, file
                              "--model", model, "--device", "cpu", "--out", out_dir)
     assert code == 0, err
     names = {"oef.nii.gz", "S0.nii.gz", "R2.nii.gz", "Y.nii.gz", "v.nii.gz", "chi_nb.nii.gz", "quality.nii.gz",
-             "cmro2.nii.gz", "mask.nii.gz", "prediction.json"}
+             "cmro2.nii.gz", "mask.nii.gz", "prediction.json", io.OUTPUT_MARKER}
     assert set(os.listdir(out_dir)) == names
     assert str(out_dir) in out and " s " in out
     oef, g = io.read_volume(out_dir / "oef.nii.gz")

@@ -35,3 +35,22 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(io.InputError, match="--overwrite"):
         with io.atomic_directory(tmp_path / "out"):
             pass
+
+
+def test_overwrite_replaces_only_earlier_outputs(tmp_path):
+    inputs = tmp_path / "sub-01"
+    inputs.mkdir()
+    (inputs / "sub-01_MEGRE.nii.gz").write_bytes(b"precious")
+    with pytest.raises(io.InputError, match="not an output folder"):
+        with io.atomic_directory(inputs, overwrite=True):
+            pass
+    assert (inputs / "sub-01_MEGRE.nii.gz").read_bytes() == b"precious"
+    with io.atomic_directory(tmp_path / "out") as tmp:  # an earlier output carries the marker
+        (tmp / "oef.nii.gz").write_text("old")
+    with io.atomic_directory(tmp_path / "out", overwrite=True) as tmp:
+        (tmp / "oef.nii.gz").write_text("new")
+    assert (tmp_path / "out" / "oef.nii.gz").read_text() == "new"
+    (tmp_path / "empty").mkdir()
+    with io.atomic_directory(tmp_path / "empty", overwrite=True) as tmp:
+        (tmp / "a").write_text("a")
+    assert (tmp_path / "empty" / "a").exists()

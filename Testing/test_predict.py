@@ -328,3 +328,27 @@ def test_echoes_read_alike_from_4d_3d_list_and_dicom(tmp_path, patient):
     assert g4.matches(g) and g3.matches(g) and gd.matches(g)
     for tes in (te4, te3, ted):
         np.testing.assert_allclose(tes, patient.protocol.echo_times_ms, atol=1e-6)
+
+
+def test_cancel_after_the_run_ended_discards_the_result(bundle, patient):
+    """A Cancel pressed while the run finishes must still mean 'nothing is written'."""
+    from OEFPredictorLib import predict
+    from OEFPredictorLib.errors import CancelledError
+
+    job = predict.PredictionJob(make_inputs(patient), model=bundle, device="cpu").start()
+    while job.running:
+        time.sleep(0.01)
+    job.cancel()  # the result exists but has not been taken
+    with pytest.raises(CancelledError):
+        job.wait()
+    assert job.cancelled and job.result is None
+
+
+def test_no_mask_gives_no_warning_about_the_background(bundle, patient):
+    from OEFPredictorLib import predict
+
+    # Skull-stripped style input: zero background, which is not 'invalid data' worth a warning.
+    echoes = np.where(patient.mask[..., None], patient.echoes, 0).astype(np.float32)
+    result = predict.predict_maps(make_inputs(patient, echoes=echoes, mask=None), model=bundle, device="cpu")
+    assert result.mask_derived and result.mask.sum() > 0.9 * patient.mask.sum()
+    assert not any("NaN/Inf" in w for w in result.warnings), result.warnings

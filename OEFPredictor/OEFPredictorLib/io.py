@@ -151,12 +151,26 @@ def check_writable_parent(path: str | os.PathLike) -> Path:
     return check_writable_dir(Path(path).absolute().parent)
 
 
+# Written into every folder atomic_directory creates: --overwrite replaces only folders that carry
+# it (or empty ones), never a folder of inputs or the working directory that was named by mistake.
+OUTPUT_MARKER = ".oefpredictor-output"
+
+
 def check_output_dir(folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """An output folder that may be (re)written: refused, before any work, if it exists and
-    `overwrite` is off, or if it cannot be created."""
+    `overwrite` is off, if it exists and is not an earlier output of this tool, or if it cannot be
+    created."""
     folder = Path(folder).absolute()
-    if folder.exists() and not overwrite:
-        raise InputError(f"{folder} already exists; choose another folder or pass --overwrite.")
+    if folder.exists():
+        if not overwrite:
+            raise InputError(f"{folder} already exists; choose another folder or pass --overwrite.")
+        if not folder.is_dir():
+            raise InputError(f"{folder} exists and is not a folder; choose another output folder.")
+        if any(folder.iterdir()) and not (folder / OUTPUT_MARKER).exists():
+            raise InputError(f"{folder} is not an output folder of oefpredictor (it holds other files); "
+                             "--overwrite replaces only earlier outputs. Choose a new or empty folder.")
+        if Path.cwd().resolve().is_relative_to(folder.resolve()):
+            raise InputError(f"{folder} contains the current working folder; choose another output folder.")
     check_writable_parent(folder)
     return folder
 
@@ -169,6 +183,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
+        (tmp / OUTPUT_MARKER).write_text("Written by oefpredictor; --overwrite may replace this folder.\n")
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

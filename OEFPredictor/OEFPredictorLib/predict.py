@@ -102,8 +102,9 @@ class PredictionInputs:
                 raise InputError("The mask contains NaN/Inf values; give a 0/1 mask.")
             if not np.any(m):
                 raise InputError("The mask is empty (no voxel inside); give a brain mask, or none to derive one.")
-        bad = invalid_voxels(echoes, qsm)
-        n_bad = int(np.count_nonzero(bad if mask is None else bad & np.asarray(mask, bool)))
+        # Without a mask the background (echo 1 = 0) is no news: predict_maps warns about invalid
+        # voxels inside the derived mask instead.
+        n_bad = 0 if mask is None else int(np.count_nonzero(invalid_voxels(echoes, qsm) & np.asarray(mask, bool)))
         if n_bad:
             warnings.append(f"{n_bad} voxel(s) with NaN/Inf values or echo 1 <= 0 were left out of the mask "
                             "(their maps are 0).")
@@ -315,9 +316,11 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     mask_derived = inputs.mask is None
     mask = derive_brain_mask(echoes[..., 0]) if mask_derived else np.asarray(inputs.mask).astype(bool)
     bad = invalid_voxels(echoes, qsm)
-    if mask_derived and np.any(bad & mask):
-        warnings.append(f"{int(np.count_nonzero(bad & mask))} voxel(s) with NaN/Inf values or echo 1 <= 0 were "
-                        "left out of the mask (their maps are 0).")
+    # In a derived mask, zero-filled voxels (skull stripping, padding) are dropped without comment.
+    n_warn = int(np.count_nonzero(bad & mask & (echoes[..., 0] != 0))) if mask_derived else 0
+    if n_warn:
+        warnings.append(f"{n_warn} voxel(s) with NaN/Inf values or echo 1 < 0 were left out of the mask "
+                        "(their maps are 0).")
     mask = mask & ~bad
     if not mask.any():
         raise InputError("No voxel inside the mask has finite echoes and QSM with echo 1 > 0; nothing to predict.")
@@ -481,9 +484,10 @@ class PredictionJob:
         try:
             result = predict_maps(self.inputs, self.model, self.device, self.method,
                                   progress=self._on_progress, cancel_event=self._cancel, **self.kw)
-            if self._cancel.is_set():  # cancelled after the last check: still no result
-                raise CancelledError("Prediction cancelled; nothing was produced.")
-            self._result = result
+            with self._lock:  # against a cancel() arriving right now (see cancel)
+                if self._cancel.is_set():  # cancelled after the last check: still no result
+                    raise CancelledError("Prediction cancelled; nothing was produced.")
+                self._result = result
         except BaseException as exc:  # handed to wait(); a thread must not die silently
             self._error = exc
         finally:
@@ -494,8 +498,13 @@ class PredictionJob:
         self._events.put((float(fraction), str(message)))
 
     def cancel(self) -> None:
-        """Ask the run to stop at the next batch boundary (returns at once)."""
-        self._cancel.set()
+        """Ask the run to stop at the next batch boundary (returns at once). A run that has just
+        finished but whose result nobody has used yet is cancelled too: its result is dropped."""
+        with self._lock:
+            self._cancel.set()
+            if self._result is not None:
+                self._result = None
+                self._error = CancelledError("Prediction cancelled; its result was discarded.")
 
     def wait(self, timeout: float | None = None) -> PredictionResult:
         """Block until the run ends; return its result or raise its error (CancelledError when
