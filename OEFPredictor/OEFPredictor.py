@@ -976,6 +976,10 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
             if node is not None and (node in self.echoVolumeNodes(echoes) or node in (qsm, mask, cbf)):
                 raise InputError(_("The output for {name} is one of the inputs; choose another volume or create "
                                    "a new one.").format(name=name))
+        chosen = [node for node in outputNodes.values() if node is not None]
+        if len({node.GetID() for node in chosen}) < len(chosen):
+            raise InputError(_("The same volume is chosen as the output of two maps; choose one volume per map "
+                               "(or create new ones)."))
         context["outputNodes"] = outputNodes
         context["opacity"] = float(opacity)
         job = PredictionJob(inputs, model=model, device=device, method=method)
@@ -1000,8 +1004,8 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
     def writeOutputs(self, result, context):
         """Write a finished PredictionResult into volume nodes (main thread).
 
-        Nodes are created only here, after success; if writing fails, the nodes created here are
-        removed again and existing nodes keep their voxels."""
+        Nodes are created only here, after success; if writing fails, every node added here is
+        removed again and existing nodes get their voxels, geometry and transform back."""
         scene = slicer.mrmlScene
         maps = result.maps
         names = [n for n in MAP_NAMES + OPTIONAL_MAP_NAMES if n in maps]
@@ -1011,16 +1015,18 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
         outputNodes = context["outputNodes"]
         resultMask = getattr(result, "mask", None)
         resultMask = None if resultMask is None else np.asarray(resultMask, dtype=bool)
-        created = []
+        idsBefore = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
         written = {}
+        saved = []  # (node, image data copy, IJK-to-RAS, transform ID) of the existing nodes we overwrite
         try:
             for name in names:
                 array = np.asarray(maps[name], dtype=np.float32)
                 node = outputNodes.get(name)
-                if node is None:
+                if node is not None:
+                    saved.append(self._snapshotVolume(node))
+                else:
                     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
                                                    scene.GenerateUniqueName(f"{context['baseName']} {name}"))
-                    created.append(node)
                 written[name] = (node, array)
             for name, (node, array) in written.items():
                 node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(context["ijkToRAS"]))
@@ -1032,12 +1038,34 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
                 node.SetVoxelValueUnits(self._unitsCode(unit)) if hasattr(node, "SetVoxelValueUnits") else None
                 self.setMapDisplay(node, name, array, resultMask)
         except Exception:
-            for node in created:
-                scene.RemoveNode(node)
+            # Every node added since the start (volumes, display, colour and legend nodes) goes again.
+            newIds = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+            for nodeId in reversed([i for i in newIds if i not in idsBefore]):
+                node = scene.GetNodeByID(nodeId)
+                if node is not None:
+                    scene.RemoveNode(node)
+            for snapshot in saved:
+                self._restoreVolume(*snapshot)
             raise
         outputs = {name: node for name, (node, _array) in written.items()}
         self.showOverlay(outputs["OEF"], context.get("background"), context.get("opacity", 0.6))
         return outputs
+
+    @staticmethod
+    def _snapshotVolume(node):
+        imageData = None
+        if node.GetImageData() is not None:
+            imageData = vtk.vtkImageData()
+            imageData.DeepCopy(node.GetImageData())
+        ijkToRAS = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(ijkToRAS)
+        return node, imageData, ijkToRAS, node.GetTransformNodeID()
+
+    @staticmethod
+    def _restoreVolume(node, imageData, ijkToRAS, transformID):
+        node.SetAndObserveImageData(imageData)
+        node.SetIJKToRASMatrix(ijkToRAS)
+        node.SetAndObserveTransformNodeID(transformID)
 
     @staticmethod
     def _unitsCode(unit):

@@ -227,3 +227,47 @@ def test_module_imports_without_tensorflow_and_main_window():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+def test_failure_while_writing_restores_existing_outputs(case, env, monkeypatch):
+    """If writing the maps fails half-way (here: the display of the third map), the user's chosen
+    output volumes get their voxels and geometry back and no new node stays in the scene."""
+    patient, model_path = case
+    echoes = add_echo_volumes(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    shifted = ijk_to_ras(patient.geometry).copy()
+    shifted[:3, 3] += 5.0
+    old_oef = slicer.util.addVolumeFromArray(np.full((3, 4, 5), 7.0, np.float32), shifted, "old OEF")
+    old_s0 = slicer.util.addVolumeFromArray(np.full((3, 4, 5), 9.0, np.float32), shifted, "old S0")
+    before = _snapshot([old_oef, old_s0, qsm] + echoes)
+    ids = scene_node_ids(env.scene)
+    logic = module.OEFPredictorLogic()
+    real = logic.setMapDisplay
+    calls = []
+
+    def failing(node, name, array, mask):
+        calls.append(name)
+        if len(calls) == 3:
+            raise RuntimeError("display failed")
+        return real(node, name, array, mask)
+
+    monkeypatch.setattr(logic, "setMapDisplay", failing)
+    with pytest.raises(RuntimeError, match="display failed"):
+        logic.process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path),
+                      device="cpu", outputNodes={"OEF": old_oef, "S0": old_s0})
+    assert calls[:2] == ["OEF", "S0"]  # both existing nodes had been overwritten before the failure
+    assert scene_node_ids(env.scene) == ids
+    _assert_unchanged(before, [old_oef, old_s0, qsm] + echoes)
+
+
+def test_one_volume_for_two_maps_is_refused(case, env):
+    patient, model_path = case
+    echoes = add_echo_volumes(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    target = slicer.util.addVolumeFromArray(np.zeros((3, 4, 5), np.float32), ijk_to_ras(patient.geometry), "out")
+    ids = scene_node_ids(env.scene)
+    with pytest.raises(InputError, match="same volume"):
+        module.OEFPredictorLogic().process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms,
+                                           model=str(model_path), device="cpu",
+                                           outputNodes={"OEF": target, "Y": target})
+    assert scene_node_ids(env.scene) == ids
