@@ -140,15 +140,24 @@ def prior_mean_factory(ctx: MethodContext) -> Predict:
     S0 / S(TE1) of that prior. Unlike 'tissue_mean' it is not pulled by the training patients'
     tissue-independent voxels, so it is the fair 'knows nothing but the population' reference: a
     method has learnt something from the data only where it beats this."""
-    protocol = physics.Protocol.default()
-    table = {}
-    for label, tissue in enumerate(phantom.TISSUES, start=1):
-        prior = phantom.TISSUE_PRIORS[tissue]
-        Y, v, R2, chi = (prior[n][0] for n in ("Y", "v", "R2", "chi_nb"))
-        s0_rel = 1.0 / physics.qbold_signal(1.0, R2, Y, v, chi, protocol)[0]
-        table[label] = np.array([s0_rel, R2, Y, v, chi])
-    healthy = np.mean([table[lab] for lab in (1, 2)], axis=0)  # lesions: the GM / WM average
-    return label_lookup_predictor(table, healthy)
+    by_protocol = {}  # S0 / S(TE1) depends on the echo times: one lookup per protocol
+
+    def predictor_for(protocol: physics.Protocol) -> Predict:
+        table = {}
+        for label, tissue in enumerate(phantom.TISSUES, start=1):
+            prior = phantom.TISSUE_PRIORS[tissue]
+            Y, v, R2, chi = (prior[n][0] for n in ("Y", "v", "R2", "chi_nb"))
+            s0_rel = 1.0 / physics.qbold_signal(1.0, R2, Y, v, chi, protocol)[0]
+            table[label] = np.array([s0_rel, R2, Y, v, chi])
+        healthy = np.mean([table[lab] for lab in (1, 2)], axis=0)  # lesions: the GM / WM average
+        return label_lookup_predictor(table, healthy)
+
+    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
+        if patient.protocol not in by_protocol:
+            by_protocol[patient.protocol] = predictor_for(patient.protocol)
+        return by_protocol[patient.protocol](patient, targets)
+
+    return predict
 
 
 def tissue_oracle_factory(ctx: MethodContext) -> Predict:
@@ -322,7 +331,7 @@ def noise_label(ev: Evaluation) -> str:
     snr, q = ev.noise.get("SNR"), ev.noise.get("QSMNoisePPB")
     if snr is None:
         return "noise-free (SNR infinite, QSM noise 0 ppb)"
-    return f"SNR {snr:g}, QSM noise {q:g} ppb"
+    return f"SNR {snr:g}, QSM noise {'?' if q is None else f'{q:g}'} ppb"
 
 
 def _fmt(x: float) -> str:
@@ -334,8 +343,9 @@ def markdown(ev: Evaluation, title: str | None = None) -> str:
            "(plus all lesion / contralateral voxels for the contrast table)"
            if ev.max_voxels_per_patient else "every metric-mask voxel")
     size = ev.noise.get("VoxelSizeMM")
+    size = "?" if size is None else f"{size:g}"  # data sets made by other tools may not say
     lines = [f"## {title or 'Evaluation'}: {noise_label(ev)}", "",
-             f"Data set `{ev.dataset}` ({noise_label(ev)}, {size:g} mm voxels, seed {ev.noise.get('Seed')}); "
+             f"Data set `{ev.dataset}` ({noise_label(ev)}, {size} mm voxels, seed {ev.noise.get('Seed')}); "
              f"{len(ev.patients)} test patients ({', '.join(ev.patients)}); metrics inside the brain mask "
              f"without CSF, on {vox}. S0 error relative to the voxel's echo-1 magnitude; OEF in percentage "
              "points (pp). `tissue_mean` is the trivial predictor (each tissue's mean from the training "

@@ -287,6 +287,9 @@ def train(dataset: str | Path, out: str | Path, config: TrainConfig, resume: boo
     if initial_epoch < config.epochs:
         model.fit(train_seq, validation_data=val_seq, epochs=config.epochs, initial_epoch=initial_epoch,
                   callbacks=_callbacks(ckpt, history_csv, config, state, started), verbose=verbose)
+    if not (ckpt / "best.keras").exists():  # no epoch ever gave a finite validation loss
+        raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate "
+                         "or check the training data.")
     best = keras.saving.load_model(ckpt / "best.keras", compile=False, safe_mode=True)
 
     wall = time.perf_counter() - started + state.get("wall_before", 0.0)
