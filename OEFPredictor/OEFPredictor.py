@@ -935,7 +935,8 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
     def _parentTransformID(node, sequence=None):
         # sequence data nodes live in the sequence's own scene: the proxy node's transform counts
         if node.GetScene() is not slicer.mrmlScene:
-            return None
+            shown = OEFPredictorLogic._echoOneDisplayNode(sequence, [node]) if sequence is not None else None
+            return shown["proxy"].GetTransformNodeID() if shown else None
         return node.GetTransformNodeID()
 
     @staticmethod

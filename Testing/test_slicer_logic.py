@@ -271,3 +271,16 @@ def test_one_volume_for_two_maps_is_refused(case, env):
                                            model=str(model_path), device="cpu",
                                            outputNodes={"OEF": target, "Y": target})
     assert scene_node_ids(env.scene) == ids
+
+
+def test_sequence_under_a_transform_keeps_it_on_the_outputs(case, env):
+    """The echo sequence is shown through its proxy node; a registration transform on the proxy
+    (and the same one on the QSM) must carry over to the maps, not be refused or dropped."""
+    patient, model_path = case
+    seq, browser = add_echo_sequence(patient)
+    transform = env.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    browser.GetProxyNode(seq).SetAndObserveTransformNodeID(transform.GetID())
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    qsm.SetAndObserveTransformNodeID(transform.GetID())
+    outputs = module.OEFPredictorLogic().process(seq, qsm, model=str(model_path), device="cpu")
+    assert {node.GetTransformNodeID() for node in outputs.values()} == {transform.GetID()}
