@@ -352,3 +352,18 @@ def test_no_mask_gives_no_warning_about_the_background(bundle, patient):
     result = predict.predict_maps(make_inputs(patient, echoes=echoes, mask=None), model=bundle, device="cpu")
     assert result.mask_derived and result.mask.sum() > 0.9 * patient.mask.sum()
     assert not any("NaN/Inf" in w for w in result.warnings), result.warnings
+
+
+def test_dicom_folder_with_magnitude_and_phase_series_is_refused(tmp_path, patient):
+    """Two series with the same echo times (magnitude + phase) must not be merged into one echo."""
+    from OEFPredictorLib import io
+    from OEFPredictorLib.errors import InputError
+
+    volume = np.round(patient.echoes[:6, :20, :, 0] / patient.echoes.max() * 30000.0)
+    for te in patient.protocol.echo_times_ms[:2]:
+        write_dicom_series(volume, patient.geometry, tmp_path / "dicom", te, "1.2.826.0.1.3680043.2.1125.3",
+                           instance_offset=int(te * 100))
+        write_dicom_series(-volume, patient.geometry, tmp_path / "dicom", te, "1.2.826.0.1.3680043.2.1125.4",
+                           instance_offset=50_000 + int(te * 100))
+    with pytest.raises(InputError, match="share the echo time"):
+        io.read_echo_series([tmp_path / "dicom"])

@@ -215,13 +215,16 @@ def check_same_grid(name_a: str, shape_a, geom_a: Geometry, name_b: str, shape_b
 
 def _dicom_echo_groups(folder: Path) -> list[tuple[float | None, list[str]]]:
     """Files of a DICOM folder grouped by echo time (ms, from tag 0018|0081), in echo order; each
-    group in GDCM's slice order. Several series in one folder are read as one echo set."""
+    group in GDCM's slice order. Several series in one folder are read as one echo set (scanners
+    often write one series per echo), but two series with the same echo time (e.g. magnitude and
+    phase) are refused."""
     import SimpleITK as sitk
 
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise InputError(f"{folder}: no DICOM series found in this folder.")
     groups: dict[float | None, list[str]] = {}
+    series_of: dict[float | None, set[str]] = {}
     reader = sitk.ImageFileReader()
     for sid in series:
         for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid):
@@ -231,6 +234,11 @@ def _dicom_echo_groups(folder: Path) -> list[tuple[float | None, list[str]]]:
             if reader.HasMetaDataKey("0018|0081") and reader.GetMetaData("0018|0081").strip():
                 te = round(float(reader.GetMetaData("0018|0081")), 4)
             groups.setdefault(te, []).append(name)
+            series_of.setdefault(te, set()).add(sid)
+    shared = [te for te, sids in series_of.items() if len(sids) > 1 and te is not None]
+    if shared:
+        raise InputError(f"{folder}: {len(series_of[shared[0]])} DICOM series share the echo time {shared[0]:g} ms "
+                         "(magnitude and phase, or a repeat?); put only the magnitude series in the folder.")
     if None in groups and len(groups) > 1:
         raise InputError(f"{folder}: some DICOM files have an EchoTime and some have none; give one series.")
     return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0.0))
