@@ -42,16 +42,10 @@ def mrml():
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("slicer-core not installed")
-    scene = slicer.vtkMRMLScene()
-    app_logic = slicer.vtkSlicerApplicationLogic()
-    app_logic.SetMRMLScene(scene)
-    vol_logic = slicer.vtkSlicerVolumesLogic()
-    vol_logic.SetMRMLApplicationLogic(app_logic)
-    vol_logic.SetMRMLScene(scene)
-    app_logic.SetModuleLogic("Volumes", vol_logic)
+    from slicer_testing import slicer_scene  # the same real-MRML setup as the OEF module's tests
+
     old = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    yield slicer, scene
+    yield slicer, slicer_scene().scene
     slicer.mrmlScene = old
 
 
