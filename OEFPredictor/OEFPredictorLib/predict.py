@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import queue
 import threading
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 
 from . import physics, sequences
 from .errors import CancelledError, InputError
+from .jobs import BackgroundJob, call_interruptibly
 
 log = logging.getLogger(__name__)
 
@@ -451,98 +451,29 @@ def quality_map(echo_rows: np.ndarray, qsm_rows: np.ndarray, params: dict, proto
 
 
 # --- The background job (the Slicer module's way to run the engine) -----------------------------
-class PredictionJob:
-    """predict_maps in a background thread, with a queue of progress events and cancellation.
+class PredictionJob(BackgroundJob):
+    """predict_maps in a background thread (jobs.BackgroundJob: progress events, cancel, one
+    result or one error; the rules against races are there).
 
     job = PredictionJob(inputs); job.start(); ... job.poll_events() from a GUI timer ...;
-    job.cancel(); result = job.wait(). One run per job. A cancelled or failed run never yields a
-    result: wait() raises CancelledError or the run's error, and .result stays None.
+    job.cancel(); result = job.wait(). A cancel while the model loads stops the job at once (the
+    model keeps loading in the background and is cached for the next run).
     """
 
+    thread_name = "OEFPredictionJob"
+
     def __init__(self, inputs: PredictionInputs, model=None, device: str = "auto", method: str = "lstm", **kw):
+        super().__init__()
         self.inputs = inputs
         self.model = model
         self.device = device
         self.method = method
         self.kw = kw
-        self._cancel = threading.Event()
-        self._events: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._result: PredictionResult | None = None
-        self._error: BaseException | None = None
 
-    def start(self) -> "PredictionJob":
-        with self._lock:
-            if self._thread is not None:
-                raise RuntimeError("This prediction job has already been started; make a new PredictionJob.")
-            self._thread = threading.Thread(target=self._run, name="OEFPredictionJob", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self):
-        try:
-            result = predict_maps(self.inputs, self.model, self.device, self.method,
-                                  progress=self._on_progress, cancel_event=self._cancel, **self.kw)
-            with self._lock:  # against a cancel() arriving right now (see cancel)
-                if self._cancel.is_set():  # cancelled after the last check: still no result
-                    raise CancelledError("Prediction cancelled; nothing was produced.")
-                self._result = result
-        except BaseException as exc:  # handed to wait(); a thread must not die silently
-            self._error = exc
-        finally:
-            self._events.put((1.0, "finished") if self._error is None else
-                             (1.0, "cancelled" if isinstance(self._error, CancelledError) else "failed"))
-
-    def _on_progress(self, fraction: float, message: str):
-        self._events.put((float(fraction), str(message)))
-
-    def cancel(self) -> None:
-        """Ask the run to stop at the next batch boundary (returns at once). A run that has just
-        finished but whose result nobody has used yet is cancelled too: its result is dropped."""
-        with self._lock:
-            self._cancel.set()
-            if self._result is not None:
-                self._result = None
-                self._error = CancelledError("Prediction cancelled; its result was discarded.")
-
-    def wait(self, timeout: float | None = None) -> PredictionResult:
-        """Block until the run ends; return its result or raise its error (CancelledError when
-        cancelled). TimeoutError if it is still running after `timeout` seconds."""
-        if self._thread is None:
-            raise RuntimeError("The prediction job was not started; call start() first.")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError(f"The prediction is still running after {timeout} s.")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def poll_events(self) -> list[tuple[float, str]]:
-        """Progress events (fraction, message) since the last poll; never blocks."""
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def done(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.done and isinstance(self._error, CancelledError)
-
-    @property
-    def result(self) -> PredictionResult | None:
-        return self._result if self.done else None
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error if self.done else None
+    def run_target(self, progress, cancel_event):
+        model = self.model
+        if (self.method or "lstm").lower() in KERAS_METHODS and (model is None or isinstance(model, (str, Path))):
+            progress(0.0, "Loading the model")
+            model = call_interruptibly(lambda: resolve_model(self.model, self.method.lower()), cancel_event)
+        return predict_maps(self.inputs, model, self.device, self.method, progress=progress,
+                            cancel_event=cancel_event, **self.kw)
