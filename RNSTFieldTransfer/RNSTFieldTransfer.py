@@ -30,7 +30,6 @@ from OEFPredictorSlicer.compat import (  # noqa: E402
     ScriptedLoadableModuleWidget,
     VTKObservationMixin,
     _,
-    qt,
     qtProperty,
     showError,
 )

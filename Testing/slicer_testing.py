@@ -117,3 +117,30 @@ def add_echo_sequence(patient, with_browser=True, ijkToRAS=None):
 
 def scene_node_ids(scene) -> list[str]:
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def fake_prediction_job(extra_maps=(), release=None):
+    """A job factory for OEFPredictorLogic(jobFactory=...): the real job class
+    (OEFPredictorLib.jobs.BackgroundJob, a real thread) whose work stands in for the engine. It
+    waits for `release` (a threading.Event) if given, honours cancel, and returns a
+    PredictionResult with every map of predict.MAP_NAMES plus `extra_maps` (e.g. the interval maps
+    "OEF_p05", "OEF_p95", "OEF_width" of a method that gives one): map i is i + 1 inside the mask."""
+    from OEFPredictorLib import predict
+    from OEFPredictorLib.errors import CancelledError
+    from OEFPredictorLib.jobs import BackgroundJob
+
+    def factory(inputs, model=None, device="auto", method="lstm"):
+        def work(progress, cancel_event):
+            progress(0.1, "Predicting (stand-in)")
+            while release is not None and not release.wait(0.01):
+                if cancel_event.is_set():
+                    raise CancelledError("Prediction cancelled; nothing was produced.")
+            mask = np.asarray(inputs.qsm) != 0 if inputs.mask is None else np.asarray(inputs.mask, bool)
+            names = list(predict.MAP_NAMES) + list(extra_maps)
+            maps = {name: np.where(mask, float(i + 1), 0.0).astype(np.float32) for i, name in enumerate(names)}
+            progress(1.0, "Done (stand-in)")
+            return predict.PredictionResult(maps, mask, [], 0.01, "cpu", None, method, False, int(mask.sum()))
+
+        return BackgroundJob(work)
+
+    return factory

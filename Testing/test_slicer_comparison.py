@@ -275,17 +275,17 @@ def test_plots_layout_and_reruns_update_the_same_nodes(files_case):
     assert tags[:3] == [("vtkMRMLSliceNode", name) for name, _l, _c in module.COMPARISON_SLICE_VIEWS]
     shown = []
     for name, _label, _color in module.COMPARISON_SLICE_VIEWS:
-        sliceNode = logic._viewNode("vtkMRMLSliceNode", name)
+        sliceNode = logic.comparison._viewNode("vtkMRMLSliceNode", name)
         composite = slicer.vtkMRMLSliceLogic.GetSliceCompositeNode(sliceNode)
         assert composite.GetLinkedControl() and sliceNode.GetOrientation() == "Axial"
         assert sliceNode.GetViewGroup() == module.COMPARISON_VIEW_GROUP
         shown.append(composite.GetBackgroundVolumeID())
     assert shown == [nodes["OEF"].GetID(), refs["OEF"].GetID(), result["difference"].GetID()]
-    red = slicer.vtkMRMLSliceLogic.GetSliceCompositeNode(logic._viewNode("vtkMRMLSliceNode", "Red"))
+    red = slicer.vtkMRMLSliceLogic.GetSliceCompositeNode(logic.comparison._viewNode("vtkMRMLSliceNode", "Red"))
     assert not red.GetLinkedControl()  # the usual views are not linked to the comparison views
-    plotViews = [logic._viewNode("vtkMRMLPlotViewNode", n) for n in module.COMPARISON_PLOT_VIEWS]
+    plotViews = [logic.comparison._viewNode("vtkMRMLPlotViewNode", n) for n in module.COMPARISON_PLOT_VIEWS]
     assert [v.GetPlotChartNodeID() for v in plotViews] == [scatter.GetID(), ba.GetID()]
-    tableView = logic._viewNode("vtkMRMLTableViewNode", module.COMPARISON_TABLE_VIEW)
+    tableView = logic.comparison._viewNode("vtkMRMLTableViewNode", module.COMPARISON_TABLE_VIEW)
     assert tableView.GetTableNodeID() == result["statistics"].GetID()
 
     # a rerun (another ROI source, more points) updates every node, adds none

@@ -26,7 +26,7 @@ import OEFPredictor as module  # noqa: E402
 from OEFPredictorLib import predict  # noqa: E402
 from OEFPredictorLib.errors import CancelledError, InputError  # noqa: E402
 
-SIX = ("OEF", "S0", "R2", "Y", "v", "chi_nb")
+MAPS = predict.MAP_NAMES  # OEF, S0, R2, Y, v, chi_nb and the quality map
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,9 @@ def _assert_unchanged(before, nodes):
 
 def _check_outputs(outputs, reference_matrix, expected, opacity, background_id, env):
     scene = env.scene
-    assert set(outputs) == set(SIX)
-    assert len({n.GetID() for n in outputs.values()}) == 6
-    for name in SIX:
+    assert set(outputs) == set(MAPS)
+    assert len({n.GetID() for n in outputs.values()}) == len(MAPS)
+    for name in MAPS:
         node = outputs[name]
         assert node.IsA("vtkMRMLScalarVolumeNode") and scene.GetNodeByID(node.GetID()) is node
         np.testing.assert_allclose(_matrix(node), reference_matrix, atol=1e-9)
@@ -154,7 +154,7 @@ def test_background_run_progress_then_finish(case, env):
     fractions.append(run.progress()[0])
     assert run.done and fractions[-1] == pytest.approx(1.0)
     outputs = run.finish()
-    assert set(outputs) == set(SIX)
+    assert set(outputs) == set(MAPS)
     assert run.finish() is outputs  # idempotent
 
 
@@ -242,7 +242,7 @@ def test_failure_while_writing_restores_existing_outputs(case, env, monkeypatch)
     before = _snapshot([old_oef, old_s0, qsm] + echoes)
     ids = scene_node_ids(env.scene)
     logic = module.OEFPredictorLogic()
-    real = logic.setMapDisplay
+    real = module.display.setMapDisplay
     calls = []
 
     def failing(node, name, array, mask):
@@ -251,7 +251,7 @@ def test_failure_while_writing_restores_existing_outputs(case, env, monkeypatch)
             raise RuntimeError("display failed")
         return real(node, name, array, mask)
 
-    monkeypatch.setattr(logic, "setMapDisplay", failing)
+    monkeypatch.setattr(module.display, "setMapDisplay", failing)
     with pytest.raises(RuntimeError, match="display failed"):
         logic.process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path),
                       device="cpu", outputNodes={"OEF": old_oef, "S0": old_s0})
@@ -284,3 +284,103 @@ def test_sequence_under_a_transform_keeps_it_on_the_outputs(case, env):
     qsm.SetAndObserveTransformNodeID(transform.GetID())
     outputs = module.OEFPredictorLogic().process(seq, qsm, model=str(model_path), device="cpu")
     assert {node.GetTransformNodeID() for node in outputs.values()} == {transform.GetID()}
+
+
+# --- Concurrency and state (the job factory is the stand-in of slicer_testing.fake_prediction_job) --
+def _small_inputs(case):
+    patient, _model_path = case
+    echoes = add_echo_volumes(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    return echoes, qsm, patient.protocol.echo_times_ms
+
+
+def test_a_second_run_while_one_runs_is_refused(case, env):
+    import threading
+
+    from slicer_testing import fake_prediction_job
+
+    echoes, qsm, tes = _small_inputs(case)
+    release = threading.Event()
+    logic = module.OEFPredictorLogic(jobFactory=fake_prediction_job(release=release))
+    first = logic.startPrediction(echoes, qsm, echoTimesMs=tes)
+    with pytest.raises(InputError, match="already running"):
+        logic.startPrediction(echoes, qsm, echoTimesMs=tes)
+    release.set()
+    outputs = first.wait(timeout=30)
+    second = logic.process(echoes, qsm, echoTimesMs=tes, outputNodes=outputs)  # once done: allowed
+    assert second == outputs
+
+
+def test_cancel_after_a_finished_wait_keeps_the_run_finished(case, env):
+    from slicer_testing import fake_prediction_job
+
+    echoes, qsm, tes = _small_inputs(case)
+    run = module.OEFPredictorLogic(jobFactory=fake_prediction_job()).startPrediction(echoes, qsm, echoTimesMs=tes)
+    outputs = run.wait(timeout=30)
+    run.cancel()
+    assert not run.job.cancelled and run.job.error is None
+    assert run.finish() is outputs and all(env.scene.GetNodeByID(n.GetID()) is n for n in outputs.values())
+
+
+def test_an_output_volume_deleted_during_the_run_gives_a_clear_message(case, env):
+    import threading
+
+    from slicer_testing import fake_prediction_job
+
+    echoes, qsm, tes = _small_inputs(case)
+    mine = slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.float32), name="my OEF")
+    other = slicer.util.addVolumeFromArray(np.full((2, 2, 2), 5.0, np.float32), name="my S0")
+    release = threading.Event()
+    logic = module.OEFPredictorLogic(jobFactory=fake_prediction_job(release=release))
+    run = logic.startPrediction(echoes, qsm, echoTimesMs=tes, outputNodes={"OEF": mine, "S0": other})
+    env.scene.RemoveNode(mine)
+    ids = scene_node_ids(env.scene)
+    release.set()
+    with pytest.raises(InputError, match="'my OEF'.*deleted during the run.*nothing was written"):
+        run.wait(timeout=30)
+    assert scene_node_ids(env.scene) == ids
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(other), 5.0)
+
+
+def test_cancel_while_the_model_loads_is_prompt(case, env, monkeypatch):
+    """Loading a Keras model cannot be interrupted; the run must not wait for it (stood in for by
+    a resolve_model that takes 5 s)."""
+    import time
+
+    echoes, qsm, tes = _small_inputs(case)
+
+    def slow_resolve(model=None, method="lstm"):
+        time.sleep(5.0)
+        raise AssertionError("the cancelled run went on after loading")
+
+    monkeypatch.setattr(predict, "resolve_model", slow_resolve)
+    run = module.OEFPredictorLogic().startPrediction(echoes, qsm, echoTimesMs=tes, model="model.keras", device="cpu")
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    run.cancel()
+    ids = scene_node_ids(env.scene)
+    with pytest.raises(CancelledError):
+        run.wait(timeout=10)
+    assert time.perf_counter() - t0 < 1.0 and scene_node_ids(env.scene) == ids
+
+
+def test_quality_and_interval_maps_reach_the_outputs(case, env):
+    from slicer_testing import fake_prediction_job
+
+    echoes, qsm, tes = _small_inputs(case)
+    extra = ("OEF_p05", "OEF_p95", "OEF_width")
+    logic = module.OEFPredictorLogic(jobFactory=fake_prediction_job(extra_maps=extra))
+    outputs = logic.process(echoes, qsm, echoTimesMs=tes)
+    assert set(outputs) == set(predict.MAP_NAMES) | set(extra) and "quality" in outputs
+    assert outputs["OEF_width"].GetAttribute("OEFPredictor.Unit") == "pp"
+    assert outputs["OEF_p95"].GetAttribute("OEFPredictor.Unit") == "%"
+    for name in ("quality",) + extra:
+        node = outputs[name]
+        assert node.GetAttribute("OEFPredictor.Map") == name
+        assert float(slicer.util.arrayFromVolume(node).max()) == list(outputs).index(name) + 1
+        display = node.GetDisplayNode()
+        assert display is not None and not display.GetAutoWindowLevel()
+        assert display.GetColorNodeID() != "vtkMRMLColorTableNodeGrey"  # a colour map, not grey
+    oef_display = outputs["OEF"].GetDisplayNode()
+    assert outputs["OEF_p05"].GetDisplayNode().GetColorNodeID() == oef_display.GetColorNodeID()
+    assert outputs["OEF_p95"].GetDisplayNode().GetWindow() == pytest.approx(oef_display.GetWindow())

@@ -42,10 +42,12 @@ from qt_standins import child_widget_variables, load_ui, qt_shim, spin_until  # 
 def make_panel(monkeypatch=None):
     """The real OEFPredictorWidget, set up on the stand-ins; returns (module, widget)."""
     import OEFPredictor as module
+    from OEFPredictorSlicer import compat
 
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     app.setStyle("Fusion")
-    setters = [(module, "qt", qt_shim()), (slicer.util, "loadUI", load_ui),
+    qt = qt_shim()
+    setters = [(module, "qt", qt), (compat, "qt", qt), (slicer.util, "loadUI", load_ui),
                (slicer.util, "childWidgetVariables", child_widget_variables)]
     for obj, name, value in setters:
         if monkeypatch is not None:
@@ -72,7 +74,7 @@ def panel(monkeypatch):
 def test_ui_loads_and_has_every_widget_the_code_uses(panel):
     source = MODULE_FILE.read_text(encoding="utf-8")
     used = set(re.findall(r"self\.ui\.(\w+)", source))
-    used |= {f"output{s}Selector" for s in ("OEF", "S0", "R2", "Y", "V", "Chinb")}  # reached by getattr
+    used |= set(panel.module.OUTPUT_SELECTORS.values())  # reached by getattr
     missing = sorted(name for name in used if not hasattr(panel.ui, name))
     assert not missing, f"widgets used by OEFPredictor.py but absent from the .ui: {missing}"
     assert len(used) > 25
@@ -136,9 +138,9 @@ def test_apply_enabled_only_with_valid_inputs(panel):
     # the voxelwise fits need no model file
     ui.modelPathLineEdit.setCurrentPath("/nonexistent/model.keras")
     assert not ui.applyButton.isEnabled()
-    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("nlls"))
+    ui.methodComboBox.setCurrentIndex(list(panel.module.Method).index(panel.module.Method.nlls))
     assert ui.applyButton.isEnabled() and not ui.modelPathLineEdit.isEnabled()
-    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("lstm"))
+    ui.methodComboBox.setCurrentIndex(list(panel.module.Method).index(panel.module.Method.lstm))
     ui.modelPathLineEdit.setCurrentPath(str(model_path))
 
     # the list of volumes: at least two ticked, and as many echo times
@@ -164,7 +166,7 @@ def _ready_panel(panel):
     panel.ui.qsmSelector.setCurrentNode(qsm)
     panel.ui.modelFileRadioButton.setChecked(True)
     panel.ui.modelPathLineEdit.setCurrentPath(str(model_path))
-    panel.ui.deviceComboBox.setCurrentIndex(panel.ui.deviceComboBox.findData("cpu"))
+    panel.ui.deviceComboBox.setCurrentIndex(list(panel.module.Device).index(panel.module.Device.cpu))
     panel.ui.opacitySliderWidget.setValue(0.45)
     assert panel.ui.applyButton.isEnabled(), _tooltip(panel.ui)
     return patient, seq, qsm
@@ -173,25 +175,25 @@ def _ready_panel(panel):
 def test_run_shows_progress_and_writes_outputs(panel, monkeypatch):
     from slicer_testing import scene_node_ids
 
-    monkeypatch.setattr(panel.module.OEFPredictorWidget, "POLL_INTERVAL_MS", 5)
     ui, widget = panel.ui, panel.widget
-    widget._timer.setInterval(5)
+    widget.controller.timer.setInterval(5)
     patient, seq, qsm = _ready_panel(panel)
     seen = []
     ui.progressBar.valueChanged.connect(seen.append)
     ticks = []
-    widget._timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+    widget.controller.timer.timeout.connect(lambda: ticks.append(time.monotonic()))
     n_before = len(scene_node_ids(panel.env.scene))
 
     ui.applyButton.click()
     assert ui.applyButton.text() == "Cancel" and ui.applyButton.isEnabled()
     assert ui.progressBar.isVisible() or not widget.parent.isVisible()
-    spin_until(lambda: widget._run is None)
+    spin_until(lambda: not widget.controller.busy)
     assert widget.lastError is None, widget.lastError
     assert len(ticks) >= 2  # the GUI event loop kept running while the job ran
     assert any(0 < v < 100 for v in seen), seen  # progress moved through intermediate values
     assert ui.progressBar.value() == 100 and ui.applyButton.text() == "Apply"
-    assert set(widget.lastOutputs) == {"OEF", "S0", "R2", "Y", "v", "chi_nb"}
+    assert set(widget.lastOutputs) == {"OEF", "S0", "R2", "Y", "v", "chi_nb", "quality"}
+    assert ui.outputQualitySelector.currentNode() is widget.lastOutputs["quality"]
     assert len(scene_node_ids(panel.env.scene)) > n_before
     assert ui.outputOEFSelector.currentNode() is widget.lastOutputs["OEF"]
     composite = panel.env.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
@@ -210,7 +212,7 @@ def test_cancel_stops_the_run_and_changes_nothing(panel):
     assert ui.applyButton.text() == "Cancel"
     ui.applyButton.click()  # Cancel
     assert "Cancelling" in ui.statusLabel.text()
-    spin_until(lambda: widget._run is None)
+    spin_until(lambda: not widget.controller.busy)
     assert "Cancelled" in ui.statusLabel.text()
     assert widget.lastOutputs is None and widget.lastError is None
     assert scene_node_ids(panel.env.scene) == ids
@@ -283,6 +285,39 @@ def test_roi_statistics_section_calls_the_logic(panel, monkeypatch, tmp_path):
     assert table.GetTable().GetColumnByName("rmse") is not None and "rows" in ui.roiStatsStatusLabel.text()
 
 
+def test_interval_maps_reach_their_selectors(panel):
+    """A method with an uncertainty interval (stand-in job: slicer_testing.fake_prediction_job)
+    fills the quality and interval selectors; the state goes running -> idle."""
+    from slicer_testing import fake_prediction_job
+
+    ui, widget = panel.ui, panel.widget
+    _ready_panel(panel)
+    extra = ("OEF_p05", "OEF_p95", "OEF_width")
+    widget.logic = panel.module.OEFPredictorLogic(jobFactory=fake_prediction_job(extra_maps=extra))
+    widget.controller.timer.setInterval(5)
+    ui.applyButton.click()
+    assert widget.controller.state is panel.module.ProcessingState.RUNNING
+    spin_until(lambda: not widget.controller.busy)
+    assert widget.lastError is None, widget.lastError
+    for name in ("quality",) + extra:
+        selector = getattr(ui, panel.module.OUTPUT_SELECTORS[name])
+        assert selector.currentNode() is widget.lastOutputs[name], name
+    assert ui.applyButton.text() == "Apply" and ui.applyButton.isEnabled()
+
+
+def test_missing_packages_stop_before_the_run(panel, monkeypatch):
+    ui, widget = panel.ui, panel.widget
+    _ready_panel(panel)
+    states = []
+    real = widget.controller.setState
+    monkeypatch.setattr(widget.controller, "setState", lambda state: (states.append(state), real(state)))
+    monkeypatch.setattr(widget.logic, "ensureDependencies", lambda: ["keras is not installed (needs ==3.15.1)"])
+    ui.applyButton.click()
+    assert [s.value for s in states] == ["installing", "idle"]
+    assert "keras is not installed" in ui.statusLabel.text() and widget.logic.prediction.activeRun is None
+    assert ui.applyButton.text() == "Apply" and ui.applyButton.isEnabled()
+
+
 def render_screenshot(path):
     """The panel after a run on the demo patient, rendered offscreen to PNG."""
     from slicer_testing import slicer_scene
@@ -307,7 +342,7 @@ def render_screenshot(path):
             shutil.copy(model_path.with_suffix(suffix), folder / ("my_oef_lstm" + suffix))
         widget.ui.modelPathLineEdit.setCurrentPath(str(folder / "my_oef_lstm.keras"))
     widget.ui.applyButton.click()
-    spin_until(lambda: widget._run is None)
+    spin_until(lambda: not widget.controller.busy)
     widget.ui.advancedCollapsibleButton.setProperty("collapsed", False)
     widget.ui.backendInfoLabel.setText(widget.logic.backendSummary(detect=True))
     top = widget.parent

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,38 @@ HA = 7.377  # arterial haemoglobin concentration [H]a, umol/mL
 
 PARAMETER_NAMES = ("S0", "R2", "Y", "v", "chi_nb")
 PARAMETER_UNITS = {"S0": "a.u.", "R2": "Hz", "Y": "", "v": "", "chi_nb": "ppm", "OEF": "%"}
+# Every map the engine writes: the parameters, the quality map (a normalised residual), CMRO2, and
+# the uncertainty interval of methods that give one (its ends in %, its width in percentage points).
+MAP_UNITS = {**PARAMETER_UNITS, "quality": "", "CMRO2": "umol/100g/min", "OEF_p05": "%", "OEF_p95": "%",
+             "OEF_width": "pp"}
+
+
+
+def parse_echo_times_ms(text: str) -> list[float]:
+    """'4.5,9.5,14.5' (also spaces or semicolons between them; milliseconds) -> [4.5, 9.5, 14.5].
+
+    The one parser of typed echo times (the command line's --te, the Slicer panel); ValueError
+    says what to fix."""
+    parts = [p for p in re.split(r"[,;\s]+", (text or "").strip()) if p]
+    if not parts:
+        raise ValueError("Give the echo times in milliseconds, e.g. 4.5,9.5,14.5.")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"'{text}' is not a list of numbers in milliseconds separated by commas.") from None
+    if len(values) < 2:
+        raise ValueError("At least two echo times are needed, in milliseconds, e.g. 4.5,9.5,14.5.")
+    if any(not np.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"Echo times must be positive milliseconds, got {text}.")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"Echo times must be strictly increasing, got {text}.")
+    if max(values) < 1.0:
+        raise ValueError(f"Echo times {text}: this looks like seconds; give them in milliseconds "
+                         f"(e.g. {','.join(f'{v * 1000:g}' for v in values)}).")
+    if max(values) > 1000.0:
+        raise ValueError(f"Echo times {text}: over 1 s is not plausible; give milliseconds.")
+    return values
+
 
 # Hard physical bounds (S0 relative to echo 1) for fitting and clamping.
 BOUNDS = {

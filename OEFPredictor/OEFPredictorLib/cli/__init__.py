@@ -58,28 +58,14 @@ def main(argv=None) -> int:
 
 
 def parse_echo_times_ms(text: str, field_strength: float = 3.0):
-    """'4.5,9.5,...' (milliseconds) -> Protocol, with errors that say what to fix."""
+    """--te '4.5,9.5,...' (milliseconds) -> Protocol, with errors that say what to fix."""
     from ..physics import Protocol
+    from ..physics import parse_echo_times_ms as parse
 
     try:
-        values = [float(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise InputError(f"--te '{text}' is not a comma-separated list of numbers in milliseconds.") from None
-    if len(values) < 2:
-        raise InputError("--te needs at least two echo times in milliseconds, e.g. 4.5,9.5,14.5.")
-    if any(v <= 0 for v in values):
-        raise InputError(f"--te values must be positive milliseconds, got {text}.")
-    if any(b <= a for a, b in zip(values, values[1:])):
-        raise InputError(f"--te values must be strictly increasing, got {text}.")
-    if max(values) < 1.0:
-        raise InputError(f"--te {text} looks like seconds; give echo times in milliseconds "
-                         f"(e.g. {','.join(f'{v * 1000:g}' for v in values)}).")
-    if max(values) > 1000.0:
-        raise InputError(f"--te {text}: echo times over 1 s are not plausible; give milliseconds.")
-    try:
-        return Protocol.from_milliseconds(values, field_strength)
+        return Protocol.from_milliseconds(parse(text), field_strength)
     except ValueError as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(f"--te: {exc}") from None
 
 
 def progress_bar(total: int, description: str, unit: str = "it"):
