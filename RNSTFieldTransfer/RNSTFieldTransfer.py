@@ -172,7 +172,7 @@ class RNSTFieldTransferWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             seconds = self.logic.estimateSeconds(content, **options)
         except Exception as exc:  # the same check Apply makes, shown early
             return _("Cannot run: {e}").format(e=str(exc).splitlines()[0][:200])
-        return _("About {m:.0f} min on 2 CPU cores (much less on a GPU). Processing is 2D: each "
+        return _("About {m:.0f} min on 2 idle CPU cores (less on a GPU). Processing is 2D: each "
                  "slice on its own, no 3D consistency between slices.").format(m=max(seconds / 60, 1))
 
     def onApplyButton(self, *_args):

@@ -149,9 +149,9 @@ def test_errors_and_missing_packages_are_shown(panel, monkeypatch):
     ui.contentSelector.setCurrentNode(low)
     ui.styleSelector.setCurrentNode(style)
     monkeypatch.setattr(panel.module.RNSTFieldTransferLogic, "ensureDependencies",
-                        lambda self: ["onnx is not installed (needs ==1.23.2)"])
+                        lambda self: ["scikit-image is not installed (needs >=0.24)"])
     ui.applyButton.click()
-    assert "onnx is not installed" in ui.statusLabel.text() and not widget.controller.busy
+    assert "scikit-image is not installed" in ui.statusLabel.text() and not widget.controller.busy
     assert ui.applyButton.text() == "Apply" and ui.applyButton.isEnabled()
 
     monkeypatch.setattr(panel.module.RNSTFieldTransferLogic, "ensureDependencies", lambda self: [])
@@ -183,7 +183,7 @@ def test_options_reach_the_run_and_the_estimate_comes_first(panel, monkeypatch):
     ui.styleSelector.setCurrentNode(style)
     assert [ui.backboneComboBox.itemText(i) for i in range(ui.backboneComboBox.count())] == \
         ["vgg16", "resnet50", "resnet152"]
-    assert "min on 2 CPU cores" in ui.estimateLabel.text() and "2D" in ui.estimateLabel.text()
+    assert "min on 2 idle CPU cores" in ui.estimateLabel.text() and "2D" in ui.estimateLabel.text()
     ui.iterationsSpinBox.setValue(2)
     ui.evaluationsLineEdit.setText("30,30")
     ui.denoiserComboBox.setCurrentText("nlm")

@@ -33,8 +33,8 @@ def _add_run_options(p):
     from .nst import BACKBONES
     from .rnst import DENOISERS, PRESETS
     p.add_argument("--preset", choices=list(PRESETS), default="fast",
-                   help="fast (default): 1 iteration, 40+40+40 evaluations, NLM (about 1.5 min "
-                        "per 140x118 slice on 2 CPU cores); paper: the published 20 iterations, "
+                   help="fast (default): 1 iteration, 40+40+40 evaluations, NLM (about 50 CPU "
+                        "seconds per 140x118 slice); paper: the published 20 iterations, "
                         "500+600+700 evaluations, BM3D (hours per slice on a CPU)")
     p.add_argument("--iterations", type=int, help="override the preset's outer iterations")
     p.add_argument("--evaluations", type=_budgets, metavar="A,B,C",
@@ -128,7 +128,7 @@ def cmd_transfer(args) -> int:
     print(f"RNST {preset.name} ({backbone.name}, {preset.denoiser}, {compute_device()}): "
           f"{len(slices)} {args.plane} slice(s) {slices.start}..{slices.stop - 1} of "
           f"{args.content}, style {args.style}; 2D, slice by slice; about "
-          f"{estimate_seconds(preset, shape, len(slices)) / 60:.0f} min on 2 CPU cores",
+          f"{estimate_seconds(preset, shape, len(slices)) / 60:.1f} min on 2 idle CPU cores",
           flush=True)
     t0 = time.time()
     res = transfer_volume(content, style, preset=preset, axis=axis, slices=slices,

@@ -48,7 +48,7 @@ class Preset:
 
 
 PRESETS = {
-    # Sized for 2 shared CPU cores (a 3-slice 140 x 118 slab in under 5 minutes): the published
+    # Sized for 2 CPU cores (a 3-slice 140 x 118 slab in about 2.5 CPU minutes): the published
     # loop with one outer iteration and 40 + 40 + 40 evaluations, started from non-local means.
     "fast": Preset("fast", outer_iterations=1, budgets=(40, 40, 40)),
     # The published settings (engine_settings (20, 0.15, 0.7, 5, 3), 500 + 100 j steps, BM3D).
@@ -172,14 +172,14 @@ def evaluations_per_slice(preset: Preset) -> int:
     return preset.outer_iterations * (sum(preset.budgets) + candidates)
 
 
-# Seconds per loss-and-gradient evaluation per megapixel of slice, VGG16 to conv4_1, on the
-# 2-core CPU of benchmarks/bench_rnst.py (shared with other work); the candidates' forward-only
-# evaluations cost about a third of one.
-CPU_SECONDS_PER_EVAL_MPIX = 45.0
+# Wall seconds per loss-and-gradient evaluation per megapixel of slice, VGG16 to conv4_1, on 2
+# idle CPU cores: the CPU time of benchmarks/bench_rnst.py (24 CPU seconds) over 1.5 busy cores;
+# the candidates' forward-only evaluations cost about a third of one. A loaded machine is slower.
+CPU_SECONDS_PER_EVAL_MPIX = 16.0
 
 
 def estimate_seconds(preset: Preset, slice_shape, n_slices: int) -> float:
-    """Rough run time on a 2-core CPU (a GPU is much faster), for the panel and the CLI."""
+    """Rough run time on 2 idle CPU cores (a GPU is much faster), for the panel and the CLI."""
     mpix = float(np.prod(slice_shape)) / 1e6
     evals = sum(preset.budgets) + len(preset.budgets) * len(preset.step_multipliers) / 3
     return n_slices * (preset.outer_iterations * evals * mpix * CPU_SECONDS_PER_EVAL_MPIX + 1.0)
