@@ -14,7 +14,7 @@ import sys
 from ..errors import CancelledError, InputError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ["simulate", "montage", "train", "evaluate", "predict", "stats", "demo"]
+COMMAND_MODULES = ["simulate", "montage", "train", "evaluate", "predict", "batch", "stats", "demo"]
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

@@ -25,6 +25,9 @@ def register(sub):
                    help="share of brain voxels with tissue-independent parameters; default: 0.5 for "
                         "the training patients (P01, P02, P10, P14, P15, P17), 0 for the test patients")
     p.add_argument("--overwrite", action="store_true", help="replace patient folders that exist")
+    p.add_argument("--bids", action="store_true",
+                   help="write a BIDS raw data set instead (sub-P01/anat/ per-echo MEGRE files and Chimap; "
+                        "mask, labels and truth maps under derivatives/simulate/), the input of `oefpredictor batch`")
     p.set_defaults(func=run)
 
 
@@ -49,6 +52,17 @@ def run(args) -> int:
     noise = simulate.NoiseModel(None if args.no_noise else args.snr, 0.0 if args.no_noise else args.qsm_noise_ppb)
 
     simulate.check_dataset_output(args.out, args.patients, args.overwrite)  # before any work
+    target = args.out
+    if args.bids:  # simulate into a scratch folder beside the output, then convert
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from .. import bids
+
+        bids.check_raw_output(args.out, [simulate.patient_id(i + 1) for i in range(args.patients)], args.overwrite)
+        Path(args.out).absolute().parent.mkdir(parents=True, exist_ok=True)
+        target = tempfile.mkdtemp(prefix=".simulate-", dir=Path(args.out).absolute().parent)
     start = time.perf_counter()
     bar = progress_bar(args.patients, "Simulating", unit="patient")
 
@@ -58,10 +72,14 @@ def run(args) -> int:
 
     try:
         folders = simulate.simulate_dataset(
-            args.out, args.patients, args.seed, protocol, noise, args.voxel_size,
+            target, args.patients, args.seed, protocol, noise, args.voxel_size,
             args.independent_fraction, overwrite=args.overwrite, progress=progress)
+        if args.bids:
+            folders = bids.write_simulated_bids(target, args.out, args.overwrite)
     finally:
         bar.close()
+        if args.bids:
+            shutil.rmtree(target, ignore_errors=True)
     print(f"Wrote {len(folders)} virtual patients ({protocol.describe()}; {noise.describe()}; "
           f"{args.voxel_size:g} mm) to {args.out} in {time.perf_counter() - start:.1f} s.")
     return 0

@@ -1,0 +1,444 @@
+"""Cohort runs: every subject (and session) of a BIDS data set is one task on a dask.distributed
+cluster; the outputs form a BIDS derivatives data set with a group cohort table.
+
+OUTPUT_DIR layout:
+
+    dataset_description.json       DatasetType derivative, GeneratedBy (version, method, model SHA-256)
+    sub-<s>/[ses-<x>/]anat/        sub-<s>[_ses-<x>]_desc-<Map>_map.nii.gz + .json per map of `predict`,
+                                   sub-<s>[_ses-<x>]_desc-brain_mask.nii.gz (the voxels predicted)
+    sub-<s>/[ses-<x>/].oefpredictor-batch.json   the unit's record: checksums, statistics, outputs
+    logs/batch.log                 one line per finished or failed unit, per run
+    logs/sub-<s>[_ses-<x>]_failed.json  the reason of a failed unit (removed once it succeeds)
+    cohort_OEF.tsv + .json         one row per unit: status, reason, voxels, time, OEF statistics
+    cohort_OEF.png                 OEF per subject (box plot)
+
+Isolation: a unit's failure (bad file, wrong protocol, a worker killed for memory) is caught and
+recorded; the others go on. Atomicity: a unit's folder is built under a temporary name and moved
+into place complete (io.atomic_directory), with its record inside, so a killed run loses nothing
+that was finished. Resumption: a unit whose record matches the SHA-256 of every input file, the
+model's SHA-256, the method and the version, and whose outputs all exist, is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import inspect
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, bids, io
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+RECORD_FILE = ".oefpredictor-batch.json"
+LOG_DIR = "logs"
+TABLE_FILE = "cohort_OEF.tsv"
+FIGURE_FILE = "cohort_OEF.png"
+BOX_PERCENTILES = (5, 25, 50, 75, 95)  # of OEF in the mask: the figure's boxes and whiskers
+STATUS_OK, STATUS_FAILED = "ok", "failed"
+WIDTH_MAP = "OEF_width"  # the interval-width map, when the method gives one (percentage points)
+
+
+@dataclasses.dataclass
+class BatchConfig:
+    """What every task needs; plain values, sent to the workers."""
+
+    out: str
+    raw_root: str
+    method: str
+    model_file: str | None  # None: the method needs no model file
+    model_sha256: str | None
+    device: str = "cpu"
+
+    def key(self, checksums: dict) -> dict:
+        """What a finished unit must match to be skipped on a rerun."""
+        return {"inputs": checksums, "method": self.method, "model_sha256": self.model_sha256,
+                "version": __version__}
+
+
+def default_method() -> str:
+    """predict_maps' default method (batch follows predict)."""
+    from . import predict
+
+    return inspect.signature(predict.predict_maps).parameters["method"].default
+
+
+def model_identity(method: str, model: str | None) -> tuple[str | None, str | None]:
+    """(model file, its SHA-256) of a method: the given file, else the bundled one; (None, None)
+    for methods without a model file."""
+    from . import models, predict, resources
+
+    if model:
+        path = Path(model).absolute()
+        if not path.is_file():
+            raise InputError(f"--model {model}: no such model file.")
+    elif method in predict.KERAS_METHODS:
+        try:
+            path = resources.resource_path(*predict.KERAS_METHODS[method])
+        except FileNotFoundError as exc:
+            raise InputError(f"The bundled {method} model is not installed ({exc})") from None
+    else:
+        return None, None
+    return str(path), models.sha256_of(path)
+
+
+def generated_by(config: BatchConfig) -> dict:
+    model = Path(config.model_file).name if config.model_file else None
+    described = f"method {config.method}" + (f", model {model} (SHA-256 {config.model_sha256})" if model else "")
+    entry = {"Name": "oefpredictor", "Version": __version__,
+             "Description": f"OEF maps from mGRE magnitudes + QSM; {described}",
+             "Method": config.method}
+    if model:
+        entry["Model"] = {"File": model, "SHA256": config.model_sha256}
+    return entry
+
+
+# --- The output folder -------------------------------------------------------------------------
+def prepare_output(out: str | Path, bids_dir: str | Path, config: BatchConfig | None) -> Path:
+    """Check OUTPUT_DIR (new, empty, or an earlier batch output; not inside the raw data set except
+    under derivatives/), clear half-written units of a killed run, and write the description."""
+    out, bids_dir = Path(out).absolute(), Path(bids_dir).absolute()
+    if out.resolve() == bids_dir.resolve() or (out.resolve().is_relative_to(bids_dir.resolve())
+                                              and not out.resolve().is_relative_to(bids_dir.resolve() / "derivatives")):
+        raise InputError(f"{out} lies inside the BIDS data set; write to {bids_dir / 'derivatives' / 'oefpredictor'} "
+                         "or a folder outside it.")
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a folder; choose another output folder.")
+        if any(out.iterdir()) and not (out / io.OUTPUT_MARKER).exists():
+            raise InputError(f"{out} holds files that oefpredictor did not write; choose a new or empty "
+                             "output folder (a rerun into an earlier batch output resumes it).")
+    io.check_writable_dir(out)
+    if config is None:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / io.OUTPUT_MARKER).write_text("Written by oefpredictor batch; reruns resume it.\n")
+    for stale in out.rglob(".sub-*.partial-*"):  # left by a killed worker (no cleanup on SIGKILL)
+        if (stale / io.OUTPUT_MARKER).exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    io.write_json(bids.derivative_description("OEFPredictor OEF maps", generated_by(config), bids_dir),
+                  out / "dataset_description.json")
+    (out / LOG_DIR).mkdir(exist_ok=True)
+    return out
+
+
+def _failure_path(out: Path, name: str) -> Path:
+    return out / LOG_DIR / f"{name}_failed.json"
+
+
+def _record_path(out: Path, unit: bids.UnitInputs) -> Path:
+    return out / bids.unit_dir(unit.subject, unit.session) / RECORD_FILE
+
+
+def input_checksums(unit: bids.UnitInputs) -> dict:
+    from .models import sha256_of
+
+    return {Path(p).name: sha256_of(p) for p in unit.files()}
+
+
+def completed_record(out: Path, unit: bids.UnitInputs, key: dict) -> dict | None:
+    """The unit's record if its outputs are complete and were made from these inputs and model."""
+    path = _record_path(out, unit)
+    try:
+        record = io.read_json(path)
+    except (OSError, ValueError):
+        return None
+    folder = path.parent
+    if record.get("key") != key or not all((folder / f).exists() for f in record.get("outputs", [])):
+        return None
+    return record
+
+
+# --- One unit (runs on a worker) ------------------------------------------------------------------
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"[:300]
+
+
+def process_unit(unit: bids.UnitInputs, config: BatchConfig) -> dict:
+    """Predict one subject (and session) and write its folder atomically. Returns its row; a
+    failure is returned as a row with its one-line reason, never raised."""
+    start = time.perf_counter()
+    row = {"participant_id": f"sub-{unit.subject}", "session_id": f"ses-{unit.session}" if unit.session else "",
+           "name": unit.name}
+    try:
+        if unit.missing:
+            raise InputError("missing " + "; ".join(unit.missing))
+        key = config.key(input_checksums(unit))
+        out = Path(config.out)
+        done = completed_record(out, unit, key)
+        if done is not None:
+            return {**row, **done, "skipped": True}
+        record = _predict_and_write(unit, config, key, out, start)
+        return {**row, **record, "skipped": False}
+    except Exception as exc:  # isolation: every subject's own failure becomes its row
+        return {**row, "status": STATUS_FAILED, "reason": one_line(exc), "skipped": False,
+                "time_s": round(time.perf_counter() - start, 2)}
+
+
+def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, out: Path, start: float) -> dict:
+    from . import physics, predict
+    from .cli import predict as cli_predict
+
+    te = ",".join(f"{t:.6g}" for t in unit.echo_times_ms) if unit.echo_times_ms else None
+    args = argparse.Namespace(echoes=unit.echoes, qsm=unit.qsm, mask=unit.mask, te=te, cbf=None)
+    inputs, geometry = cli_predict.load_inputs(args)
+    if unit.field_strength and abs(unit.field_strength - inputs.protocol.field_strength) > 1e-3:
+        inputs.protocol = physics.Protocol(inputs.protocol.echo_times, unit.field_strength)
+    labels, names = None, {}
+    if unit.dseg:
+        labels, geom = io.read_image(unit.dseg)
+        io.check_same_grid(f"the echoes ({Path(unit.echoes[0]).name})", inputs.qsm.shape, geometry,
+                           f"the segmentation ({Path(unit.dseg).name})", labels.shape, geom)
+        names = bids.read_label_table(unit.dseg_tsv)
+    result = predict.predict_maps(inputs, model=config.model_file, device=config.device, method=config.method)
+    stats = unit_statistics(result, labels, names)
+    sources = [bids.source_uri(p, config.raw_root) for p in unit.echoes + [unit.qsm] + ([unit.mask] if unit.mask else [])]
+    with io.atomic_directory(out / bids.unit_dir(unit.subject, unit.session), overwrite=True) as tmp:
+        outputs = write_unit_maps(result, geometry, Path(tmp), unit, config, inputs.protocol, sources)
+        record = {"status": STATUS_OK, "reason": "", "n_voxels": int(result.n_voxels),
+                  "predict_s": round(result.elapsed_s, 2), "device": result.device, "method": result.method,
+                  "warnings": result.warnings, "stats": stats, "key": key, "outputs": outputs,
+                  "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        record["time_s"] = round(time.perf_counter() - start, 2)
+        io.write_json(record, Path(tmp) / RECORD_FILE)
+    return record
+
+
+def write_unit_maps(result, geometry, folder: Path, unit: bids.UnitInputs, config: BatchConfig, protocol,
+                    sources: list[str]) -> list[str]:
+    """predict's maps (cli.predict.write_maps, so its conventions hold) under BIDS derivative
+    names in anat/, each with a JSON sidecar. Returns the file names relative to `folder`."""
+    from .cli import predict as cli_predict
+
+    anat = folder / "anat"
+    written = cli_predict.write_maps(result, geometry, anat, mask_file=True)
+    units = cli_predict.provenance(result, {}, protocol)["units"]
+    model = {"File": Path(config.model_file).name, "SHA256": config.model_sha256} if config.model_file else None
+    common = {"Sources": sources, "Method": result.method, "Model": model,
+              "EchoTime": list(protocol.echo_times), "MagneticFieldStrength": protocol.field_strength,
+              "MaskDerived": bool(result.mask_derived)}
+    file_to_map = {cli_predict.OUTPUT_FILES.get(name): name for name in result.maps}
+    outputs = []
+    for path in written:
+        name = file_to_map.get(path.name)
+        if name is None:  # the mask
+            target = anat / bids.derivative_name(unit.subject, unit.session, "brain", "mask")
+            sidecar = {"Type": "Brain", "Description": "The voxels predicted (the given or derived brain mask "
+                       "without voxels of unusable data)", "Sources": sources}
+        else:
+            target = anat / bids.derivative_name(unit.subject, unit.session, bids.desc_of(name))
+            sidecar = {"Description": f"{name} map of oefpredictor", "Units": units.get(name, ""), **common}
+        os.replace(path, target)
+        io.write_json(sidecar, io.sidecar_path(target))
+        outputs += [f"anat/{target.name}", f"anat/{io.sidecar_path(target).name}"]
+    return outputs
+
+
+def unit_statistics(result, labels: np.ndarray | None, names: dict[int, str]) -> dict:
+    """OEF mean and median in the mask and per tissue label, the box-plot percentiles, and the
+    mean interval width when the method gives one."""
+    mask = result.mask
+    oef = result.maps["OEF"]
+    stats = _summary(oef[mask], "")
+    values = oef[mask]
+    values = values[np.isfinite(values)]
+    stats["box"] = [float(v) for v in np.percentile(values, BOX_PERCENTILES)] if values.size else []
+    if labels is not None:
+        lab = np.rint(np.nan_to_num(labels)).astype(np.int64)
+        for index in sorted(set(np.unique(lab[mask]).tolist()) - {0}):
+            name = names.get(index, f"label{index}")
+            stats.update(_summary(oef[mask & (lab == index)], f"_{name}"))
+    if WIDTH_MAP in result.maps:
+        width = result.maps[WIDTH_MAP][mask]
+        width = width[np.isfinite(width)]
+        stats["OEF_width_mean"] = round(float(width.mean()), 3) if width.size else None
+    return stats
+
+
+def _summary(values: np.ndarray, suffix: str) -> dict:
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return {f"OEF_mean{suffix}": None, f"OEF_median{suffix}": None}
+    return {f"OEF_mean{suffix}": round(float(values.mean()), 3),
+            f"OEF_median{suffix}": round(float(np.median(values)), 3)}
+
+
+# --- The run (the driver) ------------------------------------------------------------------------
+def start_client(workers: int, scheduler: str | None, memory_limit: str):
+    """A dask.distributed Client: on the scheduler given, or on a new local cluster of `workers`
+    processes with one thread each. Returns (client, cluster or None)."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    # A task that kills its worker (out of memory) fails at once, not after three more deaths.
+    dask.config.set({"distributed.scheduler.allowed-failures": 0,
+                     "distributed.worker.memory.spill": False, "distributed.worker.memory.target": False})
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s"), None
+        except (OSError, TimeoutError) as exc:
+            raise InputError(f"--scheduler {scheduler}: cannot connect ({one_line(exc)}). Start `dask scheduler` "
+                             "there, or leave --scheduler out for a local cluster.") from None
+    # The network's threads share the cores among the worker processes.
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1", "OMP_NUM_THREADS": threads,
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory_limit,
+                           dashboard_address=None, silence_logs=logging.ERROR, env=env)
+    return Client(cluster), cluster
+
+
+def run_units(units: list[bids.UnitInputs], config: BatchConfig, client, on_row=None) -> list[dict]:
+    """Submit one task per unit and collect the rows as they finish (`on_row(row)` after each)."""
+    from dask.distributed import as_completed
+
+    futures = {client.submit(process_unit, unit, config, pure=False, key=f"oefpredictor-{unit.name}-{time.time_ns()}"): unit
+               for unit in units}
+    rows = []
+    for future in as_completed(futures):
+        unit = futures[future]
+        try:
+            row = future.result()
+        except Exception as exc:  # the worker died (killed for memory) or the task could not run
+            row = {"participant_id": f"sub-{unit.subject}", "session_id": f"ses-{unit.session}" if unit.session else "",
+                   "name": unit.name, "status": STATUS_FAILED, "skipped": False,
+                   "reason": f"the worker running it died (out of memory? raise --memory-limit): {one_line(exc)}"}
+        record_outcome(Path(config.out), row)
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    return rows
+
+
+def record_outcome(out: Path, row: dict) -> None:
+    """Log the unit's outcome; keep a failure's reason in logs/ (removed once it succeeds)."""
+    failure = _failure_path(out, row["name"])
+    if row["status"] == STATUS_FAILED:
+        io.write_json({k: row.get(k) for k in ("participant_id", "session_id", "name", "status", "reason",
+                                                "time_s")}, failure)
+    elif failure.exists():
+        failure.unlink()
+    what = "skipped (unchanged)" if row.get("skipped") else row["status"]
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with open(out / LOG_DIR / "batch.log", "a", encoding="utf-8") as f:
+        f.write(f"{stamp}\t{row['name']}\t{what}\t{row.get('reason', '')}\n")
+
+
+# --- The group level: cohort table and figure ------------------------------------------------------
+def collect_rows(out: str | Path) -> list[dict]:
+    """One row per unit from the records and failure files of OUTPUT_DIR (a failure newer than a
+    unit's maps wins: its maps are from earlier inputs)."""
+    out = Path(out)
+    rows = {}
+    for path in sorted(out.glob(f"sub-*/{RECORD_FILE}")) + sorted(out.glob(f"sub-*/ses-*/{RECORD_FILE}")):
+        record = io.read_json(path)
+        rel = path.parent.relative_to(out).parts
+        subject, session = rel[0], (rel[1] if len(rel) > 1 else "")
+        name = subject + (f"_{session}" if session else "")
+        rows[name] = {"participant_id": subject, "session_id": session, **record}
+    for path in sorted((out / LOG_DIR).glob("*_failed.json")):
+        failure = io.read_json(path)
+        rows[failure["name"]] = failure
+    return [rows[k] for k in sorted(rows)]
+
+
+def table_columns(rows: list[dict]) -> list[str]:
+    base = ["participant_id"] + (["session_id"] if any(r.get("session_id") for r in rows) else [])
+    base += ["status", "reason", "n_voxels", "time_s", "method", "OEF_mean", "OEF_median"]
+    extra = []
+    for r in rows:
+        for k in (r.get("stats") or {}):
+            if k not in base and k not in extra and k != "box":
+                extra.append(k)
+    width = [k for k in extra if k.startswith(WIDTH_MAP)]
+    return base + [k for k in extra if k not in width] + width
+
+
+def write_group(out: str | Path) -> tuple[list[dict], Path, Path | None]:
+    """Rebuild cohort_OEF.tsv (+ its column dictionary) and cohort_OEF.png from OUTPUT_DIR."""
+    out = Path(out)
+    rows = collect_rows(out)
+    columns = table_columns(rows)
+    lines = ["\t".join(columns)]
+    for r in rows:
+        flat = {**r, **(r.get("stats") or {})}
+        lines.append("\t".join(_cell(flat.get(c)) for c in columns))
+    _atomic_text(out / TABLE_FILE, "\n".join(lines) + "\n")
+    io.write_json(_column_dictionary(columns), out / TABLE_FILE.replace(".tsv", ".json"))
+    figure = cohort_figure(rows, out / FIGURE_FILE) if rows else None
+    return rows, out / TABLE_FILE, figure
+
+
+def _cell(value) -> str:
+    if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return " ".join(str(value).split())  # one line, no tabs
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _column_dictionary(columns: list[str]) -> dict:
+    known = {"participant_id": "Subject", "session_id": "Session",
+             "status": "ok: maps written; failed: see reason", "reason": "Why the unit failed (one line)",
+             "n_voxels": "Voxels predicted (in the mask)", "time_s": "Wall time of the unit on its worker (s)",
+             "method": "Prediction method"}
+    out = {}
+    for c in columns:
+        if c in known:
+            out[c] = {"Description": known[c]}
+        elif c.startswith(WIDTH_MAP):
+            out[c] = {"Description": "Mean width of the OEF interval in the mask", "Units": "percentage points"}
+        elif c.startswith("OEF_"):
+            stat, _, tissue = c[len("OEF_"):].partition("_")
+            out[c] = {"Description": f"{stat.capitalize()} OEF in " + (f"tissue label {tissue}" if tissue else
+                                                                      "the brain mask"), "Units": "%"}
+    return out
+
+
+def cohort_figure(rows: list[dict], path: Path) -> Path:
+    """OEF per subject: boxes from the 5/25/50/75/95th percentiles in the mask; failed units
+    marked in red on the axis."""
+    from .figures import OEF_RANGE, _matplotlib
+
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(rows) + 2), 4), constrained_layout=True)
+    boxes, positions = [], []
+    for i, r in enumerate(rows):
+        box = (r.get("stats") or {}).get("box") if r.get("status") == STATUS_OK else None
+        if box:
+            p5, q1, med, q3, p95 = box
+            boxes.append({"whislo": p5, "q1": q1, "med": med, "q3": q3, "whishi": p95, "fliers": [],
+                          "mean": r["stats"].get("OEF_mean")})
+            positions.append(i)
+    if boxes:
+        ax.bxp(boxes, positions=positions, showmeans=True, widths=0.6)
+    ax.set_xticks(range(len(rows)))
+    names = [(r.get("name") or r["participant_id"]) + ("" if r.get("status") == STATUS_OK else " (failed)")
+             for r in rows]
+    for label, r in zip(ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8), rows):
+        if r.get("status") != STATUS_OK:
+            label.set_color("red")
+    ax.set_xlim(-0.7, len(rows) - 0.3)
+    ax.set_ylim(*OEF_RANGE)
+    ax.set_ylabel("OEF (%)")
+    failed = sum(r.get("status") != STATUS_OK for r in rows)
+    ax.set_title(f"OEF per subject in the brain mask (box 25-75 %, whiskers 5-95 %, line median, "
+                 f"triangle mean); {failed} failed", fontsize=9)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
