@@ -26,6 +26,15 @@ def raw(tiny_noisy_dataset, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def scheduler():
+    """A running Dask cluster of 2 worker processes, for the reruns (`--scheduler`): one start-up."""
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        yield cluster.scheduler_address
+
+
 def run_cli(capsys, *argv):
     from OEFPredictorLib.cli import main
 
@@ -97,9 +106,9 @@ def test_pybids_finds_per_echo_files_4d_files_sessions_and_missing_inputs(raw, t
         bids.find_inputs(layout, ["P09"])
 
 
-def test_batch_cohort_with_a_corrupt_subject_and_resumption(raw, tmp_path, capsys, model):
-    """The issue's acceptance run: 3 subjects, one corrupt, on 2 local worker processes; then one good
-    subject's outputs deleted and the run repeated."""
+def test_batch_cohort_with_a_corrupt_subject_and_resumption(raw, tmp_path, capsys, model, scheduler):
+    """The issue's acceptance run: 3 subjects, one corrupt, on a new local cluster of 2 worker
+    processes; then one good subject's outputs deleted and the run repeated (on a running cluster)."""
     from OEFPredictorLib import bids, cli, io, predict
     from OEFPredictorLib.cohort import RECORD_FILE
 
@@ -157,6 +166,7 @@ def test_batch_cohort_with_a_corrupt_subject_and_resumption(raw, tmp_path, capsy
     p01_record = (out / "sub-P01" / RECORD_FILE).read_text()
     p01_mtime = (out / "sub-P01" / "anat" / "sub-P01_desc-OEF_map.nii.gz").stat().st_mtime_ns
     shutil.rmtree(out / "sub-P02")
+    argv = argv[:-4] + ["--scheduler", scheduler]
     code, stdout, err = run_cli(capsys, *argv)
     assert code == 1 and "1 done, 1 unchanged (skipped), 1 failed (sub-P03)" in stdout, stdout + err
     assert (out / "sub-P02" / "anat" / "sub-P02_desc-OEF_map.nii.gz").exists()
@@ -180,7 +190,21 @@ def test_batch_refuses_bad_folders_before_any_work(raw, tmp_path, capsys, model)
     (foreign / "notes.txt").write_text("mine")
     code, _, err = run_cli(capsys, "batch", raw, foreign, "--model", model)
     assert code == 2 and "did not write" in err and (foreign / "notes.txt").read_text() == "mine"
-    code, _, err = run_cli(capsys, "batch", tmp_path, tmp_path / "out", "--model", model)
+    (tmp_path / "notbids").mkdir()
+    code, _, err = run_cli(capsys, "batch", tmp_path / "notbids", tmp_path / "out", "--model", model)
     assert code == 2 and "not a BIDS data set" in err and not (tmp_path / "out").exists()
     code, _, err = run_cli(capsys, "batch", raw, raw / "out", "--model", model)
     assert code == 2 and "inside the BIDS data set" in err
+
+
+def test_a_subject_whose_worker_runs_out_of_memory_fails_alone_with_that_reason(raw, tmp_path, capsys, model):
+    """A real memory limit below what a prediction needs (TensorFlow alone takes more): the nanny
+    kills the worker, and the subject fails at once with a one-line reason instead of being retried."""
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "batch", raw, out, "--derivatives", raw / "derivatives" / "simulate",
+                                "--model", model, "--workers", "1", "--memory-limit", "400MiB",
+                                "--participant-label", "P01")
+    assert code == 1, stdout + err
+    line = [l for l in err.splitlines() if "sub-P01: failed:" in l]
+    assert len(line) == 1 and "out of memory" in line[0] and "--memory-limit" in line[0], err
+    assert not (out / "sub-P01").exists() and "failed" in (out / "cohort_OEF.tsv").read_text()
