@@ -118,7 +118,7 @@ def test_batch_cohort_with_a_corrupt_subject_and_resumption(raw, tmp_path, capsy
     corrupt.write_bytes(corrupt.read_bytes()[:200])  # a truncated file
     out = tmp_path / "derivatives" / "oefpredictor"
     argv = ["batch", data, out, "--derivatives", data / "derivatives" / "simulate", "--model", model,
-            "--workers", "2", "--memory-limit", "3GiB"]
+            "--method", "lstm", "--workers", "2", "--memory-limit", "3GiB"]
 
     code, stdout, err = run_cli(capsys, *argv)
     assert code == 1, err
@@ -188,7 +188,7 @@ def test_batch_refuses_bad_folders_before_any_work(raw, tmp_path, capsys, model)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    code, _, err = run_cli(capsys, "batch", raw, foreign, "--model", model)
+    code, _, err = run_cli(capsys, "batch", raw, foreign, "--model", model, "--method", "lstm")
     assert code == 2 and "did not write" in err and (foreign / "notes.txt").read_text() == "mine"
     (tmp_path / "notbids").mkdir()
     code, _, err = run_cli(capsys, "batch", tmp_path / "notbids", tmp_path / "out", "--model", model)
@@ -202,7 +202,7 @@ def test_a_subject_whose_worker_runs_out_of_memory_fails_alone_with_that_reason(
     kills the worker, and the subject fails at once with a one-line reason instead of being retried."""
     out = tmp_path / "out"
     code, stdout, err = run_cli(capsys, "batch", raw, out, "--derivatives", raw / "derivatives" / "simulate",
-                                "--model", model, "--workers", "1", "--memory-limit", "400MiB",
+                                "--model", model, "--method", "lstm", "--workers", "1", "--memory-limit", "400MiB",
                                 "--participant-label", "P01")
     assert code == 1, stdout + err
     line = [l for l in err.splitlines() if "sub-P01: failed:" in l]

@@ -142,9 +142,16 @@ def find_inputs(layout, participant_labels: list[str] | None = None) -> list[Uni
 
 
 def _get(layout, subject, session, **filters) -> list:
+    """Image files of a subject and session; those of the derivatives folders first (given by
+    option, they are what the user asked for)."""
     query = dict(subject=subject, extension=IMAGE_EXTENSIONS, **filters)
     query["session"] = session if session else layout_none()
-    return sorted(layout.get(**query), key=lambda f: f.path)
+    root = Path(layout.root)
+
+    def in_raw(path: Path) -> bool:
+        return path.is_relative_to(root) and "derivatives" not in path.relative_to(root).parts
+
+    return sorted(layout.get(**query), key=lambda f: (in_raw(Path(f.path)), f.path))
 
 
 def layout_none():
@@ -155,11 +162,11 @@ def layout_none():
 
 def _unit_inputs(layout, subject: str, session: str | None) -> UnitInputs:
     missing = []
-    echoes = _get(layout, subject, session, suffix="MEGRE", part="mag")
+    echoes = _get(layout, subject, session, suffix="MEGRE", part="mag", scope="raw")  # not derivatives
     if echoes:
         echoes = sorted(echoes, key=lambda f: int(f.get_entities().get("echo", 0)))
     else:  # one 4D file, or per-echo files without the part entity
-        echoes = [f for f in _get(layout, subject, session, suffix="MEGRE")
+        echoes = [f for f in _get(layout, subject, session, suffix="MEGRE", scope="raw")
                   if f.get_entities().get("part") in (None, "mag")]
         echoes = sorted(echoes, key=lambda f: int(f.get_entities().get("echo", 0)))
     tes, field = None, None

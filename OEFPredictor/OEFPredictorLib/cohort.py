@@ -74,20 +74,31 @@ def default_method() -> str:
 def model_identity(method: str, model: str | None) -> tuple[str | None, str | None]:
     """(model file, its SHA-256) of a method: the given file, else the bundled one; (None, None)
     for methods without a model file."""
-    from . import models, predict, resources
+    from . import models, resources
 
     if model:
         path = Path(model).absolute()
         if not path.is_file():
             raise InputError(f"--model {model}: no such model file.")
-    elif method in predict.KERAS_METHODS:
+    elif bundled_model_name(method):
         try:
-            path = resources.resource_path(*predict.KERAS_METHODS[method])
+            path = resources.resource_path("Models", bundled_model_name(method))
         except FileNotFoundError as exc:
             raise InputError(f"The bundled {method} model is not installed ({exc})") from None
     else:
         return None, None
     return str(path), models.sha256_of(path)
+
+
+def bundled_model_name(method: str) -> str | None:
+    """The bundled model file of a method (None: it needs none), from the method registry."""
+    try:
+        from . import methods
+    except ImportError:  # before the registry: predict's table of Keras methods
+        from . import predict
+
+        return predict.KERAS_METHODS.get(method, (None, None))[1]
+    return methods.get(method).model_file
 
 
 def generated_by(config: BatchConfig) -> dict:
@@ -121,7 +132,7 @@ def prepare_output(out: str | Path, bids_dir: str | Path, config: BatchConfig | 
         return out
     out.mkdir(parents=True, exist_ok=True)
     (out / io.OUTPUT_MARKER).write_text("Written by oefpredictor batch; reruns resume it.\n")
-    for stale in out.rglob(".sub-*.partial-*"):  # left by a killed worker (no cleanup on SIGKILL)
+    for stale in [*out.glob(".sub-*.partial-*"), *out.glob("sub-*/.ses-*.partial-*")]:  # a killed worker's
         if (stale / io.OUTPUT_MARKER).exists():
             shutil.rmtree(stale, ignore_errors=True)
     io.write_json(bids.derivative_description("OEFPredictor OEF maps", generated_by(config), bids_dir),
@@ -309,9 +320,12 @@ def run_units(units: list[bids.UnitInputs], config: BatchConfig, client, on_row=
         try:
             row = future.result()
         except Exception as exc:  # the worker died (killed for memory) or the task could not run
+            if type(exc).__name__ == "KilledWorker":
+                reason = f"the worker running it died (out of memory? raise --memory-limit): {one_line(exc)}"
+            else:  # e.g. a remote worker without this package
+                reason = f"the task could not run on the cluster: {one_line(exc)}"
             row = {"participant_id": f"sub-{unit.subject}", "session_id": f"ses-{unit.session}" if unit.session else "",
-                   "name": unit.name, "status": STATUS_FAILED, "skipped": False,
-                   "reason": f"the worker running it died (out of memory? raise --memory-limit): {one_line(exc)}"}
+                   "name": unit.name, "status": STATUS_FAILED, "skipped": False, "reason": reason}
         record_outcome(Path(config.out), row)
         rows.append(row)
         if on_row:
