@@ -93,3 +93,15 @@ def test_bm3d_missing_is_a_clear_error(monkeypatch):
     assert rnst.get_preset("paper", denoiser="nlm").denoiser == "nlm"
     with pytest.raises(rnst.RNSTInputError, match="unknown denoiser"):
         rnst.get_preset("fast", denoiser="tv")
+
+
+def test_slices_of_several_sizes_share_one_model(model):
+    """One traced loss serves slices of other sizes (a volume's slices along different planes, or
+    the benchmark's pairs): the loss of each matches a fresh computation."""
+    rng = np.random.default_rng(4)
+    for shape in ((40, 36), (44, 30), (40, 36)):
+        content = rng.uniform(0, 1, shape).astype(np.float32)
+        problem = nst.StyleTransfer(model, content, rng.uniform(0, 1, (32, 32)).astype(np.float32))
+        total, ls, lc = problem.loss_terms(content)
+        assert np.isfinite(total) and lc == pytest.approx(0.0, abs=1e-4)
+        assert problem.run(content, (2,)).images[0].shape == shape

@@ -74,13 +74,15 @@ def backbone_spec(name: str, convention: str = "torch") -> Backbone:
 # Losses (keras.ops; the tests check them against hand-computed values)
 
 def gram_matrix(features):
-    """G = F F^T / (C H W) for features (H, W, C) or (1, H, W, C)."""
+    """G = F F^T / (C H W) for features (H, W, C) or (1, H, W, C). H and W may be unknown until
+    run time (one TensorFlow trace serves slices of several sizes)."""
     from keras import ops
     if len(features.shape) == 4:
         features = features[0]
-    h, w, c = features.shape
-    f = ops.reshape(ops.transpose(features, (2, 0, 1)), (c, h * w))
-    return ops.matmul(f, ops.transpose(f)) / float(c * h * w)
+    c = features.shape[-1]
+    f = ops.reshape(ops.transpose(features, (2, 0, 1)), (c, -1))
+    n = ops.cast(ops.shape(f)[1], f.dtype) * float(c)
+    return ops.matmul(f, ops.transpose(f)) / n
 
 
 def l1(a, b):
