@@ -1,7 +1,7 @@
 """Shared helpers for the Slicer-module tests (not a test file).
 
-- slicer_scene(): a real MRML scene from the slicer-core wheel, set up as shared/design/slicer.md
-  says (application, colour, segmentation, volumes, sequences logics; Red/Yellow/Green slice views),
+- slicer_scene(): a real MRML scene from the slicer-core wheel, set up in the order
+  the MRML logics need (application, colour, segmentation, volumes, sequences logics; Red/Yellow/Green slice views),
   and published as slicer.mrmlScene / slicer.modules as the Slicer application does.
 - demo_case(): the demo virtual patient (seed and index of `oefpredictor demo`) at 4 mm, and a tiny
   untrained Keras LSTM with a valid model card for the patient's protocol, made once per process.

@@ -1,4 +1,4 @@
-"""The QQ forward model against the reference values of shared design/physics.md."""
+"""The QQ forward model against reference values computed independently from the published equations."""
 import numpy as np
 import pytest
 

@@ -1,7 +1,7 @@
 """OEFPredictorLogic against the real MRML library of the slicer-core wheel (no Slicer application).
 
 The scene, the colour / volumes / sequences logics and the slice views are the real MRML classes
-(set up as shared/design/slicer.md says); the engine is the real OEFPredictorLib.predict with a tiny
+(set up as Testing/slicer_testing.py describes); the engine is the real OEFPredictorLib.predict with a tiny
 untrained LSTM (the numbers need not be good, only identical to the engine run on the same arrays).
 The input is the demo virtual patient (seed and index of `oefpredictor demo`) at 4 mm.
 """

@@ -1,6 +1,6 @@
 """Benchmark: simulating one 1 mm virtual patient (anatomy, parameters, signals, files).
 
-Target (issue 2): under 60 s on the 2-core machine. Writes benchmarks/results/simulate.json.
+Target: under 60 s on the 2-core machine. Writes benchmarks/results/simulate.json.
 Run: .venv/bin/python benchmarks/bench_simulate.py [--voxel-size 1]
 """
 from __future__ import annotations

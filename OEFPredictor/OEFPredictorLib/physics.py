@@ -1,8 +1,7 @@
 """The QQ (QSM + qBOLD) forward model.
 
 Units throughout: time in seconds, susceptibility in ppm, rates in 1/s, fractions 0..1.
-Equations and constants follow shared design/physics.md (Cho et al. MRM 2018; Yablonskiy &
-Haacke MRM 1994).
+Equations and constants follow Cho et al. (MRM 2018) and Yablonskiy & Haacke (MRM 1994).
 """
 from __future__ import annotations
 
