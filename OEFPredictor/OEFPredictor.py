@@ -263,7 +263,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller, event):
-        self.controller.stop()
+        self.controller.cancel()  # a run of the closing scene writes nothing; the panel goes idle
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):

@@ -305,6 +305,25 @@ def test_interval_maps_reach_their_selectors(panel):
     assert ui.applyButton.text() == "Apply" and ui.applyButton.isEnabled()
 
 
+def test_closing_the_scene_cancels_the_run_and_the_panel_goes_idle(panel):
+    import threading
+
+    from slicer_testing import fake_prediction_job, scene_node_ids
+
+    ui, widget = panel.ui, panel.widget
+    _ready_panel(panel)
+    release = threading.Event()
+    widget.logic = panel.module.OEFPredictorLogic(jobFactory=fake_prediction_job(release=release))
+    widget.controller.timer.setInterval(5)
+    ids = scene_node_ids(panel.env.scene)
+    ui.applyButton.click()
+    widget.onSceneStartClose(None, None)
+    assert widget.controller.state is panel.module.ProcessingState.CANCELLING
+    spin_until(lambda: not widget.controller.busy, timeout=30)
+    assert "Cancelled" in ui.statusLabel.text() and widget.lastOutputs is None
+    assert scene_node_ids(panel.env.scene) == ids and ui.applyButton.text() == "Apply"
+
+
 def test_missing_packages_stop_before_the_run(panel, monkeypatch):
     ui, widget = panel.ui, panel.widget
     _ready_panel(panel)
