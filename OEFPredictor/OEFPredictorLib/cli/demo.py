@@ -84,8 +84,7 @@ def roi_table(data, maps: dict, out_csv: Path) -> list[dict]:
     """Per tissue and lesion: statistics of the predicted maps and their error against the truth."""
     from .. import phantom, roistats
 
-    # tissues from the label map; lesions (once, with their mirror regions) from the lesion map
-    rois = {k: v for k, v in roistats.rois_from_labels(data.labels, phantom.LABELS).items() if k in phantom.TISSUES}
+    rois = roistats.rois_from_labels(data.labels, phantom.LABELS)
     lesions = roistats.rois_from_labels(data.lesion_map, phantom.LESION_MAP_LABELS)
     rois.update({k: v for k, v in lesions.items() if k != "none"})
     names = ("OEF", "R2", "Y", "v", "chi_nb")
