@@ -21,13 +21,17 @@ SCRIPT = r"""
 import json, os, sys
 import numpy as np
 import keras
+from OEFPredictorLib import models as bundles
 
 paths, inputs, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-models = [keras.saving.load_model(p, compile=False, safe_mode=True) for p in paths]
-if not os.path.exists(inputs):  # the first run draws the inputs: batch 64, free (spatial) axes 16
+models = [bundles.load_bundle(p).model for p in paths]  # as the product loads them (card, checksum)
+def shape(model):  # voxel models: a batch of 64; spatial ones (free axes): 2 volumes of 32^3
+    dims = list(model.inputs[0].shape[1:])
+    return [2 if None in dims else 64] + [d or 32 for d in dims]
+
+if not os.path.exists(inputs):  # the first run draws the inputs
     rng = np.random.default_rng(0)
-    np.savez(inputs, **{str(i): rng.normal(size=[64] + [d or 16 for d in m.inputs[0].shape[1:]]).astype(np.float32)
-                        for i, m in enumerate(models)})
+    np.savez(inputs, **{str(i): rng.normal(size=shape(m)).astype(np.float32) for i, m in enumerate(models)})
 data = np.load(inputs)
 result = {str(i): np.asarray(m.predict_on_batch(data[str(i)]), dtype=np.float64) for i, m in enumerate(models)}
 np.savez(out, backend=np.array(keras.backend.backend()), **result)
@@ -43,7 +47,9 @@ def bundled_models() -> list[Path]:
 
 
 def _run(backend: str, paths: list[Path], inputs: Path, out: Path) -> dict:
-    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    lib = str(Path(__file__).resolve().parent.parent / "OEFPredictor")
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([lib] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([str(p) for p in paths]), str(inputs), str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
