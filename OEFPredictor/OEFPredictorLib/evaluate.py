@@ -32,10 +32,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import baselines, models, phantom, physics, sequences, simulate
+from . import baselines, methods, models, phantom, physics, sequences, simulate, spatial
 from .errors import InputError
 
-OEF_Y_ART = 0.98  # OEF = 1 - Y / Ya with arterial saturation 0.98 (physics.md)
+OEF_Y_ART = physics.YA  # OEF = 1 - Y / Ya (physics.md)
+# Specificity: an invented lesion is a cluster of at least this many voxels whose predicted OEF departs
+# from the brain's median by more than the threshold while the true OEF does not.
+INVENTED_THRESHOLD_PP, INVENTED_MIN_VOXELS = 10.0, 8
+LOW_SIGNAL_QUANTILE = 0.2  # "low-SNR regions": the brain's darkest fifth on echo 1
 METRIC_NAMES = ("S0", "R2", "Y", "v", "chi_nb", "OEF")
 METRIC_UNITS = {"S0": "rel. echo 1", "R2": "Hz", "Y": "", "v": "", "chi_nb": "ppm", "OEF": "pp"}
 PREDICT_BATCH = 8192
@@ -73,10 +77,23 @@ def keras_predictor(bundle: models.ModelBundle) -> Predict:
     return predict
 
 
+def spatial_predictor(bundle: models.ModelBundle) -> Predict:
+    """predict() for the spatial model: the whole volume through the network, the targets' rows out
+    (with the OEF interval, OEF_p05 / OEF_p95 in percent)."""
+
+    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
+        bundle.check_protocol(patient.protocol)
+        out = spatial.predict_volume(bundle, patient.echoes, patient.qsm, patient.mask,
+                                     tuple(patient.geometry.spacing[::-1]))
+        return {k: v[targets] for k, v in out.items()}
+
+    return predict
+
+
 def _bundled(name: str) -> Path:
     from . import resources
 
-    return resources.resource_path("Models", f"oef_{name}.keras")
+    return resources.resource_path("Models", methods.get(name).model_file)
 
 
 def keras_method(name: str):
@@ -87,7 +104,8 @@ def keras_method(name: str):
                 path = _bundled(name)
             except FileNotFoundError as exc:
                 raise InputError(f"No model for method '{name}': {exc}") from None
-        return keras_predictor(models.load_bundle(path))
+        bundle = models.load_bundle(path)
+        return spatial_predictor(bundle) if "spatial" in bundle.card else keras_predictor(bundle)
 
     return factory
 
@@ -134,7 +152,13 @@ def label_lookup_predictor(table: dict[int, np.ndarray], default: np.ndarray) ->
     return predict
 
 
-def prior_mean_factory(ctx: MethodContext) -> Predict:
+def constant_factory(ctx: MethodContext) -> Predict:
+    """The constant guess: every voxel gets the healthy brain's population-prior values (GM / WM
+    average), whatever its tissue. A method that cannot beat it has learnt nothing about OEF."""
+    return prior_mean_factory(ctx, per_tissue=False)
+
+
+def prior_mean_factory(ctx: MethodContext, per_tissue: bool = True) -> Predict:
     """The population-prior predictor: every voxel gets its tissue's design-prior mean
     (phantom.TISSUE_PRIORS; lesions the healthy-brain value), S0 the echo-1 value times the mean
     S0 / S(TE1) of that prior. Unlike 'tissue_mean' it is not pulled by the training patients'
@@ -150,7 +174,7 @@ def prior_mean_factory(ctx: MethodContext) -> Predict:
             s0_rel = 1.0 / physics.qbold_signal(1.0, R2, Y, v, chi, protocol)[0]
             table[label] = np.array([s0_rel, R2, Y, v, chi])
         healthy = np.mean([table[lab] for lab in (1, 2)], axis=0)  # lesions: the GM / WM average
-        return label_lookup_predictor(table, healthy)
+        return label_lookup_predictor(table if per_tissue else {}, healthy)
 
     def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
         if patient.protocol not in by_protocol:
@@ -183,8 +207,8 @@ def tissue_oracle_factory(ctx: MethodContext) -> Predict:
 
 
 METHODS: dict[str, Callable[[MethodContext], Predict]] = {
-    "lstm": keras_method("lstm"),
-    "dnn": keras_method("dnn"),
+    **{m.name: keras_method(m.name) for m in methods.METHODS.values() if m.uses_model},
+    "constant": constant_factory,
     "tissue_mean": tissue_mean_factory,
     "prior_mean": prior_mean_factory,
     "tissue_oracle": tissue_oracle_factory,
@@ -228,8 +252,40 @@ def lesion_contrast(pred_oef: np.ndarray, true_oef: np.ndarray, lesion_labels: n
             noise = float(np.sqrt((oef[a].var() + oef[b].var()) / 2))
             row[f"{key}_contrast_pp"] = diff
             row[f"{key}_cnr"] = diff / noise if noise > 0 else float("nan")
+        row["recovered"] = row["pred_contrast_pp"] / row["true_contrast_pp"] if row["true_contrast_pp"] else float("nan")
         rows.append(row)
     return rows
+
+
+def interval_metrics(pred: dict, truth_oef: np.ndarray, where: np.ndarray, lesion: np.ndarray) -> dict:
+    """Coverage of the 90 % OEF interval (share of true values inside it) and its mean width (pp)."""
+    if "OEF_p05" not in pred:
+        return {}
+    lo, hi = np.asarray(pred["OEF_p05"], np.float64), np.asarray(pred["OEF_p95"], np.float64)
+    inside = (truth_oef >= lo) & (truth_oef <= hi)
+    out = {"coverage_OEF": float(inside[where].mean()), "width_OEF": float((hi - lo)[where].mean())}
+    if lesion.any():
+        out["coverage_OEF_lesions"] = float(inside[lesion].mean())
+    return out
+
+
+def invented_lesions(pred_oef: np.ndarray, true_oef: np.ndarray, brain: np.ndarray, echo1: np.ndarray) -> dict:
+    """Specificity on a whole brain (volumes, metric mask `brain`): the share of the brain in clusters of
+    >= INVENTED_MIN_VOXELS voxels whose predicted OEF departs from the predicted brain median by more
+    than INVENTED_THRESHOLD_PP while the truth does not depart from its median; overall and within the
+    darkest fifth of the brain on echo 1 (where the SNR is lowest)."""
+    from scipy import ndimage
+
+    pred_off = np.abs(pred_oef - np.median(pred_oef[brain])) > INVENTED_THRESHOLD_PP
+    true_off = np.abs(true_oef - np.median(true_oef[brain])) > INVENTED_THRESHOLD_PP
+    candidate = pred_off & ~true_off & brain
+    labels, n = ndimage.label(candidate, ndimage.generate_binary_structure(3, 3))
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    invented = np.isin(labels, np.flatnonzero(sizes >= INVENTED_MIN_VOXELS))
+    dark = brain & (echo1 <= np.quantile(echo1[brain], LOW_SIGNAL_QUANTILE))
+    return {"invented_fraction": float(invented[brain].mean()), "invented_clusters": int((sizes >= INVENTED_MIN_VOXELS).sum()),
+            "invented_fraction_low_signal": float(invented[dark].mean())}
 
 
 def target_voxels(patient: simulate.PatientData, max_voxels: int | None, seed: int, index: int):
@@ -259,12 +315,31 @@ class Evaluation:
     def summary(self) -> list[dict]:
         """Average over patients per method (the paper's average row)."""
         rows = []
+        prefixes = ("rmse_", "bias_", "seconds", "coverage_", "width_", "invented_")
         for m in self.methods:
             mine = [r for r in self.per_patient if r["method"] == m]
             row = {"method": m, "patients": len(mine)}
-            for key in [k for k in mine[0] if k.startswith(("rmse_", "bias_", "seconds"))]:
-                row[key] = float(np.mean([r[key] for r in mine]))
+            keys = list(dict.fromkeys(k for r in mine for k in r if k.startswith(prefixes)))
+            for key in keys:
+                row[key] = float(np.mean([r[key] for r in mine if key in r]))
             rows.append(row)
+        return rows
+
+    def lesion_summary(self) -> list[dict]:
+        """Per method and lesion kind, over all test patients: the share of the true contrast recovered
+        (mean predicted / mean true lesion-vs-contralateral difference) and the mean CNR."""
+        rows = []
+        for m in self.methods:
+            for kind in ("misery_perfusion", "infarct_core"):
+                mine = [r for r in self.lesions if r["method"] == m and r["lesion"] == kind]
+                if not mine:
+                    continue
+                true = float(np.mean([r["true_contrast_pp"] for r in mine]))
+                pred = float(np.mean([r["pred_contrast_pp"] for r in mine]))
+                rows.append({"method": m, "lesion": kind, "patients": len(mine), "true_contrast_pp": true,
+                             "pred_contrast_pp": pred, "recovered": pred / true if true else float("nan"),
+                             "true_cnr": float(np.mean([r["true_cnr"] for r in mine])),
+                             "pred_cnr": float(np.nanmean([r["pred_cnr"] for r in mine]))})
         return rows
 
 
@@ -299,6 +374,7 @@ def evaluate(dataset: str | Path, methods: list[str], context: MethodContext | N
         truth = {k: v[patient.mask][targets] for k, v in patient.truth.items()}
         lesion_labels = patient.lesion_map[patient.mask][targets]
         n_brain = int(patient.mask.sum())
+        whole_brain = len(metric) == int(patient.metric_mask.sum())
         for m, predict in predictors.items():
             t0 = time.perf_counter()
             pred = predict(patient, targets)
@@ -308,6 +384,12 @@ def evaluate(dataset: str | Path, methods: list[str], context: MethodContext | N
                    "seconds": seconds, "seconds_per_brain": seconds * n_brain / len(targets)}
             row.update({f"rmse_{k}": rmse(err[k][in_metric]) for k in METRIC_NAMES})
             row.update({f"bias_{k}": float(err[k][in_metric].mean()) for k in METRIC_NAMES})
+            row.update(interval_metrics(pred, np.asarray(truth["OEF"], np.float64), in_metric, lesion_labels > 0))
+            if whole_brain and not (lesion_labels > 0).any():
+                volume = np.zeros(patient.mask.shape)
+                volume[patient.mask] = np.nan
+                volume.reshape(-1)[np.flatnonzero(patient.mask)[targets]] = oef_percent(pred["Y"])
+                row.update(invented_lesions(volume, patient.truth["OEF"], patient.metric_mask, patient.echoes[..., 0]))
             per_patient.append(row)
             for les in lesion_contrast(oef_percent(pred["Y"]), truth["OEF"], lesion_labels):
                 lesions.append({"method": m, "patient": patient.pid, **les})
@@ -352,11 +434,38 @@ def markdown(ev: Evaluation, title: str | None = None) -> str:
              "patients' truth, given the true healthy-tissue labels; lesion voxels get the healthy-brain mean); "
              "`tissue_oracle` gets each patient's own true tissue means (a bar, not a method).", ""]
     summary = {r["method"]: r for r in ev.summary()}
-    lines += ["### Table 3: mean OEF RMSE (pp)", "", "| method | OEF RMSE (pp) | OEF bias (pp) | s per brain |",
-              "|---|---|---|---|"]
+    lines += ["### Table 3: mean OEF RMSE (pp), the 90 % interval, lesion contrast recovered", "",
+              "| method | OEF RMSE (pp) | OEF bias (pp) | interval coverage | interval width (pp) "
+              "| penumbra recovered | core recovered | s per brain |", "|---|---|---|---|---|---|---|---|"]
+    recovered = {(r["method"], r["lesion"]): r for r in ev.lesion_summary()}
+
+    def pct(x):
+        return "–" if x is None or not np.isfinite(x) else f"{100 * x:.0f} %"
+
     for m in ev.methods:
         r = summary[m]
-        lines.append(f"| {m} | {r['rmse_OEF']:.2f} | {r['bias_OEF']:+.2f} | {r['seconds_per_brain']:.1f} |")
+        pen, core = (recovered.get((m, k), {}).get("recovered") for k in ("misery_perfusion", "infarct_core"))
+        cov, width = r.get("coverage_OEF"), r.get("width_OEF")
+        lines.append(f"| {m} | {r['rmse_OEF']:.2f} | {r['bias_OEF']:+.2f} | {pct(cov)} | "
+                     f"{'–' if width is None else f'{width:.1f}'} | {pct(pen)} | {pct(core)} | {r['seconds_per_brain']:.1f} |")
+    if ev.lesion_summary():
+        lines += ["", "### Lesion contrast (lesion - contralateral mirror, mean over patients)", "",
+                  "| method | lesion | patients | true contrast (pp) | predicted contrast (pp) | recovered "
+                  "| true CNR | predicted CNR |", "|---|---|---|---|---|---|---|---|"]
+        for r in ev.lesion_summary():
+            lines.append(f"| {r['method']} | {r['lesion']} | {r['patients']} | {r['true_contrast_pp']:+.1f} | "
+                         f"{r['pred_contrast_pp']:+.1f} | {pct(r['recovered'])} | {r['true_cnr']:+.2f} | "
+                         f"{r['pred_cnr']:+.2f} |")
+    specific = [r for r in ev.per_patient if "invented_fraction" in r]
+    if specific:
+        lines += ["", f"### Specificity on lesion-free patients (invented lesions: clusters of >= "
+                  f"{INVENTED_MIN_VOXELS} voxels off the brain median by > {INVENTED_THRESHOLD_PP:g} pp while "
+                  "the truth is not)", "",
+                  "| method | patient | invented share of the brain | clusters | share in the darkest fifth (low SNR) |",
+                  "|---|---|---|---|---|"]
+        for r in specific:
+            lines.append(f"| {r['method']} | {r['patient']} | {100 * r['invented_fraction']:.2f} % | "
+                         f"{r['invented_clusters']} | {100 * r['invented_fraction_low_signal']:.2f} % |")
     for m in ev.methods:
         lines += ["", f"### Table 2 ({m}): RMSE per test patient", "",
                   "| patient | voxels | S0 | R2 (Hz) | Y | v | chi_nb (ppm) | OEF (pp) |",
@@ -402,8 +511,10 @@ def write_reports(ev: Evaluation, out: str | Path, title: str | None = None) -> 
         "per_patient.csv": _csv_text([{**noise, **r} for r in ev.per_patient]),
         "summary.csv": _csv_text([{**noise, **r} for r in ev.summary()]),
         "lesions.csv": _csv_text([{**noise, **r} for r in ev.lesions]),
+        "lesion_summary.csv": _csv_text([{**noise, **r} for r in ev.lesion_summary()]),
         "report.md": markdown(ev, title),
-        "evaluation.json": json.dumps({**dataclasses.asdict(ev), "summary": ev.summary()}, indent=1) + "\n",
+        "evaluation.json": json.dumps({**dataclasses.asdict(ev), "summary": ev.summary(),
+                                       "lesion_summary": ev.lesion_summary()}, indent=1) + "\n",
     }
     written = []
     for name, text in files.items():

@@ -8,6 +8,7 @@ import numpy as np
 from . import phantom
 
 OEF_RANGE = (0.0, 80.0)  # percent; the display range used everywhere (Slicer too)
+WIDTH_RANGE = (0.0, 40.0)  # percentage points; display range of the 90 % interval's width
 
 
 def _matplotlib():
@@ -25,6 +26,51 @@ def central_slice(mask: np.ndarray, axis: int = 0) -> int:
     if counts.sum() == 0:
         return mask.shape[axis] // 2
     return int(round(np.average(np.arange(len(counts)), weights=counts)))
+
+
+def lesion_slice(lesion_map: np.ndarray | None, mask: np.ndarray) -> int:
+    """The axial slice with the most lesion voxels (the brain's central slice without lesions)."""
+    if lesion_map is None or not np.any((lesion_map == 1) | (lesion_map == 2)):
+        return central_slice(mask)
+    counts = ((lesion_map == 1) | (lesion_map == 2)).sum(axis=(1, 2))
+    return int(np.argmax(counts))
+
+
+def outline_lesions(ax, lesion_slice_map: np.ndarray) -> None:
+    """Contours of the lesions (1 misery perfusion: white, 2 infarct core: cyan) on an image axis."""
+    for code, colour in ((1, "white"), (2, "cyan")):
+        region = (lesion_slice_map == code).astype(float)
+        if region.any():
+            ax.contour(region, levels=[0.5], colors=colour, linewidths=0.8)
+
+
+def method_comparison(data, maps_by_method: dict, out_png: str | Path, labels: dict | None = None) -> Path:
+    """One lesion slice: truth OEF, each method's OEF, and the interval width of those that give one."""
+    plt = _matplotlib()
+    k = lesion_slice(data.lesion_map, data.mask)
+    show = data.metric_mask
+    flip = lambda a: np.where(show[k], a[k], np.nan)[::-1]
+    panels = [("Truth OEF (%)", data.truth["OEF"], "oef")]
+    for name, maps in maps_by_method.items():
+        panels.append((f"{(labels or {}).get(name, name)} OEF (%)", maps["OEF"], "oef"))
+    for name, maps in maps_by_method.items():
+        if "OEF_width" in maps:
+            panels.append((f"{(labels or {}).get(name, name)}: 90 % interval width (pp)", maps["OEF_width"], "width"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), constrained_layout=True)
+    for ax, (title, volume, kind) in zip(np.atleast_1d(axes), panels):
+        cmap, (lo, hi) = ("inferno", OEF_RANGE) if kind == "oef" else ("viridis", WIDTH_RANGE)
+        im = ax.imshow(flip(volume), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        outline_lesions(ax, data.lesion_map[k][::-1])
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"{data.pid}, axial slice {k}: misery perfusion outlined white, infarct core cyan "
+                 f"({(data.sidecar or {}).get('Noise', '')})")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return out_png
 
 
 def label_colormap():

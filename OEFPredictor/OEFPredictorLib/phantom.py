@@ -12,6 +12,11 @@ Montreal Neurological Institute, McGill University; see docs/ATTRIBUTION.md). Ea
   fractions at borders, so that every voxel's signal is exactly the forward model of its truth;
 - optionally lesions (misery perfusion: high OEF; infarct core: low OEF) as spheres or blobs,
   with their contralateral mirror regions for contrast measurements;
+- or, with `PatientConfig.stroke()`, stroke-like patients for spatial learners: several lesions of
+  both kinds (misery perfusion with OEF and v up, infarct core with OEF down, cores nested in
+  penumbrae), 3-25 mm, spheres, blobs, wedges and cortical vascular-territory ribbons, soft or hard
+  edges, and (`wide_priors`) tissue means, within-tissue spread and field smoothness drawn per
+  patient from wide ranges, so that a learner learns the physics rather than one prior;
 - optionally a share of voxels whose parameters are drawn independently of the tissue, uniform
   within the hard bounds, so that learners learn the physics rather than the anatomy.
 
@@ -64,6 +69,12 @@ TISSUE_PRIORS = {
 # Lesion parameter ranges (physics.md).
 MISERY_Y, MISERY_V = (0.20, 0.45), (0.02, 0.05)
 INFARCT_Y, INFARCT_V, INFARCT_R2_DROP, INFARCT_S0_FACTOR = (0.75, 0.92), (0.01, 0.03), (2.0, 5.0), 1.05
+# Stroke-like lesions: wider Y ranges, blood volume relative to the host tissue (misery perfusion
+# dilates vessels: v up; an infarct core loses them), and penumbrae around some cores.
+STROKE_MISERY_Y, STROKE_MISERY_V_FACTOR = (0.18, 0.50), (1.1, 1.7)
+STROKE_INFARCT_Y, STROKE_INFARCT_V_FACTOR = (0.72, 0.95), (0.4, 1.0)
+NESTED_CORE_PROBABILITY = 0.3
+LESION_SHAPES = ("sphere", "blob", "wedge", "territory")
 
 # MNI boxes (RAS mm) of the deep grey nuclei; the iron-rich ones are a subset.
 _DEEP_GM_BOX = ((-34, 34), (-40, 28), (-12, 28))
@@ -85,6 +96,18 @@ class PatientConfig:
     field_correlation_mm: float = 12.0  # correlation length of within-tissue parameter variation
     s0_scale: float = 1000.0  # signal units of S0 = 1 (relative)
     coil_bias: float = 0.15  # peak-to-peak-ish amplitude of the smooth receive-field variation
+    # Stroke-like lesions (see stroke()); None keeps the original lesion model (1-2 spheres/blobs).
+    lesion_count: tuple[int, int] | None = None  # inclusive range of lesions per patient
+    lesion_shapes: tuple[str, ...] = ("sphere", "blob")
+    lesion_size_mm: tuple[float, float] = (10.0, 30.0)  # extent (diameter) range
+    wide_priors: bool = False  # tissue means, spreads and field smoothness drawn per patient
+
+    @classmethod
+    def stroke(cls, voxel_size: float = 2.0, wide_priors: bool = False, lesions: bool | None = True,
+               **overrides) -> "PatientConfig":
+        """Stroke-like patients: 2-6 lesions of both kinds and all shapes, 3-25 mm."""
+        settings = dict(lesion_count=(2, 6), lesion_shapes=LESION_SHAPES, lesion_size_mm=(3.0, 25.0))
+        return cls(voxel_size=voxel_size, lesions=lesions, wide_priors=wide_priors, **{**settings, **overrides})
 
 
 @dataclasses.dataclass
@@ -260,18 +283,20 @@ def make_patient(seed: int | np.random.SeedSequence, config: PatientConfig | Non
     mask = brain & (total > 0)
 
     # Parameters per tissue (smooth fields), blended by tissue fraction.
-    corr_vox = config.field_correlation_mm / vs
+    corr_mm = rng.uniform(6.0, 30.0) if config.wide_priors else config.field_correlation_mm
+    corr_vox = corr_mm / vs
+    priors = _patient_priors(rng) if config.wide_priors else TISSUE_PRIORS
     # One smooth field per parameter, scaled by each tissue's SD around each tissue's mean (tissues
     # occupy different places, so sharing the field costs no realism and saves most of the time).
     params = {name: np.zeros(out_shape, dtype=np.float64) for name in physics.PARAMETER_NAMES}
     fields = {name: smooth_field(rng, out_shape, corr_vox) for name in physics.PARAMETER_NAMES}
     for t, tissue in enumerate(TISSUES):
         f = fractions[t]
-        prior = TISSUE_PRIORS[tissue]
+        prior = priors[tissue]
         for name in ("R2", "Y", "v", "chi_nb"):
             mean, sd, lo, hi = prior[name]
             # Each patient's tissue mean shifts a little too (inter-subject variation).
-            m = mean + 0.5 * sd * rng.standard_normal()
+            m = mean + (0.0 if config.wide_priors else 0.5 * sd * rng.standard_normal())
             params[name] += f * _truncated(m, sd, lo, hi, fields[name])
         params["S0"] += f * prior["S0"] * (1.0 + 0.03 * fields["S0"])
 
@@ -282,16 +307,22 @@ def make_patient(seed: int | np.random.SeedSequence, config: PatientConfig | Non
     lesion_map = np.zeros(out_shape, dtype=np.uint8)
     lesions = []
     has_lesions = rng.random() < 0.6 if config.lesions is None else config.lesions
-    if has_lesions:
+    if has_lesions and config.lesion_count is None:
         n_lesions = int(rng.integers(1, 3))
         for _ in range(n_lesions):
             lesion = _add_lesion(params, fractions, mask, coords, t_spacing, midline_i, rng, out_shape,
                                  corr_vox, lesion_map)
             if lesion:
                 lesions.append(lesion)
+    elif has_lesions:
+        lo_n, hi_n = config.lesion_count
+        for _ in range(int(rng.integers(lo_n, hi_n + 1))):
+            lesions += _add_stroke_lesion(params, fractions, mask, coords, t_spacing, midline_i, rng,
+                                          out_shape, corr_vox, lesion_map, config)
 
     # Receive-field (coil) bias and the signal scale go into S0: S0 is in the data's units.
-    bias = 1.0 + config.coil_bias * 0.5 * np.tanh(smooth_field(rng, out_shape, 60.0 / vs))
+    coil_bias = rng.uniform(0.0, 0.5) if config.wide_priors else config.coil_bias
+    bias = 1.0 + coil_bias * 0.5 * np.tanh(smooth_field(rng, out_shape, 60.0 / vs))
     params["S0"] *= config.s0_scale * bias
 
     labels = np.where(mask, 1 + np.argmax(fractions, axis=0), 0).astype(np.uint8)
@@ -386,3 +417,182 @@ def _add_lesion(params, fractions, mask, coords, t_spacing, midline_i, rng, shap
     return {"type": "misery_perfusion" if code == 1 else "infarct_core", "shape": "blob" if blob else "sphere",
             "radius_mm": round(float(radius), 2), "voxels": int(region.sum()),
             "mean_OEF_percent": round(float(100 * physics.oef_from_Y(params["Y"][region]).mean()), 2)}
+
+
+# --- Stroke-like patients ---------------------------------------------------------------------
+def _patient_priors(rng: np.random.Generator) -> dict:
+    """Tissue priors drawn for one patient from wide ranges around physics.md's design values.
+
+    A shared shift (the patient's global oxygenation, blood volume, relaxation and susceptibility
+    offsets) plus a small per-tissue shift; within-tissue spreads scaled by a per-patient factor.
+    Truncation widens to ranges that keep every tissue physiological.
+    """
+    y_shift, v_factor = rng.uniform(-0.14, 0.12), rng.uniform(0.6, 1.5)
+    r2_shift, chi_shift, spread = rng.normal(0.0, 2.5), rng.uniform(-0.03, 0.03), rng.uniform(0.4, 1.6)
+    priors = {}
+    for tissue, prior in TISSUE_PRIORS.items():
+        if tissue == "CSF":
+            priors[tissue] = prior
+            continue
+        (y, y_sd, _, _), (v, v_sd, _, _) = prior["Y"], prior["v"]
+        (r2, r2_sd, r2_lo, r2_hi), (chi, chi_sd, chi_lo, chi_hi) = prior["R2"], prior["chi_nb"]
+        v_mean = v * v_factor * rng.normal(1.0, 0.1)
+        priors[tissue] = {
+            "Y": (y + y_shift + rng.normal(0, 0.02), y_sd * spread, 0.30, 0.88),
+            "v": (v_mean, v_sd * v_factor * spread, 0.006, 0.08),
+            "R2": (r2 + r2_shift + rng.normal(0, 1.0), r2_sd * spread, max(3.0, r2_lo - 6), r2_hi + 6),
+            "chi_nb": (chi + chi_shift + rng.normal(0, 0.01), chi_sd * spread, chi_lo - 0.05, chi_hi + 0.05),
+            "S0": prior["S0"] * rng.uniform(0.9, 1.1),
+        }
+    return priors
+
+
+@functools.lru_cache(maxsize=1)
+def _template_depth() -> tuple[np.ndarray, np.ndarray]:
+    """Depth below the brain surface (mm) of every template voxel, and the brain's centroid (index)."""
+    _, brain_t, geom_t, _ = _templates()
+    depth = ndimage.distance_transform_edt(brain_t, sampling=np.array(geom_t.spacing)[::-1]).astype(np.float32)
+    return depth, np.argwhere(brain_t).mean(axis=0).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _cortical_candidates(midline_i: float) -> np.ndarray:
+    """Template voxels in the cortical ribbon (GM, within 8 mm of the surface), off the midline."""
+    fractions_t = _templates()[0]
+    depth, _ = _template_depth()
+    candidates = np.argwhere((fractions_t[0] > 0.5) & (depth < 8.0) & (depth > 1.0))
+    return candidates[np.abs(candidates[:, 2] - midline_i) > 15]
+
+
+def _add_stroke_lesion(params, fractions, mask, coords, t_spacing, midline_i, rng, shape, corr_vox, lesion_map,
+                       config) -> list[dict]:
+    """One stroke-like lesion (and, sometimes, an infarct core nested in a penumbra)."""
+    kind = "misery" if rng.random() < 0.5 else "infarct"
+    lesion_shape = str(rng.choice(config.lesion_shapes))
+    lo, hi = config.lesion_size_mm
+    size = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))  # log-uniform: many small lesions
+    edge_mm = 0.0 if rng.random() < 0.4 else rng.uniform(0.5, 4.0)  # hard or soft border
+    cortical = lesion_shape in ("wedge", "territory")
+    candidates = _cortical_candidates(midline_i) if cortical else _lesion_candidates(midline_i)
+    if len(candidates) == 0:
+        return []
+    centre = candidates[rng.integers(len(candidates))].astype(np.float32)
+    geometry = _LesionShape(lesion_shape, centre, size, rng, t_spacing, midline_i)
+    made = []
+    lesion = _place(geometry, kind, params, fractions, mask, coords, rng, shape, corr_vox, lesion_map, edge_mm)
+    if lesion:
+        made.append(lesion)
+        if kind == "misery" and rng.random() < NESTED_CORE_PROBABILITY and size >= 8.0:
+            core = _LesionShape("sphere" if rng.random() < 0.5 else "blob", geometry.core_centre(),
+                                size * rng.uniform(0.3, 0.6), rng, t_spacing, midline_i)
+            nested = _place(core, "infarct", params, fractions, mask, coords, rng, shape, corr_vox, lesion_map,
+                            edge_mm)
+            if nested:
+                made.append(dict(nested, nested_in_penumbra=True))
+    return made
+
+
+class _LesionShape:
+    """A lesion's shape in template space: signed distance (mm, > 0 inside) of template positions."""
+
+    def __init__(self, kind, centre, size_mm, rng, t_spacing, midline_i):
+        self.kind, self.centre, self.size, self.spacing = kind, np.asarray(centre, np.float32), size_mm, t_spacing
+        self.midline_i = midline_i
+        self.blob_dirs = rng.standard_normal((3, 3))
+        self.blob_phases = rng.uniform(0, 2 * np.pi, 3)
+        depth, brain_centre = _template_depth()
+        self.depth = depth
+        if kind in ("wedge", "territory"):
+            # Axis from deep inside the hemisphere out to the cortical centre point.
+            inner = brain_centre.copy()
+            inner[2] = midline_i + 0.35 * (centre[2] - midline_i)  # stay in the lesion's hemisphere
+            self.axis = (self.centre - inner) * t_spacing
+            self.length = float(np.linalg.norm(self.axis))
+            self.axis /= max(self.length, 1e-6)
+            self.inner = inner
+            # wedge: a cone from a point part-way in; territory: a wider cone, only the outer ribbon
+            self.apex_fraction = rng.uniform(0.35, 0.65) if kind == "wedge" else 0.0
+            self.ribbon_mm = rng.uniform(5.0, 12.0)
+            self.half_angle = np.arctan2(0.5 * size_mm, max(self.length * (1 - self.apex_fraction), 1.0))
+
+    @property
+    def reach_mm(self) -> float:
+        return (self.length + 5.0) if self.kind in ("wedge", "territory") else 1.4 * 0.5 * self.size
+
+    def core_centre(self) -> np.ndarray:
+        if self.kind in ("wedge", "territory"):  # the middle of the cortical end
+            return self.centre - self.axis * (0.25 * self.size) / self.spacing
+        return self.centre
+
+    def signed_distance(self, pos_idx: np.ndarray) -> np.ndarray:
+        """pos_idx: (3, N) template index positions -> (N,) mm inside the lesion's border."""
+        if self.kind in ("sphere", "blob"):
+            d = (pos_idx - self.centre[:, None]) * self.spacing[:, None]
+            r = np.sqrt((d * d).sum(axis=0))
+            limit = 0.5 * self.size
+            if self.kind == "blob":  # radius modulated by low-order harmonics of the direction
+                u = d / np.maximum(r, 1e-6)
+                limit = limit * (1 + 0.3 * sum(np.cos(3 * (w @ u) + p) for w, p in zip(self.blob_dirs, self.blob_phases)) / 3)
+            return limit - r
+        apex = self.inner + (self.centre - self.inner) * self.apex_fraction
+        d = (pos_idx - apex[:, None]) * self.spacing[:, None]
+        along = self.axis @ d
+        across = np.sqrt(np.maximum((d * d).sum(axis=0) - along ** 2, 0.0))
+        cone = np.tan(self.half_angle) * np.maximum(along, 0.0) - across  # mm inside the cone's wall
+        inside = np.minimum(cone, along)
+        if self.kind == "territory":
+            depth = ndimage.map_coordinates(self.depth, pos_idx, order=1, mode="constant")
+            inside = np.minimum(inside, self.ribbon_mm - depth)
+        return inside
+
+
+def _place(geometry: _LesionShape, kind, params, fractions, mask, coords, rng, shape, corr_vox, lesion_map,
+           edge_mm) -> dict | None:
+    """Write one lesion's parameters (blended over `edge_mm` at its border) and its mirror region."""
+    brain_idx = np.flatnonzero(mask & (fractions[4] < 0.5) & (lesion_map != 2))  # cores stay
+    brain_coords = coords.reshape(3, -1)[:, brain_idx]
+
+    def weights(mirror: bool):
+        pos = brain_coords.copy()
+        if mirror:
+            pos[2] = 2 * geometry.midline_i - pos[2]
+        reach = geometry.reach_mm / geometry.spacing
+        centre = geometry.inner if geometry.kind in ("wedge", "territory") else geometry.centre
+        span = np.abs(pos - ((geometry.centre + centre) / 2)[:, None])
+        near = np.flatnonzero(np.all(span < reach[:, None] + 2, axis=0))  # cheap box test first
+        s = geometry.signed_distance(pos[:, near])
+        w = (s > 0).astype(np.float32) if edge_mm == 0 else np.clip(s / edge_mm + 0.5, 0.0, 1.0)
+        keep = w > 0
+        return brain_idx[near[keep]], w[keep]
+
+    idx, w = weights(False)
+    core_idx = idx[w >= 0.5]
+    if core_idx.size < 2:
+        return None
+    mirror_idx, mirror_w = weights(True)
+    mirror_idx = mirror_idx[mirror_w >= 0.5]
+    z = smooth_field(rng, shape, corr_vox).reshape(-1)[idx]
+    host = {name: params[name].reshape(-1)[idx] for name in physics.PARAMETER_NAMES}
+    new = dict(host)
+    if kind == "misery":
+        y_range, v_factor = STROKE_MISERY_Y, STROKE_MISERY_V_FACTOR
+    else:
+        y_range, v_factor = STROKE_INFARCT_Y, STROKE_INFARCT_V_FACTOR
+    y_mean = rng.uniform(*y_range)
+    new["Y"] = np.clip(y_mean + 0.03 * z, *y_range)
+    new["v"] = np.clip(host["v"] * rng.uniform(*v_factor), *physics.BOUNDS["v"])
+    if kind == "infarct":
+        new["R2"] = np.maximum(host["R2"] - rng.uniform(*INFARCT_R2_DROP), physics.BOUNDS["R2"][0])
+        new["S0"] = host["S0"] * INFARCT_S0_FACTOR
+    for name in physics.PARAMETER_NAMES:
+        params[name].reshape(-1)[idx] = (1 - w) * host[name] + w * new[name]
+    code = 1 if kind == "misery" else 2
+    flat_map = lesion_map.reshape(-1)
+    mirror_idx = mirror_idx[(flat_map[mirror_idx] == 0) | (flat_map[mirror_idx] >= 3)]
+    mirror_idx = np.setdiff1d(mirror_idx, core_idx)
+    flat_map[core_idx] = code
+    flat_map[mirror_idx] = code + 2
+    oef = 100 * physics.oef_from_Y(params["Y"].reshape(-1)[core_idx])
+    return {"type": "misery_perfusion" if code == 1 else "infarct_core", "shape": geometry.kind,
+            "size_mm": round(float(geometry.size), 2), "edge_mm": round(float(edge_mm), 2),
+            "voxels": int(core_idx.size), "mean_OEF_percent": round(float(oef.mean()), 2)}

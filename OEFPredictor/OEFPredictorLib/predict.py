@@ -35,14 +35,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import physics, sequences
+from . import methods, physics, sequences
 from .errors import CancelledError, InputError
 from .jobs import BackgroundJob, call_interruptibly
 
 log = logging.getLogger(__name__)
 
 MAP_NAMES = ("OEF", "S0", "R2", "Y", "v", "chi_nb", "quality")  # + "CMRO2" with CBF
-KERAS_METHODS = {"lstm": ("Models", "oef_lstm.keras"), "dnn": ("Models", "oef_dnn.keras")}
+INTERVAL_MAP_NAMES = ("OEF_p05", "OEF_p95", "OEF_width")  # methods with an interval (methods.Method.interval)
 QSM_RESIDUAL_SCALE_PPM = 0.2  # see the quality-map definition above
 DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_BATCH = 4096  # voxels per network call: large enough to keep the call overhead small
@@ -55,13 +55,15 @@ Progress = Callable[[float, str], None]
 @dataclasses.dataclass
 class PredictionInputs:
     """Arrays in SimpleITK order: echoes (z, y, x, E) magnitudes, qsm (z, y, x) ppm, optional mask
-    (z, y, x) bool and CBF (z, y, x) mL/100 g/min; protocol: the echo times of the data."""
+    (z, y, x) bool and CBF (z, y, x) mL/100 g/min; protocol: the echo times of the data; spacing:
+    the voxel size (x, y, z) in mm, as io.Geometry.spacing (the spatial model resamples to its grid)."""
 
     echoes: np.ndarray
     qsm: np.ndarray
     protocol: physics.Protocol
     mask: np.ndarray | None = None
     cbf: np.ndarray | None = None
+    spacing: tuple[float, float, float] | None = None
 
     def validate(self, expected: physics.Protocol | None = None) -> list[str]:
         """Raise InputError for unusable inputs; return warnings (e.g. NaN voxels left out).
@@ -178,23 +180,26 @@ class PredictionResult:
     elapsed_s: float
     device: str
     model_card: dict | None
-    method: str = "lstm"
+    method: str = methods.DEFAULT_METHOD
     mask_derived: bool = False
     n_voxels: int = 0
 
 
 # --- Models and devices ------------------------------------------------------------------------
-def resolve_model(model=None, method: str = "lstm"):
+def resolve_model(model=None, method: str = methods.DEFAULT_METHOD):
     """A ModelBundle from None (the bundled model of the method), a path, or a bundle."""
-    from . import models, resources
+    from . import resources
 
     if model is not None and not isinstance(model, (str, Path)):
         return model  # a ModelBundle already
     if model is None:
+        spec = methods.get(method)
+        if not spec.uses_model:
+            raise InputError(f"Method '{spec.name}' uses no trained model.")
         try:
-            path = resources.resource_path(*KERAS_METHODS[method])
+            path = resources.resource_path("Models", spec.model_file)
         except FileNotFoundError as exc:
-            raise InputError(f"The bundled {method.upper()} model is not installed ({exc}) Train one with "
+            raise InputError(f"The bundled {spec.label} model is not installed ({exc}) Train one with "
                              "`oefpredictor train`, or give a model file.") from None
     else:
         path = Path(model)
@@ -280,14 +285,15 @@ def chunk_size_for(bundle, n_features: int, memory_budget_mb: int) -> int:
 
 
 # --- The engine --------------------------------------------------------------------------------
-def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", method: str = "lstm",
+def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", method: str = methods.DEFAULT_METHOD,
                  progress: Progress | None = None, cancel_event: threading.Event | None = None,
                  chunk_voxels: int | None = None, memory_budget_mb: int = 1024,
                  batch_size: int = DEFAULT_BATCH) -> PredictionResult:
     """OEF and QQ parameter maps of one volume (see the module doc for the steps).
 
     model: None (the bundled model of `method`), a .keras path, or a models.ModelBundle.
-    method: 'lstm' / 'dnn' run a Keras bundle; another name ('nlls', 'cat', 'ccm') runs
+    method: a name of methods.METHODS; its kind picks the runner (RUNNERS): 'unet' runs the spatial
+    model on the whole volume, 'lstm' / 'dnn' a voxelwise Keras bundle, 'nlls' / 'cat' / 'ccm'
     baselines.predict_voxels. progress(fraction, message) is called from the running thread;
     cancel_event set -> CancelledError between batches, nothing is returned.
     """
@@ -299,14 +305,14 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
             raise CancelledError("Prediction cancelled; nothing was produced.")
 
     check_cancel()
-    method = (method or "lstm").lower()
-    keras_method = method in KERAS_METHODS
+    spec = methods.get(method)
+    method = spec.name
     bundle = None
-    if keras_method:
+    if spec.uses_model:
         report(0.0, "Loading the model")
         bundle = resolve_model(model, method)
     warnings = inputs.validate(bundle.protocol if bundle is not None else None)
-    dev, messages = choose_device(device) if keras_method else ("cpu", [])
+    dev, messages = choose_device(device) if spec.uses_model else ("cpu", [])
     warnings += messages
     check_cancel()
 
@@ -330,12 +336,10 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     qsm_rows = qsm.reshape(-1)[idx].astype(np.float32)
     check_cancel()
 
-    if keras_method:
-        params, quality, dev = _run_keras(bundle, echo_rows, qsm_rows, inputs.protocol, dev, device,
-                                          report, check_cancel, chunk_voxels, memory_budget_mb, batch_size,
-                                          warnings)
-    else:
-        params, quality = _run_baseline(method, echo_rows, qsm_rows, inputs.protocol, report, cancel_event)
+    run = RUNNERS[spec.kind]
+    params, quality, dev = run(_Run(method, bundle, inputs, mask, echo_rows, qsm_rows, dev, device, report,
+                                    check_cancel, cancel_event, chunk_voxels, memory_budget_mb, batch_size,
+                                    warnings))
     check_cancel()
 
     report(0.97, "Assembling the maps")
@@ -350,7 +354,8 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
         values["CMRO2"] = np.where(finite, physics.cmro2(np.where(finite, cbf_rows, 0.0),
                                                          values["OEF"] / 100.0), 0.0)
     maps = {}
-    for name in MAP_NAMES + (("CMRO2",) if "CMRO2" in values else ()):
+    extra = tuple(n for n in INTERVAL_MAP_NAMES + ("CMRO2",) if n in values)
+    for name in MAP_NAMES + extra:
         volume = np.zeros(mask.size, dtype=np.float32)
         volume[idx] = values[name]
         maps[name] = volume.reshape(mask.shape)
@@ -361,6 +366,78 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
         log.warning(w)
     return PredictionResult(maps, mask, warnings, elapsed, dev, bundle.card if bundle else None, method,
                             mask_derived, n)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What a runner gets: the method, its model, the inputs, the mask's voxel rows and the callbacks."""
+
+    method: str
+    bundle: object
+    inputs: PredictionInputs
+    mask: np.ndarray
+    echo_rows: np.ndarray
+    qsm_rows: np.ndarray
+    device: str
+    requested_device: str
+    report: Progress
+    check_cancel: Callable[[], None]
+    cancel_event: threading.Event | None
+    chunk_voxels: int | None
+    memory_budget_mb: int
+    batch_size: int
+    warnings: list[str]
+
+
+def _run_spatial(run: _Run):
+    """The spatial model on the whole volume; returns parameters (+ the OEF interval), quality, device."""
+    from . import spatial
+
+    inputs, bundle = run.inputs, run.bundle
+    if "spatial" not in bundle.card:
+        raise InputError(f"{bundle.path.name} is not a spatial model (its card has no 'spatial' section); "
+                         "use --method lstm or dnn for voxelwise models.")
+    if inputs.spacing is None:
+        spacing_zyx = (float(bundle.card["spatial"]["voxel_size_mm"]),) * 3
+        run.warnings.append(f"The voxel size is unknown; assumed the model's {spacing_zyx[0]:g} mm.")
+    else:
+        spacing_zyx = tuple(float(s) for s in inputs.spacing[::-1])
+    echoes = np.where(run.mask[..., None], np.asarray(inputs.echoes, dtype=np.float32), 0.0)
+    qsm = np.where(run.mask, np.asarray(inputs.qsm, dtype=np.float32), 0.0)
+    dev = run.device
+    try:
+        with _device_scope(dev):
+            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx,
+                                            check_cancel=run.check_cancel, progress=run.report)
+    except (CancelledError, KeyboardInterrupt, InputError):
+        raise
+    except Exception as exc:
+        if dev != "gpu" or run.requested_device == "gpu":
+            raise
+        run.warnings.append(f"The GPU failed ({type(exc).__name__}); continued on the CPU.")
+        dev = "cpu"
+        with _device_scope(dev):
+            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx,
+                                            check_cancel=run.check_cancel, progress=run.report)
+    params = {name: values[name] for name in physics.PARAMETER_NAMES}
+    quality = np.empty(len(run.echo_rows), dtype=np.float32)
+    for start, stop in sequences.iter_chunks(len(run.echo_rows), 65536):
+        quality[start:stop] = quality_map(run.echo_rows[start:stop], run.qsm_rows[start:stop],
+                                          {p: params[p][start:stop] for p in params}, inputs.protocol)
+    params.update({name: values[name] for name in INTERVAL_MAP_NAMES})
+    return params, quality, dev
+
+
+def _run_voxelwise(run: _Run):
+    return _run_keras(run.bundle, run.echo_rows, run.qsm_rows, run.inputs.protocol, run.device, run.requested_device,
+                      run.report, run.check_cancel, run.chunk_voxels, run.memory_budget_mb, run.batch_size,
+                      run.warnings)
+
+
+def _run_classical(run: _Run):
+    params, quality = _run_baseline(run.method, run.echo_rows, run.qsm_rows, run.inputs.protocol, run.report,
+                                    run.cancel_event)
+    return params, quality, "cpu"
 
 
 def _run_keras(bundle, echo_rows, qsm_rows, protocol, dev, requested, report, check_cancel, chunk_voxels,
@@ -440,6 +517,9 @@ def _run_baseline(method, echo_rows, qsm_rows, protocol, report, cancel_event):
     return params, quality
 
 
+RUNNERS = {"spatial": _run_spatial, "voxelwise": _run_voxelwise, "classical": _run_classical}  # by methods.KINDS
+
+
 def quality_map(echo_rows: np.ndarray, qsm_rows: np.ndarray, params: dict, protocol: physics.Protocol) -> np.ndarray:
     """Normalised RMS residual of the forward model of `params` (definition in the module doc)."""
     signal = physics.qbold_signal(params["S0"], params["R2"], params["Y"], params["v"], params["chi_nb"], protocol)
@@ -462,7 +542,8 @@ class PredictionJob(BackgroundJob):
 
     thread_name = "OEFPredictionJob"
 
-    def __init__(self, inputs: PredictionInputs, model=None, device: str = "auto", method: str = "lstm", **kw):
+    def __init__(self, inputs: PredictionInputs, model=None, device: str = "auto",
+                 method: str = methods.DEFAULT_METHOD, **kw):
         super().__init__()
         self.inputs = inputs
         self.model = model
@@ -472,8 +553,9 @@ class PredictionJob(BackgroundJob):
 
     def run_target(self, progress, cancel_event):
         model = self.model
-        if (self.method or "lstm").lower() in KERAS_METHODS and (model is None or isinstance(model, (str, Path))):
+        spec = methods.get(self.method)
+        if spec.uses_model and (model is None or isinstance(model, (str, Path))):
             progress(0.0, "Loading the model")
-            model = call_interruptibly(lambda: resolve_model(self.model, self.method.lower()), cancel_event)
+            model = call_interruptibly(lambda: resolve_model(self.model, spec.name), cancel_event)
         return predict_maps(self.inputs, model, self.device, self.method, progress=progress,
                             cancel_event=cancel_event, **self.kw)

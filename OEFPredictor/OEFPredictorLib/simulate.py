@@ -27,6 +27,11 @@ N_PATIENTS = 17
 TRAIN_PATIENTS = ("P01", "P02", "P10", "P14", "P15", "P17")
 TRAINING_INDEPENDENT_FRACTION = 0.5  # physics.md: half the training voxels tissue-independent
 
+# Cohorts: 'paper' (the 17-patient split of the paper, for the LSTM and DNN) and 'stroke'
+# (stroke-like patients, phantom.PatientConfig.stroke; every patient is a test patient: the spatial
+# model makes its own training patients).
+COHORTS = ("paper", "stroke")
+
 TRUTH_FILE_KEYS = {"S0": "S0", "R2": "R2", "Y": "Y", "v": "v", "chi_nb": "chinb", "OEF": "OEF"}
 
 
@@ -34,8 +39,17 @@ def patient_id(index: int) -> str:
     return f"P{index:02d}"
 
 
-def split_of(pid: str) -> str:
-    return "train" if pid in TRAIN_PATIENTS else "test"
+def split_of(pid: str, cohort: str = "paper") -> str:
+    return "train" if cohort == "paper" and pid in TRAIN_PATIENTS else "test"
+
+
+def cohort_of(dataset: str | Path) -> str:
+    """The cohort a data set was simulated as (its dataset_description.json; 'paper' when it says none)."""
+    path = Path(dataset) / "dataset_description.json"
+    try:
+        return io.read_json(path).get("Cohort", "paper") if path.exists() else "paper"
+    except (OSError, ValueError, InputError):
+        return "paper"
 
 
 @dataclasses.dataclass
@@ -185,7 +199,8 @@ def list_patients(dataset: str | Path, split: str | None = None) -> list[Path]:
         raise InputError(f"{dataset}: no such data set folder. Make one with `oefpredictor simulate`.")
     folders = sorted(p for p in dataset.iterdir() if p.is_dir() and patient_files(p)["echoes"].exists())
     if split is not None:
-        folders = [p for p in folders if split_of(p.name) == split]
+        cohort = cohort_of(dataset)
+        folders = [p for p in folders if split_of(p.name, cohort) == split]
     return folders
 
 
@@ -199,14 +214,18 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
                      protocol: physics.Protocol | None = None, noise: NoiseModel | None = None,
                      voxel_size: float = 1.0, independent_fraction: float | None = None,
                      lesions: bool | None = None, overwrite: bool = False, progress=None,
-                     first_index: int = 1) -> list[Path]:
+                     first_index: int = 1, cohort: str = "paper") -> list[Path]:
     """Simulate and write virtual patients P01..Pnn into `out`.
 
     Each patient folder is built under a temporary name and moved into place only when complete.
     `independent_fraction` None means the default policy: the training-split patients get half
     their voxels tissue-independent (physics.md), the test patients none (plausible brains).
-    `progress(done, total, message)` is called after each patient.
+    `progress(done, total, message)` is called after each patient. cohort 'stroke' makes stroke-like
+    patients (2-6 lesions of all shapes; `lesions=False` for lesion-free ones) with the population
+    priors, no tissue-independent voxels.
     """
+    if cohort not in COHORTS:
+        raise InputError(f"Unknown cohort {cohort!r}; use one of {', '.join(COHORTS)}.")
     protocol = protocol or physics.Protocol.default()
     noise = noise or NoiseModel()
     out = Path(out)
@@ -218,17 +237,21 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
         anatomy_seed, noise_seed = patient_seed(seed, index).spawn(2)
         fraction = independent_fraction
         if fraction is None:
-            fraction = TRAINING_INDEPENDENT_FRACTION if split_of(pid) == "train" else 0.0
-        config = phantom.PatientConfig(voxel_size=voxel_size, independent_fraction=fraction, lesions=lesions)
+            fraction = TRAINING_INDEPENDENT_FRACTION if split_of(pid, cohort) == "train" else 0.0
+        if cohort == "stroke":
+            config = phantom.PatientConfig.stroke(voxel_size, lesions=True if lesions is None else lesions,
+                                                  independent_fraction=fraction)
+        else:
+            config = phantom.PatientConfig(voxel_size=voxel_size, independent_fraction=fraction, lesions=lesions)
         patient = phantom.make_patient(anatomy_seed, config)
         echoes, qsm, sigma = synthesize(patient.params, patient.mask, protocol, noise,
                                         np.random.default_rng(noise_seed))
-        info = {"DatasetSeed": seed, "PatientIndex": index, "VoxelSizeMM": voxel_size,
+        info = {"DatasetSeed": seed, "PatientIndex": index, "VoxelSizeMM": voxel_size, "Cohort": cohort,
                 "IndependentFraction": fraction, "Lesions": patient.lesions}
         with io.atomic_directory(out / pid, overwrite=overwrite) as tmp:
             write_patient(tmp, pid, patient, echoes, qsm, protocol, noise, sigma, info)
         written.append(out / pid)
-        _update_dataset_index(out, pid, patient, seed, protocol, noise, voxel_size, fraction)
+        _update_dataset_index(out, pid, patient, seed, protocol, noise, voxel_size, fraction, cohort)
         if progress:
             progress(n + 1, n_patients, pid)
     return written
@@ -248,13 +271,13 @@ def check_dataset_output(out: str | Path, n_patients: int, overwrite: bool = Fal
     return pids
 
 
-def _update_dataset_index(out: Path, pid, patient, seed, protocol, noise, voxel_size, fraction):
+def _update_dataset_index(out: Path, pid, patient, seed, protocol, noise, voxel_size, fraction, cohort="paper"):
     """dataset_description.json and participants.tsv, rewritten after each patient."""
     io.write_json({"Name": "OEFPredictor virtual patients", "BIDSVersion": "1.9.0",
                    "DatasetType": "derivative", "GeneratedBy": [{"Name": "oefpredictor simulate"}],
                    "Seed": seed, "Protocol": protocol.to_dict(), "Noise": noise.describe(),
                    "SNR": noise.snr, "QSMNoisePPB": noise.qsm_noise_ppb, "VoxelSizeMM": voxel_size,
-                   "TrainPatients": list(TRAIN_PATIENTS),
+                   "Cohort": cohort, "TrainPatients": list(TRAIN_PATIENTS) if cohort == "paper" else [],
                    "Anatomy": "MNI ICBM152 2009a symmetric templates (nilearn), randomly deformed"},
                   out / "dataset_description.json")
     table = out / "participants.tsv"
@@ -262,7 +285,7 @@ def _update_dataset_index(out: Path, pid, patient, seed, protocol, noise, voxel_
     if table.exists():
         for line in table.read_text(encoding="utf-8").splitlines()[1:]:
             rows[line.split("\t")[0]] = line
-    lesions = ";".join(f"{l['type']}({l['radius_mm']}mm)" for l in patient.lesions) or "none"
-    rows[pid] = f"{pid}\t{split_of(pid)}\t{fraction:g}\t{lesions}"
+    lesions = ";".join(f"{l['type']}({l.get('radius_mm', l.get('size_mm'))}mm)" for l in patient.lesions) or "none"
+    rows[pid] = f"{pid}\t{split_of(pid, cohort)}\t{fraction:g}\t{lesions}"
     header = "participant_id\tsplit\tindependent_fraction\tlesions"
     table.write_text("\n".join([header] + [rows[k] for k in sorted(rows)]) + "\n", encoding="utf-8")

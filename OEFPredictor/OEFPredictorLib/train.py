@@ -198,7 +198,7 @@ def _callbacks(ckpt: Path, history_csv: Path, config: TrainConfig, state: dict, 
             state["train_seconds"] = state.get("train_seconds", 0.0) + logs["seconds"]
             state["wall_so_far"] = state.get("wall_before", 0.0) + time.perf_counter() - started
             if logs["val_loss"] < state.get("best_val_loss", math.inf):
-                state.update(best_val_loss=float(logs["val_loss"]), best_val_rmse=float(logs["val_rmse"]),
+                state.update(best_val_loss=float(logs["val_loss"]), best_val_rmse=float(logs.get("val_rmse", math.nan)),
                              best_epoch=epoch + 1, wait=0)
             else:
                 state["wait"] = state.get("wait", 0) + 1

@@ -4,6 +4,12 @@ from __future__ import annotations
 import sys
 
 
+def _method_names() -> list[str]:
+    from .. import evaluate
+
+    return list(evaluate.METHODS)
+
+
 def register(sub):
     p = sub.add_parser("evaluate", help="accuracy tables of OEF methods on the test patients",
                        description="Evaluate methods on the test patients of a simulated data set (default "
@@ -13,8 +19,9 @@ def register(sub):
     p.add_argument("--data", required=True, help="data-set folder made by `oefpredictor simulate`")
     p.add_argument("--model", default=None, help="LSTM model file for method 'lstm' (default: the bundled one)")
     p.add_argument("--dnn-model", default=None, help="model file for method 'dnn' (default: the bundled one)")
+    p.add_argument("--unet-model", default=None, help="model file for method 'unet' (default: the bundled one)")
     p.add_argument("--methods", default="lstm,tissue_mean",
-                   help="comma-separated methods (default lstm,tissue_mean); see evaluate.METHODS")
+                   help="comma-separated methods (default lstm,tissue_mean), of: " + ", ".join(_method_names()))
     p.add_argument("--patients", default=None, help="patients to evaluate (default: the test split)")
     p.add_argument("--max-voxels-per-patient", type=int, default=None,
                    help="random subsample of metric-mask voxels per patient (default: all)")
@@ -35,7 +42,8 @@ def run(args) -> int:
     if not methods:
         raise InputError("--methods is empty; e.g. lstm,dnn,tissue_mean.")
     patients = [p.strip() for p in args.patients.split(",")] if args.patients else None
-    context = evaluate.MethodContext(args.data, models={"lstm": args.model, "dnn": args.dnn_model},
+    context = evaluate.MethodContext(args.data, models={"lstm": args.model, "dnn": args.dnn_model,
+                                                        "unet": args.unet_model},
                                      seed=args.seed)
     bar = progress_bar(len(patients) if patients else 11, "Evaluating", unit="patient")
 

@@ -2,6 +2,9 @@
 
 Output names are a contract other tools rely on: DIR/oef.nii.gz (percent), S0, R2 (Hz), Y, v,
 chi_nb (ppm), quality, cmro2 (with --cbf), mask (when derived), and prediction.json (provenance).
+Methods with an interval (the default spatial model) add oef_p05.nii.gz and oef_p95.nii.gz: the
+bounds of the 90 % interval of OEF (percent); the true OEF lies between them in 9 of 10 voxels of
+held-out virtual patients.
 """
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import methods
 from ..errors import InputError
 
 OUTPUT_FILES = {"OEF": "oef.nii.gz", "S0": "S0.nii.gz", "R2": "R2.nii.gz", "Y": "Y.nii.gz", "v": "v.nii.gz",
-                "chi_nb": "chi_nb.nii.gz", "quality": "quality.nii.gz", "CMRO2": "cmro2.nii.gz"}
+                "chi_nb": "chi_nb.nii.gz", "quality": "quality.nii.gz", "CMRO2": "cmro2.nii.gz",
+                "OEF_p05": "oef_p05.nii.gz", "OEF_p95": "oef_p95.nii.gz"}  # OEF_width: p95 - p05, not written
 MASK_FILE = "mask.nii.gz"
 
 
@@ -21,8 +26,9 @@ def register(sub):
     p = sub.add_parser(
         "predict", help="predict OEF maps from mGRE echoes + QSM",
         description="Predict OEF (percent), S0, R2, Y, v, chi_nb and a quality map (and CMRO2 with --cbf) "
-                    "from multi-echo GRE magnitude images and a QSM map, with the bundled LSTM or your model. "
-                    "Outputs have the geometry of the inputs; 0 outside the mask.")
+                    "from multi-echo GRE magnitude images and a QSM map, with the bundled spatial model "
+                    "(default; also the 90 % OEF interval, oef_p05/oef_p95), the paper's LSTM, or your "
+                    "model. Outputs have the geometry of the inputs; 0 outside the mask.")
     p.add_argument("--echoes", nargs="+", required=True, metavar="FILE",
                    help="one 4D image (echo on the 4th axis), several 3D images in echo order, or a DICOM "
                         "multi-echo series folder")
@@ -35,8 +41,8 @@ def register(sub):
     p.add_argument("--model", metavar="FILE", help="a .keras model with its .json card (default: bundled)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto (GPU if the backend sees one, else CPU; default), cpu, or gpu")
-    p.add_argument("--method", default="lstm",
-                   help="lstm (default), dnn, or a fitting baseline (nlls, cat, ccm)")
+    p.add_argument("--method", default=methods.DEFAULT_METHOD, choices=list(methods.METHODS), type=str.lower,
+                   help=f"default {methods.DEFAULT_METHOD}. " + methods.help_text())
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
     p.set_defaults(func=run)
@@ -69,7 +75,7 @@ def load_inputs(args):
         m = read_3d(args.mask, "mask")
         mask = np.nan_to_num(m) > 0.5
     cbf = read_3d(args.cbf, "CBF") if args.cbf else None
-    return predict.PredictionInputs(echoes, qsm, protocol, mask, cbf), geometry
+    return predict.PredictionInputs(echoes, qsm, protocol, mask, cbf, geometry.spacing), geometry
 
 
 def write_maps(result, geometry, folder: Path, mask_file: bool | None = None) -> list[Path]:
@@ -79,6 +85,8 @@ def write_maps(result, geometry, folder: Path, mask_file: bool | None = None) ->
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, array in result.maps.items():
+        if name not in OUTPUT_FILES:
+            continue
         path = folder / OUTPUT_FILES[name]
         io.write_volume(array.astype(np.float32), geometry, path)
         written.append(path)
@@ -97,7 +105,18 @@ def provenance(result, args_dict: dict, protocol) -> dict:
             "inputs": args_dict,
             "units": {"OEF": "%", "S0": "input units", "R2": "Hz", "Y": "fraction", "v": "fraction",
                       "chi_nb": "ppm", "quality": "normalised RMS residual (see OEFPredictorLib.predict)",
-                      "CMRO2": "umol/100 g/min"}}
+                      "CMRO2": "umol/100 g/min", "OEF_p05": "% (5th percentile of the 90 % interval)",
+                      "OEF_p95": "% (95th percentile of the 90 % interval)"},
+            "interval": _interval_note(card)}
+
+
+def _interval_note(card: dict) -> dict | None:
+    """How the OEF interval was made and calibrated (methods with an interval only)."""
+    info = card.get("spatial")
+    if not info:
+        return None
+    return {"coverage": "90 % (true OEF between oef_p05 and oef_p95)",
+            "calibration": info.get("calibration"), "interval_scale": info.get("interval_scale")}
 
 
 def run_prediction(inputs, args, bar_label: str = "Predicting"):
@@ -128,10 +147,10 @@ def run(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     io.check_output_dir(out, args.overwrite)  # before any work
-    method = args.method.lower()
+    method = methods.get(args.method)
     inputs, geometry = load_inputs(args)
-    if method in predict.KERAS_METHODS:
-        args.model_bundle = predict.resolve_model(args.model, method)  # a bad model fails before any work
+    if method.uses_model:
+        args.model_bundle = predict.resolve_model(args.model, method.name)  # a bad model fails before any work
         expected = args.model_bundle.protocol
     else:
         expected = None
@@ -144,7 +163,7 @@ def run(args) -> int:
     for w in result.warnings:
         sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
     n = result.n_voxels
-    print(f"OEF maps of {n} voxels written to {out}/ ({', '.join(OUTPUT_FILES[k] for k in result.maps)}"
+    print(f"OEF maps of {n} voxels written to {out}/ ({', '.join(OUTPUT_FILES[k] for k in result.maps if k in OUTPUT_FILES)}"
           f"{', ' + MASK_FILE if result.mask_derived else ''}) in {time.perf_counter() - start:.1f} s "
           f"(prediction {result.elapsed_s:.1f} s on the {result.device.upper()}).")
     return 0

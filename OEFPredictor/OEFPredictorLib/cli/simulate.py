@@ -24,6 +24,11 @@ def register(sub):
     p.add_argument("--independent-fraction", type=float, default=None,
                    help="share of brain voxels with tissue-independent parameters; default: 0.5 for "
                         "the training patients (P01, P02, P10, P14, P15, P17), 0 for the test patients")
+    p.add_argument("--cohort", choices=("paper", "stroke"), default="paper",
+                   help="paper (default): the paper's 17-patient split, 0-2 lesions; stroke: stroke-like test "
+                        "patients, 2-6 lesions of both kinds (spheres, blobs, wedges, cortical territories, "
+                        "3-25 mm), every patient a test patient")
+    p.add_argument("--no-lesions", action="store_true", help="lesion-free patients (specificity checks)")
     p.add_argument("--overwrite", action="store_true", help="replace patient folders that exist")
     p.add_argument("--bids", action="store_true",
                    help="write a BIDS raw data set instead (sub-P01/anat/ per-echo MEGRE files and Chimap; "
@@ -73,7 +78,8 @@ def run(args) -> int:
     try:
         folders = simulate.simulate_dataset(
             target, args.patients, args.seed, protocol, noise, args.voxel_size,
-            args.independent_fraction, overwrite=args.overwrite, progress=progress)
+            args.independent_fraction, lesions=False if args.no_lesions else None, overwrite=args.overwrite,
+            progress=progress, cohort=args.cohort)
         if args.bids:
             folders = bids.write_simulated_bids(target, args.out, args.overwrite)
     finally:

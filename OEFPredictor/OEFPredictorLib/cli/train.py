@@ -1,4 +1,5 @@
-"""`oefpredictor train`: train the paper's LSTM (or the DNN / GRU variants) on virtual patients."""
+"""`oefpredictor train`: train the spatial U-Net on stroke-like patients made on the fly, or the paper's
+LSTM (or the DNN / GRU variants) on a simulated data set."""
 from __future__ import annotations
 
 import shlex
@@ -8,21 +9,28 @@ from ..errors import InputError
 
 
 def register(sub):
-    p = sub.add_parser("train", help="train the LSTM (or DNN/GRU) on simulated patients",
-                       description="Train on the training patients of a data set (default P01, P02, P10, "
-                                   "P14, P15, P17) with the paper's recipe: Huber loss, Adam 1e-4, batch "
-                                   "512, up to 100 epochs, early stopping on the validation loss (8:2 split). "
-                                   "Writes MODEL.keras, its card MODEL.json and MODEL.history.csv.")
-    p.add_argument("--data", required=True, help="data-set folder made by `oefpredictor simulate`")
+    p = sub.add_parser("train", help="train the spatial U-Net, or the paper's LSTM (or DNN/GRU)",
+                       description="--arch unet: the spatial model on stroke-like virtual patients made on the "
+                                   "fly (no --data), noise drawn per batch, interval calibrated on held-out "
+                                   "patients. --arch lstm/dnn/gru: the training patients of a data set "
+                                   "(default P01, P02, P10, P14, P15, P17) with the paper's recipe: Huber loss, "
+                                   "Adam 1e-4, batch 512, up to 100 epochs, early stopping on the validation "
+                                   "loss (8:2 split). Writes MODEL.keras, its card MODEL.json and "
+                                   "MODEL.history.csv; MODEL.ckpt/ holds what --resume continues from.")
+    p.add_argument("--data", default=None, help="data-set folder made by `oefpredictor simulate` (lstm/dnn/gru)")
     p.add_argument("--out", required=True, help="model file to write (MODEL.keras)")
-    p.add_argument("--arch", default="lstm", choices=["lstm", "dnn", "gru"],
-                   help="lstm: the paper's model; dnn: the voxelwise MLP baseline; gru: GRU cells")
+    p.add_argument("--arch", default="lstm", choices=["unet", "lstm", "dnn", "gru"],
+                   help="unet: the spatial model (the product's default method); lstm: the paper's model; "
+                        "dnn: the voxelwise MLP baseline; gru: GRU cells")
     p.add_argument("--max-voxels", type=int, default=None,
                    help="random subsample of training voxels, all patients together (default: all)")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs (default 100)")
-    p.add_argument("--batch-size", type=int, default=512, help="batch size (default 512)")
-    p.add_argument("--learning-rate", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 100; unet 400)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 512; unet 3 patches)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-4; unet 1e-3)")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 10; unet 12)")
+    p.add_argument("--n-patients", type=int, default=None,
+                   help="unet: training patients to make (default 96; more on a GPU)")
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="unet: batches per epoch (default 150)")
     p.add_argument("--time-limit-min", type=float, default=None,
                    help="stop after the epoch that would pass this many minutes (CPU budgets)")
     p.add_argument("--seed", type=int, default=0, help="random seed (subsample, split, weights)")
@@ -34,15 +42,24 @@ def register(sub):
 
 
 def run(args) -> int:
+    if args.time_limit_min is not None and args.time_limit_min <= 0:
+        raise InputError("--time-limit-min must be positive.")
+    if args.arch == "unet":
+        return run_spatial(args)
+    if args.data is None:
+        raise InputError(f"--arch {args.arch} trains on a data set: give --data (made by `oefpredictor simulate`).")
     from .. import simulate, train
+
+    defaults = train.TrainConfig()
+    for name in ("epochs", "batch_size", "learning_rate", "patience"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(defaults, name))
 
     patients = simulate.TRAIN_PATIENTS
     if args.patients:
         patients = tuple(p.strip() for p in args.patients.split(",") if p.strip())
         if not patients:
             raise InputError("--patients is empty; give e.g. P01,P02.")
-    if args.time_limit_min is not None and args.time_limit_min <= 0:
-        raise InputError("--time-limit-min must be positive.")
     config = train.TrainConfig(arch=args.arch, epochs=args.epochs, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, patience=args.patience,
                                max_voxels=args.max_voxels, seed=args.seed, patients=patients,
@@ -56,4 +73,42 @@ def run(args) -> int:
           f"epoch {t['best_epoch']} (val loss {t['best_val_loss']:.4f}, val RMSE {t['best_val_rmse']:.4f}), "
           f"{t['train_samples']} train / {t['validation_samples']} validation sequences, "
           f"{t['wall_seconds']:.0f} s wall, {t['train_sequences_per_second']:.0f} sequences/s.")
+    return 0
+
+
+def run_spatial(args) -> int:
+    """--arch unet: options left out keep SpatialTrainConfig's defaults (the bundled model's recipe)."""
+    import dataclasses
+
+    from .. import train_spatial
+    from . import progress_bar
+
+    if args.data is not None:
+        print("Note: --arch unet makes its own stroke-like training patients; --data is not used.", file=sys.stderr)
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
+             "patience": args.patience, "patients": args.n_patients, "steps_per_epoch": args.steps_per_epoch,
+             "seed": args.seed}
+    config = dataclasses.replace(train_spatial.SpatialTrainConfig(time_limit_min=args.time_limit_min),
+                                 **{k: v for k, v in given.items() if v is not None})
+    if config.patients < 1 or config.batch_size < 1 or config.epochs < 1:
+        raise InputError("--n-patients, --batch-size and --epochs must be at least 1.")
+    command = "oefpredictor " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    bars = {}
+
+    def progress(done, total, what):
+        bar = bars.get(what)
+        if bar is None:
+            bar = bars[what] = progress_bar(total, what.capitalize(), unit="patient")
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    card = train_spatial.train(args.out, config, resume=args.resume, command=command,
+                               verbose=2 if args.quiet else 1, progress=progress)
+    t, info = card["training"], card["spatial"]
+    print(f"Wrote {args.out} (+ card .json, log .history.csv): {t['epochs_run']} epochs, best epoch "
+          f"{t['best_epoch']} (val loss {t['best_val_loss']:.4f}), {t['patches']} patches of "
+          f"{t['train_patients']} patients, {t['wall_seconds']:.0f} s wall; interval scale "
+          f"{info['interval_scale']:.3f} (90 % on {info['calibration']['patients']} calibration patients).")
     return 0

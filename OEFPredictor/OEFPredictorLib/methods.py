@@ -1,0 +1,53 @@
+"""The OEF methods the product offers: one registry for the engine, the command line, evaluate and
+the Slicer panel (name -> label, kind, bundled model).
+
+- spatial: the 3D U-Net on whole volumes (spatial.py), with a 90 % OEF interval; the default.
+- voxelwise: Keras networks on voxel windows (the paper's LSTM, the DNN baseline).
+- classical: the QQ fitting baselines (baselines.py), no trained model.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import InputError
+
+KINDS = ("spatial", "voxelwise", "classical")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # as the panel shows it
+    kind: str
+    model_file: str | None = None  # bundled model in Resources/Models
+    interval: bool = False  # gives OEF_p05 / OEF_p95 / OEF_width
+    description: str = ""
+
+    @property
+    def uses_model(self) -> bool:
+        return self.model_file is not None
+
+
+METHODS = {m.name: m for m in (
+    Method("unet", "Spatial U-Net (default)", "spatial", "oef_unet.keras", True,
+           "3D U-Net on whole volumes (2 mm grid), trained on stroke-like virtual patients; 90 % OEF interval"),
+    Method("lstm", "LSTM (paper)", "voxelwise", "oef_lstm.keras", False,
+           "the paper's LSTM on 5-voxel windows (Kim & Lee 2024)"),
+    Method("dnn", "DNN (voxelwise)", "voxelwise", "oef_dnn.keras", False, "voxelwise MLP baseline"),
+    Method("nlls", "QQ fit (voxelwise NLLS)", "classical", description="bounded least-squares fit of the QQ model"),
+    Method("cat", "CAT (Cho 2020)", "classical", description="cluster analysis of time evolution"),
+    Method("ccm", "CCM (Lee 2020)", "classical", description="closest-curve matching against a database"),
+)}
+DEFAULT_METHOD = "unet"
+
+
+def get(name: str | None) -> Method:
+    """The method of this name (case-insensitive; None: the default); a clear error otherwise."""
+    key = (name or DEFAULT_METHOD).lower()
+    if key not in METHODS:
+        raise InputError(f"Unknown method {name!r}; choose one of {', '.join(METHODS)}.")
+    return METHODS[key]
+
+
+def help_text() -> str:
+    return "; ".join(f"{m.name}: {m.description}" for m in METHODS.values())

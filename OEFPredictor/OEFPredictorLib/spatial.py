@@ -1,0 +1,260 @@
+"""The spatial model: a 3D U-Net that maps whole volumes of the 9 QQ inputs to the QQ parameters
+and a 90 % interval of OEF.
+
+Why spatial: Y and v separate only weakly voxel by voxel (physics.md), so a voxelwise learner shrinks
+to its training prior and a lesion's contrast is lost. A convolutional network pools the evidence of
+neighbouring voxels, as QQ-NET (Cho et al., MRM 2022) does.
+
+Inputs (the model card's `input_normalisation`): per voxel the 8 echo magnitudes divided by the
+voxel's echo-1 magnitude and QSM (ppm) x 10, 0 outside the brain mask; the volume is resampled to the
+model's voxel size (2 mm, `spatial.voxel_size_mm` in the card) with mask-normalised smoothing, and the
+maps are interpolated back to the input grid.
+
+Outputs per voxel: the 5 z-scored QQ parameters (as the LSTM's), and two raw interval channels:
+OEF_p05 = OEF - k softplus(a) * 10 pp, OEF_p95 = OEF + k softplus(b) * 10 pp, trained with the
+pinball loss at 5 % and 95 % and widened by the factor k (`spatial.interval_scale`) that split
+conformal calibration on held-out patients gives.
+
+Inference runs tile by tile (overlapping tiles blended with a linear ramp) when the brain's
+bounding box exceeds the tile size, so memory stays bounded for any input size.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import physics
+from .errors import CancelledError
+
+VOXEL_SIZE_MM = 2.0  # the grid the spatial model works on
+INTERVAL_QUANTILES = (0.05, 0.95)
+INTERVAL_UNIT = 0.1  # the interval channels are in units of 10 percentage points of OEF
+N_OUTPUTS = len(physics.PARAMETER_NAMES) + 2
+# Loss weights per parameter (S0, R2, Y, v, chi_nb): Y carries OEF, the product's map.
+PARAMETER_LOSS_WEIGHTS = (0.5, 0.5, 2.0, 1.0, 0.5)
+TILE_VOXELS = 96  # tile edge (model grid) for volumes whose brain box is larger; ~1 GiB of activations
+TILE_OVERLAP = 16
+INTERVAL_MAPS = ("OEF_p05", "OEF_p95", "OEF_width")
+
+
+def divisor(spec: dict) -> int:
+    """Volume edges must be multiples of this (one halving per pooling level)."""
+    return 2 ** (len(spec["filters"]) - 1)
+
+
+# --- Inputs -----------------------------------------------------------------------------------
+def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_scale: float) -> np.ndarray:
+    """(z, y, x, E + 1) float32 network inputs: echoes / echo 1 and QSM x qsm_scale inside the mask."""
+    echo1 = echoes[..., 0]
+    inside = mask & (echo1 > 0)
+    features = np.zeros(echoes.shape[:3] + (echoes.shape[3] + 1,), dtype=np.float32)
+    scale = np.where(inside, echo1, 1.0).astype(np.float32)
+    for e in range(echoes.shape[3]):
+        features[..., e] = np.where(inside, echoes[..., e] / scale, 0.0)
+    features[..., -1] = np.where(inside, qsm * qsm_scale, 0.0)
+    return features
+
+
+# --- Loss (training) ----------------------------------------------------------------------------
+def make_loss(output_scaling: dict):
+    """Masked Huber loss on the z-scored parameters plus the pinball loss of the OEF interval.
+
+    y_true channels: 5 z-scored targets, true OEF (fraction), voxel weight (1 in the metric mask).
+    y_pred channels: 5 z-scored parameters, 2 raw interval channels. The interval terms do not push
+    on the point estimate (stop-gradient): the interval describes the estimate, it does not bend it.
+    """
+    from keras import ops
+
+    y_index = physics.PARAMETER_NAMES.index("Y")
+    y_mean, y_std = output_scaling["mean"][y_index], output_scaling["std"][y_index]
+    weights = ops.convert_to_tensor(np.array(PARAMETER_LOSS_WEIGHTS, dtype=np.float32))
+    q_lo, q_hi = INTERVAL_QUANTILES
+
+    def pinball(q, error):
+        return ops.maximum(q * error, (q - 1.0) * error)
+
+    def qq_interval_loss(y_true, y_pred):
+        n = len(physics.PARAMETER_NAMES)
+        w = y_true[..., n + 1]
+        err = y_pred[..., :n] - y_true[..., :n]
+        abs_err = ops.abs(err)
+        huber = ops.where(abs_err <= 1.0, 0.5 * err * err, abs_err - 0.5)
+        parameter_term = ops.sum(huber * weights, axis=-1)
+        oef_hat = ops.stop_gradient(1.0 - (y_pred[..., y_index] * y_std + y_mean) / physics.YA)
+        lo = oef_hat - ops.softplus(y_pred[..., n]) * INTERVAL_UNIT
+        hi = oef_hat + ops.softplus(y_pred[..., n + 1]) * INTERVAL_UNIT
+        oef_true = y_true[..., n]
+        interval_term = (pinball(q_lo, oef_true - lo) + pinball(q_hi, oef_true - hi)) / INTERVAL_UNIT
+        total = ops.sum(w * (parameter_term + interval_term), axis=(1, 2, 3))
+        return total / (ops.sum(w, axis=(1, 2, 3)) + 1.0)
+
+    return qq_interval_loss
+
+
+# --- Outputs ------------------------------------------------------------------------------------
+def softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
+def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_scale: float) -> dict:
+    """(N, 7) network outputs of in-mask voxels -> clamped parameters, OEF and its interval (percent)."""
+    from . import models
+
+    n = len(physics.PARAMETER_NAMES)
+    params = models.decode_outputs(raw[:, :n], echo1, output_scaling)
+    params = physics.clamp_to_bounds(params, s0_scale=echo1)
+    oef = 100.0 * physics.oef_from_Y(params["Y"])
+    below = interval_scale * softplus(raw[:, n]) * INTERVAL_UNIT * 100.0
+    above = interval_scale * softplus(raw[:, n + 1]) * INTERVAL_UNIT * 100.0
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+    out["OEF"] = oef.astype(np.float32)
+    out["OEF_p05"] = np.clip(oef - below, 0.0, 100.0).astype(np.float32)
+    out["OEF_p95"] = np.clip(oef + above, 0.0, 100.0).astype(np.float32)
+    out["OEF_width"] = (out["OEF_p95"] - out["OEF_p05"]).astype(np.float32)
+    return out
+
+
+# --- Resampling between the data's grid and the model's -----------------------------------------
+def resampling_factors(spacing_zyx, model_mm: float) -> np.ndarray:
+    """Model voxel size / data voxel size per axis; 1 where they agree within 5 %."""
+    f = model_mm / np.asarray(spacing_zyx, dtype=float)
+    return np.where(np.abs(f - 1.0) < 0.05, 1.0, f)
+
+
+def _grid_shape(shape, factors) -> tuple[int, ...]:
+    return tuple(max(1, int(round(n / f))) for n, f in zip(shape, factors))
+
+
+def to_model_grid(channels: np.ndarray, mask: np.ndarray, factors) -> tuple[np.ndarray, np.ndarray]:
+    """(z, y, x, C) data-grid channels -> the model grid, averaging inside the mask only (a border
+    voxel is not mixed with the background); returns (channels, mask) on the model grid."""
+    from scipy import ndimage
+
+    if np.all(factors == 1.0):
+        return channels, mask
+    out_shape = _grid_shape(mask.shape, factors)
+    coords = _sample_coordinates(mask.shape, out_shape)
+    # a box of `factor` voxels has the variance of a Gaussian of sigma factor / sqrt(12)
+    sigma = np.sqrt(np.maximum(np.asarray(factors) ** 2 - 1.0, 0.0) / 12.0)
+    m = mask.astype(np.float32)
+    m_smooth = ndimage.gaussian_filter(m, sigma) if np.any(sigma > 0) else m
+    m_grid = ndimage.map_coordinates(m_smooth, coords, order=1)
+    out = np.zeros(out_shape + (channels.shape[-1],), dtype=np.float32)
+    for c in range(channels.shape[-1]):
+        v = channels[..., c] * m
+        if np.any(sigma > 0):
+            v = ndimage.gaussian_filter(v, sigma)
+        out[..., c] = ndimage.map_coordinates(v, coords, order=1) / np.maximum(m_grid, 1e-6)
+    grid_mask = ndimage.map_coordinates(m, coords, order=1) >= 0.5
+    out[~grid_mask] = 0.0
+    return out, grid_mask
+
+
+def from_model_grid(values: np.ndarray, grid_mask: np.ndarray, shape) -> np.ndarray:
+    """A model-grid map -> the data grid (linear, mask-normalised so the brain's edge keeps its values)."""
+    from scipy import ndimage
+
+    if values.shape == tuple(shape):
+        return values
+    coords = _sample_coordinates(grid_mask.shape, shape)
+    m = grid_mask.astype(np.float32)
+    weight = ndimage.map_coordinates(m, coords, order=1, mode="nearest")
+    v = ndimage.map_coordinates(values * m, coords, order=1, mode="nearest")
+    near = ndimage.map_coordinates(values, coords, order=0, mode="nearest")  # outside the grid mask
+    return np.where(weight > 1e-3, v / np.maximum(weight, 1e-3), near).astype(np.float32)
+
+
+def _sample_coordinates(src_shape, dst_shape) -> np.ndarray:
+    """Index coordinates in the source grid of every destination voxel centre (same extent)."""
+    axes = [(np.arange(d, dtype=np.float32) + 0.5) * (s / d) - 0.5 for s, d in zip(src_shape, dst_shape)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"))
+
+
+# --- Running the network ------------------------------------------------------------------------
+def _pad_to(shape, multiple: int) -> tuple[int, ...]:
+    return tuple(int(np.ceil(n / multiple) * multiple) for n in shape)
+
+
+def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, tile: int = TILE_VOXELS,
+                overlap: int = TILE_OVERLAP, check_cancel=None, progress=None) -> np.ndarray:
+    """(z, y, x, 7) network outputs over the mask's bounding box (zeros elsewhere).
+
+    `predict(batch)` runs the model on a (1, z, y, x, C) array. The box is padded to a multiple of
+    `multiple`; a box larger than `tile` on any axis is cut into overlapping tiles, each blended with
+    a linear ramp over the overlap, so activations never exceed one tile's.
+    """
+    out = np.zeros(mask.shape + (N_OUTPUTS,), dtype=np.float32)
+    nz = np.argwhere(mask)
+    margin = multiple
+    lo = np.maximum(nz.min(axis=0) - margin, 0)
+    hi = np.minimum(nz.max(axis=0) + 1 + margin, mask.shape)
+    box = features[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    tile = max(multiple, tile // multiple * multiple)
+    step = max(multiple, tile - overlap)
+    starts = [list(range(0, max(n - tile, 0) + 1, step)) for n in box.shape[:3]]
+    for axis, n in enumerate(box.shape[:3]):
+        if n > tile and starts[axis][-1] + tile < n:
+            starts[axis].append(n - tile)
+    acc = np.zeros(box.shape[:3] + (N_OUTPUTS,), dtype=np.float32)
+    weight = np.zeros(box.shape[:3], dtype=np.float32)
+    tiles = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    for k, (a, b, c) in enumerate(tiles):
+        if check_cancel:
+            check_cancel()
+        piece = box[a:a + tile, b:b + tile, c:c + tile]
+        size = piece.shape[:3]
+        padded = np.zeros(_pad_to(size, multiple) + (piece.shape[3],), dtype=np.float32)
+        padded[:size[0], :size[1], :size[2]] = piece
+        raw = np.asarray(predict(padded[None]))[0, :size[0], :size[1], :size[2]]
+        w = _ramp(size, overlap if len(tiles) > 1 else 0)
+        acc[a:a + size[0], b:b + size[1], c:c + size[2]] += raw * w[..., None]
+        weight[a:a + size[0], b:b + size[1], c:c + size[2]] += w
+        if progress:
+            progress((k + 1) / len(tiles))
+    out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = acc / np.maximum(weight, 1e-6)[..., None]
+    return out
+
+
+def _ramp(size, overlap: int) -> np.ndarray:
+    """Blending weights of one tile: 1 inside, a linear ramp over `overlap` voxels at its edges."""
+    w = np.ones(size, dtype=np.float32)
+    if overlap <= 0:
+        return w
+    for axis, n in enumerate(size):
+        r = np.minimum(np.arange(n) + 1, np.arange(n)[::-1] + 1) / float(overlap + 1)
+        shape = [1, 1, 1]
+        shape[axis] = n
+        w = w * np.minimum(r, 1.0).reshape(shape)
+    return w
+
+
+def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
+                   predict=None, check_cancel=None, progress=None) -> dict[str, np.ndarray]:
+    """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
+    (C order), like the voxelwise engine."""
+    card = bundle.card
+    info = card["spatial"]
+    model_mm = float(info["voxel_size_mm"])
+    report = progress or (lambda fraction, message: None)
+    factors = resampling_factors(spacing_zyx, model_mm)
+    features = volume_features(echoes, qsm, mask, bundle.qsm_scale)
+    report(0.08, "Resampling to the model grid" if np.any(factors != 1.0) else "Preparing the volume")
+    grid_features, grid_mask = to_model_grid(features, mask, factors)
+    if check_cancel:
+        check_cancel()
+    if not grid_mask.any():  # a mask thinner than one model voxel: keep what there is
+        grid_mask = grid_features[..., 0] > 0.5
+    predict = predict or bundle.model.predict_on_batch
+    raw = run_network(predict, grid_features, grid_mask, divisor(card["model"]), check_cancel=check_cancel,
+                      progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))
+    report(0.86, "Back to the data grid")
+    idx = np.flatnonzero(mask)
+    channels = np.empty((idx.size, N_OUTPUTS), dtype=np.float32)
+    for c in range(N_OUTPUTS):
+        channels[:, c] = from_model_grid(raw[..., c], grid_mask, mask.shape).reshape(-1)[idx]
+    echo1 = echoes[..., 0].reshape(-1)[idx].astype(np.float32)
+    return decode(channels, echo1, card["output_scaling"], float(info.get("interval_scale", 1.0)))
+
+
+def check_not_cancelled(event) -> None:
+    if event is not None and event.is_set():
+        raise CancelledError("Prediction cancelled; nothing was produced.")

@@ -1,0 +1,371 @@
+"""Training the spatial model (3D U-Net) on stroke-like virtual patients made on the fly.
+
+Data: `n_patients` stroke-like patients (phantom.PatientConfig.stroke: 2-6 lesions of both kinds,
+all shapes, 3-25 mm; most with tissue priors drawn per patient from wide ranges, some lesion-free),
+simulated noise-free at 2 mm. From each, patches of `patch`^3 voxels: one centred near each lesion,
+the rest anywhere in the brain. Noise is added per batch, so no two epochs see the same noise:
+Rician magnitude noise at an SNR drawn log-uniformly from `snr_range` (sigma relative to the
+patient's mean brain echo 1), a smooth receive-field bias, and Gaussian QSM noise of
+`qsm_noise_ppb_range`, white or spatially correlated. Random flips and axis permutations (the
+physics has no orientation).
+
+Validation patients and calibration patients come from their own seeds. After training, split
+conformal calibration on the calibration patients (whole brains, SNR 50-200, QSM noise 1-3 ppb)
+widens or narrows the interval so that it holds 90 % of their voxels; the factor goes into the card.
+No test patient is ever simulated here: the test set of `evaluate` uses another seed.
+
+Outputs next to MODEL.keras: the card MODEL.json, the per-epoch log MODEL.history.csv, and the
+checkpoint folder MODEL.ckpt/ (the patch banks, last and best model, resume state); `--resume`
+continues an interrupted run or a longer budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import models, phantom, physics, sequences, simulate, spatial
+from .errors import InputError
+
+# Seeds of the patients the model learns from, picks its epoch with, and calibrates its interval
+# on. The lesion-rich test set (evaluate) uses none of them.
+TRAIN_SEED, VALIDATION_SEED, CALIBRATION_SEED = 101, 202, 303
+
+
+@dataclasses.dataclass
+class SpatialTrainConfig:
+    """Everything that defines a spatial training run (recorded in the model card)."""
+
+    patients: int = 96
+    validation_patients: int = 6
+    calibration_patients: int = 8
+    patches_per_patient: int = 14
+    patch: int = 40  # voxels (2 mm): 80 mm of context
+    batch_size: int = 3
+    steps_per_epoch: int = 150
+    epochs: int = 400
+    learning_rate: float = 1e-3
+    patience: int = 12  # epochs without a better validation loss
+    time_limit_min: float | None = 60.0
+    seed: int = 0  # weights and batch order; the patients come from the fixed seeds above
+    voxel_size_mm: float = spatial.VOXEL_SIZE_MM
+    snr_range: tuple[float, float] = (40.0, 250.0)
+    qsm_noise_ppb_range: tuple[float, float] = (1.0, 4.0)
+    wide_prior_share: float = 0.75
+    lesion_free_share: float = 0.15
+    filters: tuple[int, ...] = tuple(models.SPATIAL_UNET["filters"])
+
+    @property
+    def spec(self) -> dict:
+        return dict(models.SPATIAL_UNET, filters=list(self.filters))
+
+
+# --- Patients and patches -------------------------------------------------------------------------
+def stroke_patient(seed_sequence, config: SpatialTrainConfig, index: int, wide: bool | None = None,
+                   lesions: bool | None = None):
+    """One noise-free stroke-like patient: (patient, echoes (z, y, x, E), qsm)."""
+    rng = np.random.default_rng(seed_sequence.spawn(1)[0])
+    wide = rng.random() < config.wide_prior_share if wide is None else wide
+    lesions = rng.random() >= config.lesion_free_share if lesions is None else lesions
+    patient = phantom.make_patient(seed_sequence, phantom.PatientConfig.stroke(config.voxel_size_mm, wide, lesions))
+    echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, physics.Protocol.default(),
+                                         simulate.NoiseModel(None, 0.0), rng)
+    return patient, echoes, qsm
+
+
+@dataclasses.dataclass
+class PatchBank:
+    """Noise-free patches, float16: signals (P, n, n, n, E + 1) with echoes relative to the patient's
+    mean brain echo 1 and QSM in ppm; targets (P, n, n, n, 5) S0 (same units), R2, Y, v, chi_nb;
+    mask (brain) and weight (metric mask: brain without CSF) as uint8."""
+
+    signals: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    weight: np.ndarray
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".partial.npz")
+        np.savez(tmp, **dataclasses.asdict(self))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "PatchBank":
+        with np.load(path) as f:
+            return cls(**{k: f[k] for k in ("signals", "targets", "mask", "weight")})
+
+    def __len__(self):
+        return len(self.signals)
+
+
+def _patch_starts(patient, n_patches: int, size: int, rng) -> list[np.ndarray]:
+    """Corners of the patches: one near each lesion's centre, the rest centred on brain voxels."""
+    shape = np.array(patient.mask.shape)
+    centres = []
+    for code in (1, 2):
+        labelled = np.argwhere(patient.lesion_map == code)
+        if len(labelled):
+            picks = rng.choice(len(labelled), size=min(len(labelled), 3), replace=False)
+            centres += [labelled[i] for i in picks]
+    rng.shuffle(centres)
+    centres = centres[: n_patches // 2]
+    brain = np.argwhere(patient.metric_mask)
+    while len(centres) < n_patches:
+        centres.append(brain[rng.integers(len(brain))])
+    starts = []
+    for c in centres:
+        jitter = rng.integers(-size // 4, size // 4 + 1, 3)
+        starts.append(np.clip(c + jitter - size // 2, 0, np.maximum(shape - size, 0)))
+    return starts
+
+
+def make_bank(seed: int, n_patients: int, config: SpatialTrainConfig, progress=None) -> PatchBank:
+    size, parts = config.patch, {"signals": [], "targets": [], "mask": [], "weight": []}
+    for i in range(n_patients):
+        ss = np.random.SeedSequence([seed, i])
+        patient, echoes, qsm = stroke_patient(ss, config, i)
+        rng = np.random.default_rng([seed, i, 7])
+        reference = float(echoes[..., 0][patient.mask].mean())
+        for start in _patch_starts(patient, config.patches_per_patient, size, rng):
+            sl = tuple(slice(int(a), int(a) + size) for a in start)
+            block = _padded(np.concatenate([echoes[sl] / reference, qsm[sl][..., None]], axis=-1), size)
+            parts["signals"].append(block.astype(np.float16))
+            target = np.stack([patient.params[n][sl] for n in physics.PARAMETER_NAMES], axis=-1)
+            target[..., 0] /= reference
+            parts["targets"].append(_padded(target, size).astype(np.float16))
+            parts["mask"].append(_padded(patient.mask[sl], size).astype(np.uint8))
+            parts["weight"].append(_padded(patient.metric_mask[sl], size).astype(np.uint8))
+        if progress:
+            progress(i + 1, n_patients)
+    return PatchBank(**{k: np.stack(v) for k, v in parts.items()})
+
+
+def _padded(block: np.ndarray, size: int) -> np.ndarray:
+    pad = [(0, size - n) for n in block.shape[:3]] + [(0, 0)] * (block.ndim - 3)
+    return np.pad(block, pad) if any(p[1] for p in pad) else block
+
+
+# --- Batches: noise, bias, normalisation --------------------------------------------------------------
+def noisy_batch(bank: PatchBank, rows, rng, config: SpatialTrainConfig, scaling: dict, augment: bool = True):
+    """Network inputs (B, n, n, n, 9) and y_true (B, n, n, n, 7) for patches `rows` of the bank."""
+    from scipy import ndimage
+
+    xs, ys = [], []
+    mean, std = np.array(scaling["mean"], np.float32), np.array(scaling["std"], np.float32)
+    for r in rows:
+        signals = bank.signals[r].astype(np.float32)
+        targets = bank.targets[r].astype(np.float32)
+        mask, weight = bank.mask[r].astype(bool), bank.weight[r].astype(np.float32)
+        n_echo = signals.shape[-1] - 1
+        echoes, qsm = signals[..., :n_echo], signals[..., n_echo]
+        # a smooth receive-field bias across the patch (local SNR varies)
+        ramp = np.linspace(-1.0, 1.0, echoes.shape[0], dtype=np.float32)
+        bias = np.exp(rng.uniform(-0.25, 0.25) * ramp[:, None, None] + rng.uniform(-0.25, 0.25) * ramp[None, :, None]
+                      + rng.uniform(-0.25, 0.25) * ramp[None, None, :])
+        echoes = echoes * bias[..., None]
+        snr = math.exp(rng.uniform(math.log(config.snr_range[0]), math.log(config.snr_range[1])))
+        sigma = np.float32(1.0 / snr)  # echoes are relative to the patient's mean brain echo 1
+        shape = echoes.shape
+        echoes = np.hypot(echoes + sigma * rng.standard_normal(shape, dtype=np.float32),
+                          sigma * rng.standard_normal(shape, dtype=np.float32))
+        qsm_sd = rng.uniform(*config.qsm_noise_ppb_range) * 1e-3
+        qsm_noise = rng.standard_normal(qsm.shape, dtype=np.float32)
+        if rng.random() < 0.5:  # spatially correlated QSM noise, same SD
+            qsm_noise = ndimage.gaussian_filter(qsm_noise, rng.uniform(0.5, 1.2))
+            qsm_noise /= qsm_noise.std() + 1e-12
+        qsm = qsm + np.float32(qsm_sd) * qsm_noise
+        x = spatial.volume_features(echoes, qsm, mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"])
+        echo1 = np.where(mask, echoes[..., 0], 1.0)
+        t = targets.copy()
+        t[..., 0] = t[..., 0] * bias / echo1  # S0 relative to the voxel's (noisy) echo 1
+        z = np.where(mask[..., None], (t - mean) / std, 0.0)
+        oef = 1.0 - t[..., 2] / physics.YA
+        y = np.concatenate([z, oef[..., None], weight[..., None]], axis=-1).astype(np.float32)
+        if augment:
+            for axis in range(3):
+                if rng.random() < 0.5:
+                    x, y = np.flip(x, axis), np.flip(y, axis)
+            order = list(rng.permutation(3)) + [3]
+            x, y = np.transpose(x, order), np.transpose(y, order)
+        xs.append(np.ascontiguousarray(x))
+        ys.append(np.ascontiguousarray(y))
+    return np.stack(xs), np.stack(ys)
+
+
+def fit_scaling(bank: PatchBank) -> dict:
+    """z-scoring of the targets (S0 relative to echo 1 approximated by the noise-free signal)."""
+    w = bank.weight.astype(bool)
+    t = bank.targets[w].astype(np.float32)
+    t[:, 0] /= np.maximum(bank.signals[..., 0][w].astype(np.float32), 1e-3)
+    return models.fit_output_scaling(t)
+
+
+# --- Conformal calibration of the interval ------------------------------------------------------------
+def calibration_scores(model, card: dict, config: SpatialTrainConfig, progress=None) -> np.ndarray:
+    """Per metric-mask voxel of the calibration patients, the interval factor that would just cover it."""
+    scores = []
+    protocol = physics.Protocol.default()
+    for i in range(config.calibration_patients):
+        ss = np.random.SeedSequence([CALIBRATION_SEED, i])
+        patient, _, _ = stroke_patient(ss, config, i)
+        rng = np.random.default_rng([CALIBRATION_SEED, i, 9])
+        noise = simulate.NoiseModel(float(rng.choice([50.0, 100.0, 200.0])), float(rng.choice([1.0, 2.0, 3.0])))
+        echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, protocol, noise, rng)
+        bundle = models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), Path("."))
+        out = spatial.predict_volume(bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3)
+        inside = patient.metric_mask[patient.mask]
+        truth = patient.oef_percent[patient.mask][inside]
+        oef, lo, hi = out["OEF"][inside], out["OEF_p05"][inside], out["OEF_p95"][inside]
+        below, above = np.maximum(oef - lo, 1e-3), np.maximum(hi - oef, 1e-3)
+        scores.append(np.where(truth < oef, (oef - truth) / below, (truth - oef) / above))
+        if progress:
+            progress(i + 1, config.calibration_patients)
+    return np.concatenate(scores)
+
+
+def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
+    """Split conformal quantile with the finite-sample correction."""
+    n = len(scores)
+    q = min(1.0, math.ceil((n + 1) * coverage) / n)
+    return float(np.quantile(scores, q))
+
+
+# --- Training -------------------------------------------------------------------------------------------
+def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, command: str | None = None,
+          verbose: int = 1, progress=None) -> dict:
+    """Train the spatial model and save MODEL.keras + card. Returns the card."""
+    import keras
+
+    from . import train as voxel_train
+
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise InputError(f"--out {out}: a model file must end in .keras.")
+    if config.patch % spatial.divisor(config.spec):
+        raise InputError(f"The patch size must be a multiple of {spatial.divisor(config.spec)}.")
+    ckpt = out.with_name(out.stem + ".ckpt")
+    history_csv = out.with_name(out.stem + ".history.csv")
+    started = time.perf_counter()
+    state: dict = {}
+    config_dict = _config_dict(config)
+    if resume:
+        if not (ckpt / "state.json").exists() or not (ckpt / "last.keras").exists():
+            raise InputError(f"--resume: no checkpoint in {ckpt}; start without --resume.")
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        if state["config"] != config_dict:
+            raise InputError(f"--resume: the options differ from the checkpointed run ({ckpt}/state.json).")
+    elif ckpt.exists():
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+
+    banks = {}
+    for name, seed, n in (("train", TRAIN_SEED, config.patients), ("validation", VALIDATION_SEED,
+                                                                     config.validation_patients)):
+        path = ckpt / f"bank_{name}.npz"
+        if path.exists():
+            banks[name] = PatchBank.load(path)
+        else:
+            report = (lambda done, total, name=name: progress(done, total, f"{name} patients")) if progress else None
+            banks[name] = make_bank(seed, n, config, report)
+            banks[name].save(path)
+    scaling = state.get("output_scaling") or fit_scaling(banks["train"])
+    state.update(config=config_dict, output_scaling=scaling, wall_before=state.get("wall_so_far", 0.0))
+
+    keras.utils.set_random_seed(config.seed)
+    val_rng = np.random.default_rng([VALIDATION_SEED, 1])
+    x_val, y_val = noisy_batch(banks["validation"], range(len(banks["validation"])), val_rng, config, scaling,
+                               augment=False)
+    loss = spatial.make_loss(scaling)
+    if resume:
+        # the optimizer state comes back with the model; the loss is ours, named in the file
+        model = keras.saving.load_model(ckpt / "last.keras", custom_objects={loss.__name__: loss}, safe_mode=True)
+    else:
+        model = models.build_model(config.spec, n_features=x_val.shape[-1], n_outputs=spatial.N_OUTPUTS)
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss)
+
+    train_bank = banks["train"]
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.rng = np.random.default_rng([config.seed, state.get("epoch", 0), 3])
+
+        def __len__(self):
+            return config.steps_per_epoch
+
+        def __getitem__(self, i):
+            rows = self.rng.integers(0, len(train_bank), config.batch_size)
+            return noisy_batch(train_bank, rows, self.rng, config, scaling)
+
+    callbacks = voxel_train._callbacks(ckpt, history_csv, config, state, started)
+    callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ModelCheckpoint)]
+    callbacks += [_SaveModels(ckpt, state), keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=4, min_lr=1e-5)]
+    initial_epoch = state.get("epoch", 0)
+    if initial_epoch < config.epochs:
+        model.fit(Batches(), validation_data=(x_val, y_val), batch_size=config.batch_size, epochs=config.epochs,
+                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+    if not (ckpt / "best.weights.h5").exists():
+        raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate.")
+    model.load_weights(ckpt / "best.weights.h5")
+
+    card = models.make_card(
+        config.spec, physics.Protocol.default(), scaling, 1, "centre",
+        spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
+            "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
+            "interval_scale": 1.0, "tile_voxels": spatial.TILE_VOXELS},
+        window={"length": 1, "target": "centre", "order": "whole volume (3D convolutions)", "padding": "zeros"})
+    if progress:
+        progress(0, config.calibration_patients, "calibrating the interval")
+    scores = calibration_scores(model, card, config,
+                                (lambda d, t: progress(d, t, "calibrating the interval")) if progress else None)
+    factor = conformal_factor(scores)
+    wall = time.perf_counter() - started + state.get("wall_before", 0.0)
+    epochs_run = state.get("epoch", 0)
+    card["spatial"].update(interval_scale=round(factor, 4), calibration={
+        "patients": config.calibration_patients, "seed": CALIBRATION_SEED, "voxels": int(len(scores)),
+        "coverage_before": round(float(np.mean(scores <= 1.0)), 4), "method": "split conformal, 90 %"})
+    card["training"] = {
+        "data": "stroke-like virtual patients made on the fly (phantom.PatientConfig.stroke), 2 mm, noise per batch",
+        "train_patients": config.patients, "train_seed": TRAIN_SEED, "validation_patients": config.validation_patients,
+        "validation_seed": VALIDATION_SEED, "patches": len(train_bank), "patch_voxels": config.patch,
+        "snr_range": list(config.snr_range), "qsm_noise_ppb_range": list(config.qsm_noise_ppb_range),
+        "wide_prior_share": config.wide_prior_share, "lesion_free_share": config.lesion_free_share,
+        "optimizer": f"Adam(learning_rate={config.learning_rate:g}), halved on plateaus",
+        "loss": "masked Huber on z-scored parameters (weights S0 .5, R2 .5, Y 2, v 1, chi_nb .5) + pinball 5/95 % on OEF",
+        "batch_size": config.batch_size, "steps_per_epoch": config.steps_per_epoch, "epochs_run": epochs_run,
+        "best_epoch": state.get("best_epoch"), "best_val_loss": state.get("best_val_loss"),
+        "stopped_by": state.get("stopped_by", "early stopping" if epochs_run < config.epochs else "epochs"),
+        "train_seconds": round(state.get("train_seconds", 0.0), 1), "wall_seconds": round(wall, 1),
+        "seed": config.seed, "history": history_csv.name, "command": command,
+    }
+    models.save_bundle(model, card, out)
+    return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
+
+
+def _config_dict(config: SpatialTrainConfig) -> dict:
+    d = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as state.json holds them
+    d.pop("epochs")
+    d.pop("time_limit_min")
+    return d
+
+
+class _SaveModels:
+    """Made on first use (keras is imported lazily): see _save_models."""
+
+    def __new__(cls, ckpt: Path, state: dict):
+        import keras
+
+        class SaveModels(keras.callbacks.Callback):
+            """last.keras (with the optimizer) to resume from; best.weights.h5 for the epoch we ship."""
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.model.save(ckpt / "last.keras")
+                if state.get("best_epoch") == epoch + 1:
+                    self.model.save_weights(ckpt / "best.weights.h5")
+
+        return SaveModels()

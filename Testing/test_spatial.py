@@ -1,0 +1,282 @@
+"""The spatial model: stroke-like patients, the U-Net, resampling, tiling, the interval, its training,
+its place in the engine and in evaluate (real Keras, real SimpleITK files, tiny volumes)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from OEFPredictorLib import evaluate, methods, models, phantom, physics, predict, spatial, train_spatial
+from OEFPredictorLib.errors import InputError
+from predict_testutils import tiny_spatial_model_path
+
+
+# --- Stroke-like virtual patients ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stroke_patients():
+    return [phantom.make_patient(seed, phantom.PatientConfig.stroke(4.0, wide_priors=seed % 2 == 0))
+            for seed in range(4)]
+
+
+def test_stroke_patients_have_several_lesions_of_both_kinds(stroke_patients):
+    kinds = [l["type"] for p in stroke_patients for l in p.lesions]
+    shapes = {l["shape"] for p in stroke_patients for l in p.lesions}
+    assert len(kinds) >= 8 and {"misery_perfusion", "infarct_core"} <= set(kinds)
+    assert len(shapes) >= 3
+    for p in stroke_patients:
+        oef = p.oef_percent
+        if (p.lesion_map == 1).sum() >= 3:
+            assert oef[p.lesion_map == 1].mean() > oef[p.metric_mask & (p.lesion_map == 0)].mean() + 5
+        if (p.lesion_map == 2).sum() >= 3:
+            assert oef[p.lesion_map == 2].mean() < oef[p.metric_mask & (p.lesion_map == 0)].mean() - 10
+
+
+def test_misery_perfusion_raises_blood_volume():
+    """Misery perfusion dilates vessels: v inside the lesion above its contralateral mirror."""
+    ratios = []
+    for seed in range(10):
+        p = phantom.make_patient(seed, phantom.PatientConfig.stroke(4.0, lesion_shapes=("sphere",),
+                                                                    lesion_size_mm=(20.0, 25.0)))
+        les, mirror = p.lesion_map == 1, p.lesion_map == 3
+        if les.sum() >= 5 and mirror.sum() >= 5:
+            ratios.append(p.params["v"][les].mean() / p.params["v"][mirror].mean())
+    assert len(ratios) >= 3 and np.median(ratios) > 1.1
+
+
+def test_cortical_shapes_follow_the_cortex():
+    """Territory lesions lie in the outer ribbon of the brain, not deep in the white matter."""
+    from scipy import ndimage
+
+    depths = []
+    for seed in range(6):
+        p = phantom.make_patient(seed, phantom.PatientConfig.stroke(4.0, lesion_shapes=("territory",)))
+        depth = ndimage.distance_transform_edt(p.mask) * 4.0
+        inside = (p.lesion_map == 1) | (p.lesion_map == 2)
+        if inside.any():
+            depths.append(np.median(depth[inside]))
+    assert depths and np.median(depths) < 16.0
+
+
+def test_wide_priors_vary_the_tissue_means_between_patients():
+    spreads = {}
+    for wide in (False, True):
+        means = []
+        for seed in range(6):
+            p = phantom.make_patient(seed, phantom.PatientConfig.stroke(4.0, wide_priors=wide, lesions=False))
+            means.append(p.oef_percent[p.metric_mask].mean())
+        spreads[wide] = np.std(means)
+    assert spreads[True] > 2 * spreads[False]
+
+
+def test_the_paper_cohort_is_unchanged_by_the_stroke_options():
+    """The original lesion model draws the same patient as before (the paper's data sets stay valid)."""
+    a = phantom.make_patient(3, phantom.PatientConfig(voxel_size=4.0, lesions=True))
+    b = phantom.make_patient(3, phantom.PatientConfig(voxel_size=4.0, lesions=True, lesion_shapes=("sphere",)))
+    assert np.array_equal(a.params["Y"], b.params["Y"]) and a.lesions == b.lesions
+    assert all("radius_mm" in l for l in a.lesions)
+
+
+# --- The network and its inputs / outputs ---------------------------------------------------------
+def test_unet_is_fully_convolutional_and_safe_mode_loadable(tmp_path):
+    import keras
+
+    model = models.build_model({"architecture": "unet", "filters": [4, 8, 16]}, n_outputs=spatial.N_OUTPUTS)
+    for shape in ((8, 12, 16), (16, 8, 8)):
+        assert model.predict_on_batch(np.zeros((1,) + shape + (9,), np.float32)).shape == (1,) + shape + (7,)
+    path = tmp_path / "u.keras"
+    model.save(path)
+    again = keras.saving.load_model(path, compile=False, safe_mode=True)
+    x = np.random.default_rng(0).random((1, 8, 8, 8, 9)).astype(np.float32)
+    np.testing.assert_allclose(again.predict_on_batch(x), model.predict_on_batch(x), atol=1e-6)
+    assert not any(type(l).__name__ == "Lambda" for l in model.layers)
+
+
+def test_tiled_inference_matches_the_whole_volume_inside_the_tiles():
+    """Overlapping tiles, blended, agree with one pass away from the tile borders, and every tile is
+    at most the tile size (bounded memory)."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = models.build_model({"architecture": "unet", "filters": [4, 8]}, n_outputs=spatial.N_OUTPUTS)
+    rng = np.random.default_rng(0)
+    features = rng.random((40, 36, 30, 9)).astype(np.float32)
+    mask = np.zeros(features.shape[:3], bool)
+    mask[4:36, 4:32, 4:26] = True
+    seen = []
+
+    def predict(x):
+        seen.append(x.shape)
+        return model.predict_on_batch(x)
+
+    whole = spatial.run_network(model.predict_on_batch, features, mask, multiple=2, tile=64)
+    tiled = spatial.run_network(predict, features, mask, multiple=2, tile=24, overlap=12)
+    assert len(seen) >= 8 and max(max(s[1:4]) for s in seen) <= 24
+    diff = np.abs(whole - tiled)[mask]
+    # zero padding at tile borders changes a few voxels; the ramp keeps them a small minority
+    assert np.median(diff) < 0.1 * np.abs(whole[mask]).mean()
+
+
+def test_resampling_keeps_uniform_values_and_the_brain_edge():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[3:17, 4:16, 5:15] = True
+    channels = np.where(mask[..., None], np.array([1.0, 0.5], np.float32), 0.0).astype(np.float32)
+    factors = spatial.resampling_factors((1.0, 1.0, 1.0), 2.0)
+    grid, grid_mask = spatial.to_model_grid(channels, mask, factors)
+    assert grid.shape == (10, 10, 10, 2)
+    np.testing.assert_allclose(grid[grid_mask], [[1.0, 0.5]] * int(grid_mask.sum()), atol=1e-5)
+    back = spatial.from_model_grid(grid[..., 1], grid_mask, mask.shape)
+    np.testing.assert_allclose(back[mask], 0.5, atol=1e-5)
+    assert np.all(spatial.resampling_factors((2.02, 1.98, 2.0), 2.0) == 1.0)
+
+
+def test_decoded_interval_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(100, 7)).astype(np.float32)
+    scaling = {"mean": [1.1, 18, 0.6, 0.03, 0.0], "std": [0.05, 5, 0.1, 0.01, 0.05]}
+    out = spatial.decode(raw, np.ones(100, np.float32), scaling, interval_scale=1.5)
+    assert np.all(out["OEF_p05"] <= out["OEF"] + 1e-5) and np.all(out["OEF"] <= out["OEF_p95"] + 1e-5)
+    np.testing.assert_allclose(out["OEF_width"], out["OEF_p95"] - out["OEF_p05"], atol=1e-5)
+    wider = spatial.decode(raw, np.ones(100, np.float32), scaling, interval_scale=3.0)
+    assert np.all(wider["OEF_width"] >= out["OEF_width"] - 1e-5)
+
+
+def test_loss_ignores_voxels_outside_the_metric_mask_and_rewards_coverage():
+    from keras import ops
+
+    scaling = {"mean": [1.0, 18.0, 0.6, 0.03, 0.0], "std": [0.05, 5.0, 0.1, 0.01, 0.05]}
+    loss = spatial.make_loss(scaling)
+    y_true = np.zeros((1, 4, 4, 4, 7), np.float32)
+    y_true[..., 5] = 1 - 0.6 / physics.YA  # true OEF = predicted OEF at z = 0
+    y_true[..., 6] = 0.0
+    y_true[0, :2, ..., 6] = 1.0  # only half the voxels count
+    y_pred = np.zeros((1, 4, 4, 4, 7), np.float32)
+    base = float(ops.convert_to_numpy(loss(y_true, y_pred))[0])
+    y_pred_out = y_pred.copy()
+    y_pred_out[0, 2:, ..., :5] = 5.0  # wrong, but outside the weight
+    assert float(ops.convert_to_numpy(loss(y_true, y_pred_out))[0]) == pytest.approx(base, rel=1e-6)
+    y_pred_far = y_pred.copy()
+    y_true_far = y_true.copy()
+    y_true_far[..., 5] += 0.3  # truth far outside a narrow interval costs more
+    y_pred_far[..., 5:7] = -5.0
+    assert float(ops.convert_to_numpy(loss(y_true_far, y_pred_far))[0]) > base + 1.0
+
+
+def test_conformal_factor_gives_the_coverage():
+    scores = np.random.default_rng(0).exponential(size=10_000)
+    factor = train_spatial.conformal_factor(scores, 0.9)
+    assert np.mean(scores <= factor) == pytest.approx(0.9, abs=0.005)
+
+
+# --- Training, the card, the engine --------------------------------------------------------------
+def test_training_writes_a_calibrated_bundle_and_resumes(tmp_path):
+    config = train_spatial.SpatialTrainConfig(
+        patients=2, validation_patients=1, calibration_patients=1, patches_per_patient=2, patch=8,
+        batch_size=2, steps_per_epoch=2, epochs=1, time_limit_min=None, voxel_size_mm=4.0, filters=(4, 8))
+    out = tmp_path / "u.keras"
+    card = train_spatial.train(out, config, verbose=0)
+    assert card["model"]["architecture"] == "unet" and card["spatial"]["voxel_size_mm"] == 4.0
+    assert card["spatial"]["interval_scale"] > 0 and card["spatial"]["calibration"]["voxels"] > 100
+    assert card["training"]["epochs_run"] == 1 and card["sha256"] == models.sha256_of(out)
+    bundle = models.load_bundle(out)  # checksum + safe mode
+    assert bundle.model.output_shape[-1] == spatial.N_OUTPUTS
+    resumed = train_spatial.train(out, dataclasses_replace(config, epochs=2), resume=True, verbose=0)
+    assert resumed["training"]["epochs_run"] == 2
+    with pytest.raises(InputError, match="options differ"):
+        train_spatial.train(out, dataclasses_replace(config, epochs=3, patch=16), resume=True, verbose=0)
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_engine_runs_the_spatial_model_with_its_interval(tiny_dataset):
+    from OEFPredictorLib import simulate
+
+    path = tiny_spatial_model_path(str(tiny_dataset))
+    data = simulate.load_patient(tiny_dataset / "P01")
+    inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, data.mask, spacing=data.geometry.spacing)
+    result = predict.predict_maps(inputs, model=str(path), method="unet", device="cpu")
+    assert set(predict.INTERVAL_MAP_NAMES) <= set(result.maps) and result.method == "unet"
+    m = result.mask
+    assert np.all(result.maps["OEF_p05"][m] <= result.maps["OEF"][m] + 1e-4)
+    assert np.all(result.maps["OEF"][m] <= result.maps["OEF_p95"][m] + 1e-4)
+    assert np.all(result.maps["OEF"][~m] == 0)
+    # the same data on a 2x finer grid: resampled to the model's grid and back, similar maps
+    fine = np.repeat(np.repeat(np.repeat(data.echoes, 2, 0), 2, 1), 2, 2)
+    fine_inputs = predict.PredictionInputs(fine, np.repeat(np.repeat(np.repeat(data.qsm, 2, 0), 2, 1), 2, 2),
+                                           data.protocol, np.repeat(np.repeat(np.repeat(data.mask, 2, 0), 2, 1), 2, 2),
+                                           spacing=tuple(s / 2 for s in data.geometry.spacing))
+    fine_result = predict.predict_maps(fine_inputs, model=str(path), method="unet", device="cpu")
+    coarse_again = fine_result.maps["OEF"][::2, ::2, ::2]
+    inner = data.metric_mask & (np.abs(np.diff(data.mask.astype(int), axis=0, prepend=0)) == 0)
+    assert np.median(np.abs(coarse_again - result.maps["OEF"])[inner]) < 3.0
+
+
+def test_a_voxelwise_model_is_refused_for_the_spatial_method(tiny_dataset):
+    from OEFPredictorLib import simulate
+    from predict_testutils import tiny_model_path
+
+    data = simulate.load_patient(tiny_dataset / "P01")
+    inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, data.mask)
+    with pytest.raises(InputError, match="not a spatial model"):
+        predict.predict_maps(inputs, model=str(tiny_model_path(str(tiny_dataset))), method="unet", device="cpu")
+
+
+def test_every_method_kind_has_a_runner_and_the_default_is_spatial():
+    assert set(predict.RUNNERS) == set(methods.KINDS)
+    assert all(m.kind in methods.KINDS for m in methods.METHODS.values())
+    assert methods.get(None).kind == "spatial" and methods.get("LSTM").label == "LSTM (paper)"
+    with pytest.raises(InputError, match="choose one of"):
+        methods.get("svm")
+
+
+# --- Evaluation of lesions, intervals and specificity ----------------------------------------------
+def test_invented_lesions_count_only_large_false_clusters():
+    brain = np.zeros((20, 20, 20), bool)
+    brain[2:18, 2:18, 2:18] = True
+    truth = np.full(brain.shape, 40.0)
+    pred = truth.copy()
+    pred[4:7, 4:7, 4:7] = 60.0  # a 27-voxel invented lesion
+    pred[12, 12, 12:14] = 60.0  # 2 voxels: noise, not a lesion
+    truth[10:13, 3:6, 3:6] = 70.0  # a true lesion, found: not invented
+    pred[10:13, 3:6, 3:6] = 70.0
+    out = evaluate.invented_lesions(pred, truth, brain, np.ones(brain.shape))
+    assert out["invented_clusters"] == 1
+    assert out["invented_fraction"] == pytest.approx(27 / brain.sum())
+
+
+def test_interval_metrics_and_contrast_recovered():
+    truth = np.array([40.0, 45.0, 50.0, 70.0])
+    pred = {"OEF_p05": np.array([35.0, 46.0, 45.0, 60.0]), "OEF_p95": np.array([45.0, 50.0, 55.0, 80.0])}
+    out = evaluate.interval_metrics(pred, truth, np.ones(4, bool), np.array([False, False, False, True]))
+    assert out["coverage_OEF"] == 0.75 and out["width_OEF"] == 11.0 and out["coverage_OEF_lesions"] == 1.0
+    labels = np.array([1] * 5 + [3] * 5)
+    true_oef = np.array([70.0] * 5 + [40.0] * 5)
+    row = evaluate.lesion_contrast(np.array([49.0] * 5 + [40.0] * 5), true_oef, labels)[0]
+    assert row["recovered"] == pytest.approx(0.3)
+
+
+def test_evaluate_reports_every_new_column_on_a_stroke_cohort(tmp_path, tiny_dataset):
+    from OEFPredictorLib import simulate
+
+    data = tmp_path / "stroke"
+    simulate.simulate_dataset(data, n_patients=2, seed=77, voxel_size=4.0, cohort="stroke",
+                              noise=simulate.NoiseModel(100.0, 2.0))
+    assert [p.name for p in simulate.list_patients(data, "test")] == ["P01", "P02"]
+    ctx = evaluate.MethodContext(data, models={"unet": str(tiny_spatial_model_path(str(tiny_dataset)))})
+    ev = evaluate.evaluate(data, ["unet", "constant", "prior_mean"], ctx)
+    summary = {r["method"]: r for r in ev.summary()}
+    assert 0 <= summary["unet"]["coverage_OEF"] <= 1 and summary["unet"]["width_OEF"] > 0
+    assert "coverage_OEF" not in summary["constant"]
+    kinds = {(r["method"], r["lesion"]) for r in ev.lesion_summary()}
+    assert ("unet", "misery_perfusion") in kinds or ("unet", "infarct_core") in kinds
+    constant = [r for r in ev.lesions if r["method"] == "constant"]
+    assert all(abs(r["pred_contrast_pp"]) < 1e-9 for r in constant)  # a constant shows no lesion
+    text = evaluate.markdown(ev)
+    assert "penumbra recovered" in text and "interval coverage" in text
+    files = evaluate.write_reports(ev, tmp_path / "report")
+    assert json.loads((tmp_path / "report" / "evaluation.json").read_text())["lesion_summary"]
+    assert any(f.name == "lesion_summary.csv" for f in files)
