@@ -38,7 +38,7 @@ METHODS = {m.name: m for m in (
     Method("cat", "CAT (Cho 2020)", "classical", description="cluster analysis of time evolution"),
     Method("ccm", "CCM (Lee 2020)", "classical", description="closest-curve matching against a database"),
 )}
-DEFAULT_METHOD = "unet"
+DEFAULT_METHOD = "lstm"  # becomes "unet" once the bundled spatial model lands
 
 
 def get(name: str | None) -> Method:

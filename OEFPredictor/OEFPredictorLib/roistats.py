@@ -54,7 +54,7 @@ from .physics import PARAMETER_UNITS
 COLUMNS = (
     "roi", "map", "unit",
     "n_voxels", "volume_ml", "n_outside_mask", "n_nonfinite", "n_valid",
-    "mean", "sd", "median", "min", "max", "p05", "p95",
+    "mean", "sd", "median", "min", "max", "p05", "p95", "interval_width",
     "n_paired", "rmse", "mae", "bias", "pearson_r",
     "ba_mean_diff", "ba_sd_diff", "ba_loa_lower", "ba_loa_upper",
     "contrast_reference", "contrast", "cnr", "reference_cnr",
@@ -248,7 +248,8 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
                    voxel_volume_ml: float, mask: np.ndarray | None = None,
                    reference: Mapping[str, np.ndarray] | None = None,
                    contrasts: Mapping[str, str] | None = None,
-                   units: Mapping[str, str] | None = None) -> list[dict]:
+                   units: Mapping[str, str] | None = None,
+                   interval_width: np.ndarray | None = None) -> list[dict]:
     """Statistics per ROI and map: one row (a dict with the keys of COLUMNS) per ROI x map, ROIs in
     the order of `rois`, maps in the order of `maps`.
 
@@ -260,6 +261,8 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
         comparison columns.
     contrasts: optional lesion ROI name -> reference ROI name (e.g. contralateral_pairs(rois)).
     units: optional name -> unit; defaults to the physics units (OEF "%").
+    interval_width: optional width of the 90 % OEF interval (pp, the prediction's OEF_width map);
+        the OEF rows get its mean over the ROI in the `interval_width` column.
     All arrays must have the same shape (InputError naming the ones that differ).
     """
     reference = dict(reference or {})
@@ -279,6 +282,8 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
     arrays.update({f"reference {k!r}": v for k, v in reference.items()})
     if mask is not None:
         arrays["mask"] = mask
+    if interval_width is not None:
+        arrays["interval width"] = interval_width
     _check_shapes(arrays)
     if not (voxel_volume_ml > 0 and math.isfinite(voxel_volume_ml)):
         raise InputError(f"The voxel volume must be a positive number of mL, got {voxel_volume_ml}.")
@@ -313,6 +318,9 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
                        n_outside_mask=n_outside[roi_name], n_nonfinite=int(idx.size - used.size),
                        n_valid=int(used.size), n_paired=0, contrast_reference="")
             row.update(describe(used))
+            if interval_width is not None and map_name == "OEF":
+                width = finite_values(np.asarray(interval_width).ravel(), roi_name)
+                row["interval_width"] = float(width.mean()) if width.size else _NAN
             if map_name in flat_refs:
                 ref = flat_refs[map_name][idx].astype(np.float64)
                 pair = ok & np.isfinite(ref)
@@ -400,6 +408,8 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
     Default columns: the descriptive ones, plus comparison / contrast ones when any row has them."""
     if columns is None:
         columns = ["roi", "map", "n_voxels", "volume_ml", "mean", "sd", "median", "p05", "p95"]
+        if any(np.isfinite(r.get("interval_width", _NAN)) for r in rows):
+            columns += ["interval_width"]
         if any(r.get("n_paired", 0) for r in rows):
             columns += ["rmse", "bias", "pearson_r", "ba_loa_lower", "ba_loa_upper"]
         if any(r.get("contrast_reference") for r in rows):
@@ -418,7 +428,7 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
 # --- names from files ---------------------------------------------------------------------------
 
 _MAP_ALIASES = {"oef": "OEF", "s0": "S0", "r2": "R2", "y": "Y", "v": "v", "chinb": "chi_nb",
-                "chi_nb": "chi_nb", "quality": "quality"}
+                "chi_nb": "chi_nb", "quality": "quality", "oef_p05": "OEF_p05", "oef_p95": "OEF_p95"}
 
 
 def map_name_from_path(path: str | os.PathLike) -> str:

@@ -33,7 +33,10 @@ N_OUTPUTS = len(physics.PARAMETER_NAMES) + 2
 PARAMETER_LOSS_WEIGHTS = (0.5, 0.5, 2.0, 1.0, 0.5)
 TILE_VOXELS = 96  # tile edge (model grid) for volumes whose brain box is larger; ~1 GiB of activations
 TILE_OVERLAP = 16
-INTERVAL_MAPS = ("OEF_p05", "OEF_p95", "OEF_width")
+# Inputs are clipped to what tissue can give (echo ratios decay from 1; QSM within +-0.5 ppm), so a
+# stray voxel (vessel, artefact, bad mask edge) cannot dominate its neighbourhood in the network.
+ECHO_RATIO_RANGE = (0.0, 1.5)
+QSM_RANGE_PPM = (-0.5, 0.5)
 
 
 def divisor(spec: dict) -> int:
@@ -49,8 +52,8 @@ def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_s
     features = np.zeros(echoes.shape[:3] + (echoes.shape[3] + 1,), dtype=np.float32)
     scale = np.where(inside, echo1, 1.0).astype(np.float32)
     for e in range(echoes.shape[3]):
-        features[..., e] = np.where(inside, echoes[..., e] / scale, 0.0)
-    features[..., -1] = np.where(inside, qsm * qsm_scale, 0.0)
+        features[..., e] = np.where(inside, np.clip(echoes[..., e] / scale, *ECHO_RATIO_RANGE), 0.0)
+    features[..., -1] = np.where(inside, np.clip(qsm, *QSM_RANGE_PPM) * qsm_scale, 0.0)
     return features
 
 

@@ -105,7 +105,8 @@ def roi_table(data, maps: dict, out_csv: Path) -> list[dict]:
     rows = roistats.roi_statistics({n: maps[n] for n in names}, rois,
                                    roistats.voxel_volume_ml(data.geometry.spacing), mask=data.mask,
                                    reference={n: data.truth[n] for n in names},
-                                   contrasts=roistats.contralateral_pairs(rois))
+                                   contrasts=roistats.contralateral_pairs(rois),
+                                   interval_width=maps.get("OEF_width"))
     roistats.write_csv(rows, out_csv)
     return rows
 

@@ -180,8 +180,10 @@ def run(args) -> int:
             raise InputError(f"--contrast {text!r}: give LESION:REFERENCE (two ROI names).")
         contrasts[lesion] = ref
 
+    # the 90 % OEF interval's bounds (predict's oef_p05 / oef_p95) give the OEF rows their mean width
+    width = map_arrays["OEF_p95"] - map_arrays["OEF_p05"] if {"OEF_p05", "OEF_p95"} <= set(map_arrays) else None
     rows = roistats.roi_statistics(map_arrays, rois, roistats.voxel_volume_ml(geometry.spacing),
-                                   mask=mask, reference=reference, contrasts=contrasts)
+                                   mask=mask, reference=reference, contrasts=contrasts, interval_width=width)
     print(roistats.format_table(rows), end="")
 
     # Outputs: render the figure in a temporary folder first, so that an error leaves no file.

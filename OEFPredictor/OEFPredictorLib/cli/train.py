@@ -26,7 +26,7 @@ def register(sub):
                    help="random subsample of training voxels, all patients together (default: all)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 100; unet 400)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default 512; unet 3 patches)")
-    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-4; unet 1e-3)")
+    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-4; unet 5e-4)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 10; unet 12)")
     p.add_argument("--n-patients", type=int, default=None,
                    help="unet: training patients to make (default 96; more on a GPU)")

@@ -1,0 +1,110 @@
+"""Speed and memory of the spatial model (the default method) against the paper's LSTM.
+
+    .venv/bin/python benchmarks/bench_spatial.py [--out benchmarks/results/spatial.json] [--lstm-voxels 40000]
+
+- 1 mm: predict_maps with the bundled spatial model on a whole simulated 1 mm brain (stroke-like
+  patient, SNR 100), end to end (mask, features, resampling to the 2 mm model grid, network, back to
+  1 mm, quality map), in a fresh process whose peak RSS is sampled (psutil).
+- 2 mm: the same end-to-end time on a whole 2 mm brain for the spatial model and for the paper's
+  LSTM; the LSTM runs --lstm-voxels brain voxels and its whole-brain time is extrapolated from that
+  throughput (said so in the JSON), since the whole brain takes minutes on two cores.
+Each timing is the median of --repeats runs after one warm-up run (model loading and graph tracing
+excluded, as for a Slicer user's second Apply). The JSON records the CPU count and load average:
+other jobs on a shared machine make the times upper bounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "OEFPredictor"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def make_volume(voxel_size: float):
+    from OEFPredictorLib import phantom, physics, simulate
+
+    patient = phantom.make_patient(np.random.SeedSequence([7, 4]), phantom.PatientConfig.stroke(voxel_size))
+    echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, physics.Protocol.default(),
+                                         simulate.NoiseModel(), np.random.default_rng(0))
+    return echoes, qsm, patient.mask
+
+
+def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | None = None) -> dict:
+    from OEFPredictorLib import physics, predict
+
+    echoes, qsm, mask = make_volume(voxel_size)
+    n_brain = int(mask.sum())
+    if max_voxels is not None and max_voxels < n_brain:
+        sub = np.zeros(mask.size, bool)
+        sub[np.flatnonzero(mask)[:max_voxels]] = True
+        mask = sub.reshape(mask.shape)
+    inputs = predict.PredictionInputs(echoes, qsm, physics.Protocol.default(), mask,
+                                      spacing=(voxel_size,) * 3)
+    predict.predict_maps(inputs, method=method, device="cpu")  # warm-up: load, trace
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict.predict_maps(inputs, method=method, device="cpu")
+        times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    n = int(mask.sum())
+    return {"method": method, "voxel_size_mm": voxel_size, "volume_shape": list(mask.shape), "brain_voxels": n_brain,
+            "voxels_predicted": n, "seconds": round(seconds, 3), "runs": [round(t, 3) for t in times],
+            "seconds_per_brain": round(seconds * n_brain / n, 2),
+            "whole_brain": "measured" if n == n_brain else f"extrapolated from {n} voxels"}
+
+
+def peak_rss_child(voxel_size: float) -> dict:
+    """Peak RSS of a fresh process that predicts one whole brain with the spatial model."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'OEFPredictor')!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r});"
+            f"import bench_spatial as b; print(b.time_method('unet', {voxel_size}, 1)['seconds'])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    import psutil
+
+    peak, p = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, p.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    proc.communicate()
+    return {"voxel_size_mm": voxel_size, "peak_rss_gib": round(peak / 2 ** 30, 3),
+            "note": "whole process: Python, TensorFlow, the simulated patient and its maps"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "spatial.json"))
+    parser.add_argument("--lstm-voxels", type=int, default=40_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    load = os.getloadavg()
+    results = {"cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
+               "python": platform.python_version(), "machine": platform.machine()}
+    results["unet_1mm"] = time_method("unet", 1.0, args.repeats)
+    results["unet_2mm"] = time_method("unet", 2.0, args.repeats)
+    results["lstm_2mm"] = time_method("lstm", 2.0, 1, args.lstm_voxels)
+    results["speedup_2mm_unet_vs_lstm"] = round(results["lstm_2mm"]["seconds_per_brain"]
+                                                / results["unet_2mm"]["seconds_per_brain"], 1)
+    results["memory"] = [peak_rss_child(1.0)]
+    results["targets"] = {"unet_1mm_seconds_max": 10.0, "speedup_2mm_min": 10.0, "peak_rss_1mm_gib_max": 2.0}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
