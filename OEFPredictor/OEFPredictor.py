@@ -32,7 +32,7 @@ _MODULE_DIR = Path(__file__).resolve().parent
 if str(_MODULE_DIR) not in sys.path:  # Slicer adds it; plain Python (tests, scripts) may not
     sys.path.insert(0, str(_MODULE_DIR))
 
-from OEFPredictorLib import physics, predict  # noqa: E402  (no Keras at import)
+from OEFPredictorLib import methods, physics, predict  # noqa: E402  (no Keras at import)
 from OEFPredictorLib.errors import CancelledError, InputError  # noqa: E402
 from OEFPredictorSlicer import display, environment  # noqa: E402
 from OEFPredictorSlicer.comparison import (  # noqa: E402  (names scripts and tests use)
@@ -87,8 +87,7 @@ def _choices(name, labels):
 
 
 Device = _choices("Device", {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "gpu": _("GPU")})
-Method = _choices("Method", {"lstm": _("LSTM (paper)"), "dnn": _("DNN (voxelwise)"), "nlls": _("QQ fit (NLLS)"),
-                             "cat": _("QQ fit (CAT)"), "ccm": _("QQ fit (CCM)")})
+Method = _choices("Method", {m.name: _(m.label) for m in methods.METHODS.values()})
 assert [m.value for m in Method] == list(METHODS) and [d.value for d in Device] == list(predict.DEVICES)
 
 
@@ -160,7 +159,7 @@ if parameterNodeWrapper is not None:
         useBundledModel: Annotated[bool, Default(True)]
         modelPath: str
         device: Annotated[Device, Default(Device.auto)]
-        method: Annotated[Method, Default(Method.lstm)]
+        method: Annotated[Method, Default(Method[methods.DEFAULT_METHOD])]
         outputOEF: slicer.vtkMRMLScalarVolumeNode
         outputS0: slicer.vtkMRMLScalarVolumeNode
         outputR2: slicer.vtkMRMLScalarVolumeNode

@@ -255,7 +255,7 @@ def test_demo_without_the_bundled_model_fails_in_one_line(capsys, tmp_path, monk
 
     monkeypatch.setattr(resources, "resource_dirs", lambda: [tmp_path])
     code, out, err = run_cli(capsys, "demo", "--out", tmp_path / "demo")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "bundled LSTM model is not installed" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bundled model of method" in err and "is not installed" in err
     assert not (tmp_path / "demo").exists()
 
 

@@ -35,7 +35,6 @@ import numpy as np
 from . import baselines, methods, models, phantom, physics, sequences, simulate, spatial
 from .errors import InputError
 
-OEF_Y_ART = physics.YA  # OEF = 1 - Y / Ya (physics.md)
 # Specificity: an invented lesion is a cluster of at least this many voxels whose predicted OEF departs
 # from the brain's median by more than the threshold while the true OEF does not.
 INVENTED_THRESHOLD_PP, INVENTED_MIN_VOXELS = 10.0, 8
@@ -219,7 +218,7 @@ METHODS.update({name: baselines.evaluate_factory(name) for name in baselines.MET
 
 # --- Metrics ----------------------------------------------------------------------------------
 def oef_percent(Y: np.ndarray) -> np.ndarray:
-    return 100.0 * (1.0 - np.asarray(Y, dtype=np.float64) / OEF_Y_ART)
+    return 100.0 * physics.oef_from_Y(np.asarray(Y, dtype=np.float64))
 
 
 def errors_of(pred: dict, truth: dict, echo1: np.ndarray) -> dict[str, np.ndarray]:

@@ -199,7 +199,7 @@ def resolve_model(model=None, method: str = methods.DEFAULT_METHOD):
         try:
             path = resources.resource_path("Models", spec.model_file)
         except FileNotFoundError as exc:
-            raise InputError(f"The bundled {spec.label} model is not installed ({exc}) Train one with "
+            raise InputError(f"The bundled model of method '{spec.name}' ({spec.label}) is not installed ({exc}) Train one with "
                              "`oefpredictor train`, or give a model file.") from None
     else:
         path = Path(model)

@@ -48,7 +48,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
-from .physics import PARAMETER_UNITS
+from .physics import MAP_UNITS
 
 # Column order of the rows (and of the CSV / Slicer table).
 COLUMNS = (
@@ -297,7 +297,7 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
         inside = roi_b if mask_b is None else roi_b & mask_b
         index[name] = np.flatnonzero(inside)
         n_outside[name] = int(np.count_nonzero(roi_b)) - index[name].size
-    units = {**PARAMETER_UNITS, **(units or {})}
+    units = {**MAP_UNITS, **(units or {})}
     flat_maps = {k: np.asarray(v).ravel() for k, v in maps.items()}
     flat_refs = {k: np.asarray(v).ravel() for k, v in reference.items()}
 

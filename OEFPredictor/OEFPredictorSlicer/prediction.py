@@ -13,7 +13,7 @@ import numpy as np
 import vtk
 
 import slicer
-from OEFPredictorLib import predict
+from OEFPredictorLib import methods, predict
 from OEFPredictorLib.errors import CancelledError, InputError
 
 from . import display
@@ -21,9 +21,9 @@ from .compat import _
 from .comparison import matrixArray
 
 
-# The engine's methods (until the engine has a method registry to read them from).
-METHODS = ("lstm", "dnn", "nlls", "cat", "ccm")
-METHODS_WITH_MODEL = {"lstm": "oef_lstm.keras", "dnn": "oef_dnn.keras"}
+# The engine's methods, from its registry (OEFPredictorLib.methods).
+METHODS = tuple(methods.METHODS)
+METHODS_WITH_MODEL = {m.name: m.model_file for m in methods.METHODS.values() if m.uses_model}
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class PredictionSettings:
     fieldStrength: float = 3.0
     model: Any = None
     device: str = "auto"
-    method: str = "lstm"
+    method: str = methods.DEFAULT_METHOD
     opacity: float = 0.6
     outputNodes: dict = dataclasses.field(default_factory=dict)
 
@@ -234,7 +234,10 @@ class PredictionLogic:
         qsmArray = np.array(slicer.util.arrayFromVolume(qsm), dtype=np.float32)
         maskArray = None if mask is None else np.array(slicer.util.arrayFromVolume(mask)) > 0
         cbfArray = None if cbf is None else np.array(slicer.util.arrayFromVolume(cbf), dtype=np.float32)
-        inputs = PredictionInputs(echoes=echoArray, qsm=qsmArray, protocol=protocol, mask=maskArray, cbf=cbfArray)
+        # the voxel size (x, y, z) in mm: the spatial model resamples to its own grid
+        spacing = tuple(float(x) for x in nodes[0].GetSpacing())
+        inputs = PredictionInputs(echoes=echoArray, qsm=qsmArray, protocol=protocol, mask=maskArray, cbf=cbfArray,
+                                  spacing=spacing)
         context = {
             "ijkToRAS": refMatrix,
             "transformID": refTransform,
