@@ -166,6 +166,8 @@ def _ready_panel(panel):
     panel.ui.qsmSelector.setCurrentNode(qsm)
     panel.ui.modelFileRadioButton.setChecked(True)
     panel.ui.modelPathLineEdit.setCurrentPath(str(model_path))
+    # the demo case's model file is a tiny LSTM: the panel's method must say so
+    panel.ui.methodComboBox.setCurrentIndex(list(panel.module.Method).index(panel.module.Method.lstm))
     panel.ui.deviceComboBox.setCurrentIndex(list(panel.module.Device).index(panel.module.Device.cpu))
     panel.ui.opacitySliderWidget.setValue(0.45)
     assert panel.ui.applyButton.isEnabled(), _tooltip(panel.ui)

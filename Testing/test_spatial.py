@@ -221,14 +221,34 @@ def test_a_voxelwise_model_is_refused_for_the_spatial_method(tiny_dataset):
 
     data = simulate.load_patient(tiny_dataset / "P01")
     inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, data.mask)
-    with pytest.raises(InputError, match="not a spatial model"):
+    with pytest.raises(InputError, match="cannot run as method 'unet'"):
         predict.predict_maps(inputs, model=str(tiny_model_path(str(tiny_dataset))), method="unet", device="cpu")
 
 
-def test_every_method_kind_has_a_runner_and_the_default_is_spatial():
+def test_without_a_method_the_model_file_decides(tiny_dataset):
+    from OEFPredictorLib import simulate
+    from predict_testutils import tiny_model_path
+
+    lstm_path = tiny_model_path(str(tiny_dataset))
+    spec, bundle = predict.resolve_method(None, str(lstm_path))
+    assert spec.name == "lstm" and bundle.path.name == lstm_path.name
+    spec, _ = predict.resolve_method(None, str(tiny_spatial_model_path(str(tiny_dataset))))
+    assert spec.name == "unet"
+    assert predict.resolve_method("nlls", None) == (methods.METHODS["nlls"], None)
+
+
+def test_every_method_kind_has_a_runner_and_the_default_ships_a_model():
+    from OEFPredictorLib import resources
+
     assert set(predict.RUNNERS) == set(methods.KINDS)
     assert all(m.kind in methods.KINDS for m in methods.METHODS.values())
-    assert methods.get(None).kind == "spatial" and methods.get("LSTM").label == "LSTM (paper)"
+    default = methods.get(None)
+    assert default.name == methods.DEFAULT_METHOD and resources.resource_path("Models", default.model_file).exists()
+    assert methods.get("LSTM").label == "LSTM (paper)"
+    for m in methods.METHODS.values():  # every bundled model's card says it was trained for its method
+        if m.uses_model:
+            card = json.loads(resources.resource_path("Models", m.model_file).with_suffix(".json").read_text())
+            assert methods.of_card(card) is m
     with pytest.raises(InputError, match="choose one of"):
         methods.get("svm")
 

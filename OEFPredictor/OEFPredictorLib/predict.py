@@ -219,6 +219,24 @@ def _load_cached(path: str, mtime_ns: int, size: int):
     return models.load_bundle(path)
 
 
+def resolve_method(method: str | None, model=None):
+    """(methods.Method, ModelBundle or None). method None: the method the given model was trained
+    for (its card), or the default method without a model. A model that does not suit the method
+    is refused here, before any work."""
+    if method is None and model is not None:
+        bundle = resolve_model(model)
+        return methods.of_card(bundle.card), bundle
+    spec = methods.get(method)
+    if not spec.uses_model:
+        return spec, None
+    bundle = resolve_model(model, spec.name)
+    trained_for = methods.of_card(bundle.card)
+    if (trained_for.kind == "spatial") != (spec.kind == "spatial"):
+        raise InputError(f"{bundle.path.name} is a {trained_for.kind} model ({trained_for.label}); it cannot run "
+                         f"as method '{spec.name}'. Use --method {trained_for.name}, or leave --method out.")
+    return spec, bundle
+
+
 def gpu_available() -> bool:
     """Whether the Keras backend sees a GPU."""
     import keras
@@ -285,14 +303,15 @@ def chunk_size_for(bundle, n_features: int, memory_budget_mb: int) -> int:
 
 
 # --- The engine --------------------------------------------------------------------------------
-def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", method: str = methods.DEFAULT_METHOD,
+def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", method: str | None = None,
                  progress: Progress | None = None, cancel_event: threading.Event | None = None,
                  chunk_voxels: int | None = None, memory_budget_mb: int = 1024,
                  batch_size: int = DEFAULT_BATCH) -> PredictionResult:
     """OEF and QQ parameter maps of one volume (see the module doc for the steps).
 
     model: None (the bundled model of `method`), a .keras path, or a models.ModelBundle.
-    method: a name of methods.METHODS; its kind picks the runner (RUNNERS): 'unet' runs the spatial
+    method: a name of methods.METHODS (None: the model's own method, else the default 'unet'); its
+    kind picks the runner (RUNNERS): 'unet' runs the spatial
     model on the whole volume, 'lstm' / 'dnn' a voxelwise Keras bundle, 'nlls' / 'cat' / 'ccm'
     baselines.predict_voxels. progress(fraction, message) is called from the running thread;
     cancel_event set -> CancelledError between batches, nothing is returned.
@@ -305,12 +324,9 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
             raise CancelledError("Prediction cancelled; nothing was produced.")
 
     check_cancel()
-    spec = methods.get(method)
+    report(0.0, "Loading the model")
+    spec, bundle = resolve_method(method, model)
     method = spec.name
-    bundle = None
-    if spec.uses_model:
-        report(0.0, "Loading the model")
-        bundle = resolve_model(model, method)
     warnings = inputs.validate(bundle.protocol if bundle is not None else None)
     dev, messages = choose_device(device) if spec.uses_model else ("cpu", [])
     warnings += messages
@@ -394,9 +410,6 @@ def _run_spatial(run: _Run):
     from . import spatial
 
     inputs, bundle = run.inputs, run.bundle
-    if "spatial" not in bundle.card:
-        raise InputError(f"{bundle.path.name} is not a spatial model (its card has no 'spatial' section); "
-                         "use --method lstm or dnn for voxelwise models.")
     if inputs.spacing is None:
         spacing_zyx = (float(bundle.card["spatial"]["voxel_size_mm"]),) * 3
         run.warnings.append(f"The voxel size is unknown; assumed the model's {spacing_zyx[0]:g} mm.")
@@ -543,7 +556,7 @@ class PredictionJob(BackgroundJob):
     thread_name = "OEFPredictionJob"
 
     def __init__(self, inputs: PredictionInputs, model=None, device: str = "auto",
-                 method: str = methods.DEFAULT_METHOD, **kw):
+                 method: str | None = None, **kw):
         super().__init__()
         self.inputs = inputs
         self.model = model
@@ -553,9 +566,8 @@ class PredictionJob(BackgroundJob):
 
     def run_target(self, progress, cancel_event):
         model = self.model
-        spec = methods.get(self.method)
-        if spec.uses_model and (model is None or isinstance(model, (str, Path))):
+        if model is None or isinstance(model, (str, Path)):
             progress(0.0, "Loading the model")
-            model = call_interruptibly(lambda: resolve_model(self.model, spec.name), cancel_event)
+            _, model = call_interruptibly(lambda: resolve_method(self.method, self.model), cancel_event)
         return predict_maps(self.inputs, model, self.device, self.method, progress=progress,
                             cancel_event=cancel_event, **self.kw)

@@ -38,7 +38,7 @@ class PredictionSettings:
     fieldStrength: float = 3.0
     model: Any = None
     device: str = "auto"
-    method: str = methods.DEFAULT_METHOD
+    method: str | None = None  # None: the model's own method, else methods.DEFAULT_METHOD
     opacity: float = 0.6
     outputNodes: dict = dataclasses.field(default_factory=dict)
 
@@ -280,7 +280,7 @@ class PredictionLogic:
         settings = dataclasses.replace(settings or PredictionSettings(), **overrides)
         if self.activeRun is not None and not self.activeRun.done:
             raise InputError(_("A prediction is already running; wait for it to finish or cancel it first."))
-        if settings.method not in METHODS:
+        if settings.method is not None and settings.method not in METHODS:
             raise InputError(_("Unknown method {m!r}; choose one of {ms}.").format(
                 m=settings.method, ms=", ".join(METHODS)))
         if settings.device not in predict.DEVICES:

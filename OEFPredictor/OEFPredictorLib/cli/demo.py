@@ -1,8 +1,8 @@
 """`oefpredictor demo`: the README's main job on the bundled demo patient.
 
 Simulates the deterministic demo patient (stroke-like: lesions of both kinds), predicts its maps with
-the default method (the spatial model) and writes the `predict` outputs (DIR/oef.nii.gz, its 90 %
-interval oef_p05 / oef_p95, S0, R2, Y, v, chi_nb, quality, prediction.json),
+the default method (the paper's LSTM; --method unet for the spatial model and its 90 % interval)
+and writes the `predict` outputs (DIR/oef.nii.gz, S0, R2, Y, v, chi_nb, quality, prediction.json),
 DIR/demo_figure.png, DIR/roi_stats.csv and DIR/patient/P03/ (the inputs and the truth), then
 prints the OEF error against the truth.
 """
@@ -16,8 +16,8 @@ import numpy as np
 
 from .. import methods
 
-# The demo patient: deterministic, 2 mm (about 250 000 brain voxels: a few seconds with the spatial
-# model, a few minutes with the paper's LSTM on 2 CPU cores), a stroke-like patient with lesions.
+# The demo patient: deterministic, 2 mm (about 250 000 brain voxels: about a minute with the paper's
+# LSTM on 2 CPU cores, seconds with the spatial model), a stroke-like patient with lesions.
 DEMO_SEED = 2024
 DEMO_VOXEL_SIZE = 2.0
 DEMO_SNR = 100.0
@@ -30,7 +30,7 @@ def register(sub):
     p.add_argument("--out", default="demo_output", help="output folder (default demo_output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto", help="auto (default), cpu or gpu")
-    p.add_argument("--method", default=methods.DEFAULT_METHOD, choices=list(methods.METHODS), type=str.lower,
+    p.add_argument("--method", default=None, choices=list(methods.METHODS), type=str.lower,
                    help=f"OEF method (default {methods.DEFAULT_METHOD}); e.g. lstm for the paper's model")
     # for tests and development: another model, a coarser patient
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -118,9 +118,8 @@ def run(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     io.check_output_dir(out, args.overwrite)  # before any work
-    method = methods.get(args.method)
-    if method.uses_model:  # fails early, in one line, if missing
-        args.model_bundle = predict.resolve_model(args.model, method.name)
+    method, args.model_bundle = predict.resolve_method(args.method, args.model)  # fails early, in one line
+    args.method = method.name
     with io.atomic_directory(out, overwrite=args.overwrite) as tmp:
         tmp = Path(tmp)
         print(f"Simulating the demo patient ({args.voxel_size:g} mm, SNR {DEMO_SNR:g}, seed {DEMO_SEED})...",

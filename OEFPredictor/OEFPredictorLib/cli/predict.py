@@ -2,9 +2,9 @@
 
 Output names are a contract other tools rely on: DIR/oef.nii.gz (percent), S0, R2 (Hz), Y, v,
 chi_nb (ppm), quality, cmro2 (with --cbf), mask (when derived), and prediction.json (provenance).
-Methods with an interval (the default spatial model) add oef_p05.nii.gz and oef_p95.nii.gz: the
-bounds of the 90 % interval of OEF (percent); the true OEF lies between them in 9 of 10 voxels of
-held-out virtual patients.
+Methods with an interval (the spatial model, --method unet) add oef_p05.nii.gz and oef_p95.nii.gz:
+the bounds of the 90 % interval of OEF (percent), calibrated to hold 90 % of the true values of
+held-out virtual patients (see the model card's calibration).
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def register(sub):
     p = sub.add_parser(
         "predict", help="predict OEF maps from mGRE echoes + QSM",
         description="Predict OEF (percent), S0, R2, Y, v, chi_nb and a quality map (and CMRO2 with --cbf) "
-                    "from multi-echo GRE magnitude images and a QSM map, with the bundled spatial model "
-                    "(default; also the 90 % OEF interval, oef_p05/oef_p95), the paper's LSTM, or your "
-                    "model. Outputs have the geometry of the inputs; 0 outside the mask.")
+                    "from multi-echo GRE magnitude images and a QSM map, with the paper's LSTM (default), the "
+                    "experimental spatial model (--method unet; also the 90 % OEF interval, oef_p05/oef_p95), "
+                    "or your model. Outputs have the geometry of the inputs; 0 outside the mask.")
     p.add_argument("--echoes", nargs="+", required=True, metavar="FILE",
                    help="one 4D image (echo on the 4th axis), several 3D images in echo order, or a DICOM "
                         "multi-echo series folder")
@@ -41,8 +41,9 @@ def register(sub):
     p.add_argument("--model", metavar="FILE", help="a .keras model with its .json card (default: bundled)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto (GPU if the backend sees one, else CPU; default), cpu, or gpu")
-    p.add_argument("--method", default=methods.DEFAULT_METHOD, choices=list(methods.METHODS), type=str.lower,
-                   help=f"default {methods.DEFAULT_METHOD}. " + methods.help_text())
+    p.add_argument("--method", default=None, choices=list(methods.METHODS), type=str.lower,
+                   help=f"default: {methods.DEFAULT_METHOD}, or the method the --model file was trained for. "
+                        + methods.help_text())
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
     p.set_defaults(func=run)
@@ -147,13 +148,10 @@ def run(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     io.check_output_dir(out, args.overwrite)  # before any work
-    method = methods.get(args.method)
+    method, args.model_bundle = predict.resolve_method(args.method, args.model)  # a bad model fails before any work
+    args.method = method.name
     inputs, geometry = load_inputs(args)
-    if method.uses_model:
-        args.model_bundle = predict.resolve_model(args.model, method.name)  # a bad model fails before any work
-        expected = args.model_bundle.protocol
-    else:
-        expected = None
+    expected = args.model_bundle.protocol if args.model_bundle is not None else None
     inputs.validate(expected)
     with io.atomic_directory(out, overwrite=args.overwrite) as tmp:
         result = run_prediction(inputs, args)
