@@ -250,10 +250,15 @@ def lesion_contrast(pred_oef: np.ndarray, true_oef: np.ndarray, lesion_labels: n
             diff = float(oef[a].mean() - oef[b].mean())
             noise = float(np.sqrt((oef[a].var() + oef[b].var()) / 2))
             row[f"{key}_contrast_pp"] = diff
-            row[f"{key}_cnr"] = diff / noise if noise > 0 else float("nan")
+            row[f"{key}_cnr"] = diff / noise if noise > 1e-9 else float("nan")  # a constant map has no CNR
         row["recovered"] = row["pred_contrast_pp"] / row["true_contrast_pp"] if row["true_contrast_pp"] else float("nan")
         rows.append(row)
     return rows
+
+
+def _finite_mean(values) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def interval_metrics(pred: dict, truth_oef: np.ndarray, where: np.ndarray, lesion: np.ndarray) -> dict:
@@ -338,7 +343,7 @@ class Evaluation:
                 rows.append({"method": m, "lesion": kind, "patients": len(mine), "true_contrast_pp": true,
                              "pred_contrast_pp": pred, "recovered": pred / true if true else float("nan"),
                              "true_cnr": float(np.mean([r["true_cnr"] for r in mine])),
-                             "pred_cnr": float(np.nanmean([r["pred_cnr"] for r in mine]))})
+                             "pred_cnr": _finite_mean([r["pred_cnr"] for r in mine])})
         return rows
 
 
