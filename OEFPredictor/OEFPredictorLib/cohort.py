@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, bids, io
+from . import __version__, bids, io, methods
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -64,13 +63,6 @@ class BatchConfig:
                 "version": __version__}
 
 
-def default_method() -> str:
-    """predict_maps' default method (batch follows predict)."""
-    from . import predict
-
-    return inspect.signature(predict.predict_maps).parameters["method"].default
-
-
 def model_identity(method: str, model: str | None) -> tuple[str | None, str | None]:
     """(model file, its SHA-256) of a method: the given file, else the bundled one; (None, None)
     for methods without a model file."""
@@ -80,9 +72,9 @@ def model_identity(method: str, model: str | None) -> tuple[str | None, str | No
         path = Path(model).absolute()
         if not path.is_file():
             raise InputError(f"--model {model}: no such model file.")
-    elif bundled_model_name(method):
+    elif methods.get(method).model_file:
         try:
-            path = resources.resource_path("Models", bundled_model_name(method))
+            path = resources.resource_path("Models", methods.get(method).model_file)
         except FileNotFoundError as exc:
             raise InputError(f"The bundled {method} model is not installed ({exc})") from None
     else:
@@ -90,15 +82,6 @@ def model_identity(method: str, model: str | None) -> tuple[str | None, str | No
     return str(path), models.sha256_of(path)
 
 
-def bundled_model_name(method: str) -> str | None:
-    """The bundled model file of a method (None: it needs none), from the method registry."""
-    try:
-        from . import methods
-    except ImportError:  # before the registry: predict's table of Keras methods
-        from . import predict
-
-        return predict.KERAS_METHODS.get(method, (None, None))[1]
-    return methods.get(method).model_file
 
 
 def generated_by(config: BatchConfig) -> dict:

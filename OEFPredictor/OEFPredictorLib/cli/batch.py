@@ -47,7 +47,7 @@ def register(sub):
 def run(args) -> int:
     import os
 
-    from .. import bids, cohort
+    from .. import bids, cohort, predict
     from . import progress_bar
 
     start = time.perf_counter()
@@ -65,7 +65,8 @@ def run(args) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be 1 or more, got {args.workers}.")
-    method = (args.method or cohort.default_method()).lower()
+    # predict's rule: --method, else the method the --model file was trained for, else the default
+    method = predict.resolve_method(args.method, args.model)[0].name
     model_file, model_sha = cohort.model_identity(method, args.model)
     config = cohort.BatchConfig(str(out), str(bids_dir), method, model_file, model_sha, args.device)
     cohort.prepare_output(out, bids_dir, None)  # before any work (indexing a large data set takes time)
