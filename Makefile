@@ -30,6 +30,7 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_predict.py --voxels 200000
 	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/bench_spatial.py
 
 clean:
 	rm -rf demo_output .pytest_cache
