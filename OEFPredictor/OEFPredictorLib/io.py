@@ -6,6 +6,7 @@ last axis (z, y, x, echo). Geometry is SimpleITK's (x, y, z) spacing/origin/dire
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -151,15 +152,20 @@ def check_writable_parent(path: str | os.PathLike) -> Path:
     return check_writable_dir(Path(path).absolute().parent)
 
 
-# Written into every folder atomic_directory creates: --overwrite replaces only folders that carry
-# it (or empty ones), never a folder of inputs or the working directory that was named by mistake.
+# Written into every folder atomic_directory fills: a JSON manifest {"files": {relative path:
+# command}} of the files the tool wrote there. --overwrite works only on folders that carry it (or
+# empty ones), and then replaces file by file: a rerun of a command replaces that command's own
+# earlier files and nothing else (never an input of the run, never a file another program wrote).
 OUTPUT_MARKER = ".oefpredictor-output"
+# Errors that mean "the output could not be written" (disk full, quota, file size limit, read-only).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                 errno.EXDEV, errno.EBUSY}
 
 
-def check_output_dir(folder: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output_dir(folder: str | os.PathLike, overwrite: bool = False, inputs=(), names=()) -> Path:
     """An output folder that may be (re)written: refused, before any work, if it exists and
-    `overwrite` is off, if it exists and is not an earlier output of this tool, or if it cannot be
-    created."""
+    `overwrite` is off, if it exists and is not an earlier output of this tool, if it cannot be
+    created, or if one of `names` (the files the run may write) in it is one of the run's `inputs`."""
     folder = Path(folder).absolute()
     if folder.exists():
         if not overwrite:
@@ -171,30 +177,113 @@ def check_output_dir(folder: str | os.PathLike, overwrite: bool = False) -> Path
                              "--overwrite replaces only earlier outputs. Choose a new or empty folder.")
         if Path.cwd().resolve().is_relative_to(folder.resolve()):
             raise InputError(f"{folder} contains the current working folder; choose another output folder.")
+        protected = _file_keys(inputs)
+        clash = [name for name in names if _file_key(folder / name) in protected]
+        if clash:
+            raise InputError(f"{folder / clash[0]} is an input of this run and would be replaced by an output "
+                             "of the same name; choose another output folder.")
     check_writable_parent(folder)
     return folder
 
 
-@contextmanager
-def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
-    """Build a folder under a temporary name beside `final`, and move it into place only when the
-    block succeeds: a failure or a cancel leaves nothing behind."""
-    final = check_output_dir(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+def _file_key(path: str | os.PathLike):
+    """Identity of an existing file (device, inode): the same file under any name or link."""
     try:
-        (tmp / OUTPUT_MARKER).write_text("Written by oefpredictor; --overwrite may replace this folder.\n")
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _file_keys(paths) -> set:
+    """Keys of the files named by `paths`, and of every file inside the folders among them (a
+    DICOM series folder is an input too)."""
+    keys = set()
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+        keys.update(k for k in map(_file_key, files) if k is not None)
+    return keys
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, str]:
+    """{relative path: command} of the files oefpredictor wrote into `folder` ({} when unknown: no
+    marker, or the plain-text marker of older versions, which did not list the files)."""
+    try:
+        files = json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8"))["files"]
+        return {str(k): str(v) for k, v in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _write_manifest(folder: Path, files: dict[str, str]) -> None:
+    tmp = folder / f"{OUTPUT_MARKER}.{os.getpid()}.partial"
+    tmp.write_text(json.dumps({"written_by": "oefpredictor", "note": "--overwrite replaces only these files",
+                               "files": dict(sorted(files.items()))}, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / OUTPUT_MARKER)
+
+
+def write_error(exc: OSError, where: str | os.PathLike) -> InputError:
+    """An InputError for a failed write (disk full, read-only...), naming where and what to do."""
+    reason = exc.strerror or str(exc)
+    return InputError(f"Could not write the output in {where} ({reason}); nothing was kept. Free some space "
+                      "or choose another output folder.")
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike, overwrite: bool = False, inputs=(), command: str = "oefpredictor"):
+    """Build the outputs under a temporary name and put them in place only when the block succeeds:
+    a failure, a cancel, Ctrl-C or SIGTERM leaves nothing behind (see cli.main for the signals).
+
+    A new folder is built beside `final` and renamed into place. An existing one (--overwrite) is
+    updated file by file from a temporary folder built inside it (so it works on a mount point):
+    the block's files replace those of the same name; files that `command` wrote there earlier and
+    did not write now are removed; every other file stays, and no file among `inputs` is replaced
+    or removed."""
+    final = check_output_dir(final, overwrite)
+    existing = final.is_dir()
+    try:
+        if not existing:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final if existing else final.parent))
+    except OSError as exc:
+        raise write_error(exc, final) from None
+    try:
         yield tmp
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
+        if existing:
+            _replace_files(tmp, final, written, _file_keys(inputs), command)
+        else:
+            _write_manifest(tmp, dict.fromkeys(written, command))
+            os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in _WRITE_ERRNOS:
+            raise write_error(exc, final) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, backup)
-        os.replace(tmp, final)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_files(tmp: Path, final: Path, written: list[str], protected: set, command: str) -> None:
+    clash = [name for name in written if _file_key(final / name) in protected]
+    if clash:
+        raise InputError(f"{final / clash[0]} is an input of this run and would be replaced by an output of the "
+                         "same name; nothing was written. Choose another output folder.")
+    before = read_manifest(final)
+    for name in written:
+        (final / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, final / name)
+    for name, owner in before.items():  # this command's earlier files that this run did not write
+        if owner == command and name not in written and _file_key(final / name) not in protected:
+            (final / name).unlink(missing_ok=True)
+    files = {name: owner for name, owner in before.items() if (final / name).exists()}
+    files.update(dict.fromkeys(written, command))
+    _write_manifest(final, files)
 
 
 # --- Reading the prediction inputs: echo series, QSM, mask, CBF ------------------------------

@@ -248,7 +248,7 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
                                         np.random.default_rng(noise_seed))
         info = {"DatasetSeed": seed, "PatientIndex": index, "VoxelSizeMM": voxel_size, "Cohort": cohort,
                 "IndependentFraction": fraction, "Lesions": patient.lesions}
-        with io.atomic_directory(out / pid, overwrite=overwrite) as tmp:
+        with io.atomic_directory(out / pid, overwrite=overwrite, command="simulate") as tmp:
             write_patient(tmp, pid, patient, echoes, qsm, protocol, noise, sigma, info)
         written.append(out / pid)
         _update_dataset_index(out, pid, patient, seed, protocol, noise, voxel_size, fraction, cohort)

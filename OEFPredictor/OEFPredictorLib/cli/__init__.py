@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from ..errors import CancelledError, InputError
 
@@ -40,10 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (e.g. `kill`, a job scheduler's time limit), raised in the main thread so that the
+    output folders being built are removed on the way out, as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return int(args.func(args) or 0)
     except InputError as exc:
@@ -55,6 +69,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"oefpredictor {args.command}: interrupted; no partial output was kept.\n")
         return 130
+    except Terminated:
+        sys.stderr.write(f"oefpredictor {args.command}: terminated; no partial output was kept.\n")
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def parse_echo_times_ms(text: str, field_strength: float = 3.0):

@@ -120,7 +120,7 @@ def run(args) -> int:
     io.check_output_dir(out, args.overwrite)  # before any work
     method, args.model_bundle = predict.resolve_method(args.method, args.model)  # fails early, in one line
     args.method = method.name
-    with io.atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with io.atomic_directory(out, overwrite=args.overwrite, command="demo") as tmp:
         tmp = Path(tmp)
         print(f"Simulating the demo patient ({args.voxel_size:g} mm, SNR {DEMO_SNR:g}, seed {DEMO_SEED})...",
               flush=True)

@@ -20,6 +20,7 @@ OUTPUT_FILES = {"OEF": "oef.nii.gz", "S0": "S0.nii.gz", "R2": "R2.nii.gz", "Y": 
                 "chi_nb": "chi_nb.nii.gz", "quality": "quality.nii.gz", "CMRO2": "cmro2.nii.gz",
                 "OEF_p05": "oef_p05.nii.gz", "OEF_p95": "oef_p95.nii.gz"}  # OEF_width: p95 - p05, not written
 MASK_FILE = "mask.nii.gz"
+PROVENANCE_FILE = "prediction.json"
 
 
 def register(sub):
@@ -147,17 +148,20 @@ def run(args) -> int:
 
     start = time.perf_counter()
     out = Path(args.out)
-    io.check_output_dir(out, args.overwrite)  # before any work
+    inputs_given = [*args.echoes, args.qsm, args.mask, args.cbf]
+    inputs_given += [io.sidecar_path(p) for p in args.echoes]
+    names = [*OUTPUT_FILES.values(), MASK_FILE, PROVENANCE_FILE]
+    io.check_output_dir(out, args.overwrite, inputs_given, names)  # before any work
     method, args.model_bundle = predict.resolve_method(args.method, args.model)  # a bad model fails before any work
     args.method = method.name
     inputs, geometry = load_inputs(args)
     expected = args.model_bundle.protocol if args.model_bundle is not None else None
     inputs.validate(expected)
-    with io.atomic_directory(out, overwrite=args.overwrite) as tmp:
+    with io.atomic_directory(out, overwrite=args.overwrite, inputs=inputs_given, command="predict") as tmp:
         result = run_prediction(inputs, args)
         write_maps(result, geometry, Path(tmp))
         record = {k: v for k, v in vars(args).items() if k not in ("func", "model_bundle")}
-        io.write_json(provenance(result, record, inputs.protocol), Path(tmp) / "prediction.json")
+        io.write_json(provenance(result, record, inputs.protocol), Path(tmp) / PROVENANCE_FILE)
     for w in result.warnings:
         sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
     n = result.n_voxels
