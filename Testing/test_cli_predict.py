@@ -215,7 +215,7 @@ def test_refuses_corrupt_and_non_keras_model_files(capsys, tmp_path, files, mode
     card = json.loads(models.card_path_for(model).read_text())
     card["sha256"] = models.sha256_of(fake)
     models.card_path_for(fake).write_text(json.dumps(card))
-    assert_refused(capsys, tmp_path, base + ["--model", fake], "not a loadable Keras model")
+    assert_refused(capsys, tmp_path, base + ["--model", fake], "not a Keras model archive")
     assert_refused(capsys, tmp_path, base + ["--model", tmp_path / "missing.keras"], "no such model file")
 
 

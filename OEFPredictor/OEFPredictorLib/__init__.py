@@ -5,3 +5,10 @@ QQ physics, virtual patients, the paper's LSTM, inference, baselines, statistics
 `oefpredictor` command.
 """
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# A library does not print: without this, Python's last-resort handler printed every engine
+# warning to stderr, and the command line printed it again. Applications (Slicer, a script with
+# logging.basicConfig) still receive the records through their own handlers.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -10,7 +10,7 @@ import errno
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +86,10 @@ def write_volume(array: np.ndarray, geometry: Geometry, path: str | os.PathLike,
         raise ValueError(f"Expected a 3D or 4D array, got shape {a.shape}.")
     geometry.apply_to(image)
     sitk.WriteImage(image, str(path), useCompression=True, compressionLevel=compression_level)
+    # ITK does not report a failed write (disk full, quota, file size limit): check what is there.
+    problem = incomplete_file(path, written=True)
+    if problem:
+        raise OSError(errno.ENOSPC, f"the file was not written completely ({problem}; disk full?)", str(path))
 
 
 def read_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
@@ -95,10 +99,14 @@ def read_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file.")
+    problem = incomplete_file(path)
+    if problem:
+        raise InputError(f"{path}: the file is truncated ({problem}). Copy it again from its source "
+                         "(an interrupted copy or download, or a full disk, cuts files short).")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1]}).") from None
+        raise InputError(f"{path}: not a readable image ({_itk_reason(exc)}).") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
                          "give a scalar image.")
@@ -108,6 +116,129 @@ def read_volume(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, 
     if array.ndim == 4:
         array = np.moveaxis(array, 0, -1)
     return array.astype(dtype, copy=False), Geometry.from_image(image)
+
+
+# --- Truncated files ---------------------------------------------------------------------------
+# ITK reads a truncated NIfTI (plain or gzipped) without a word, the missing part as zeros, and
+# says "No such file or directory" for a truncated MetaImage; NRRD it refuses itself. So the bytes
+# present are compared with what the header describes before reading (and after writing).
+_META_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+                    "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+                    "MET_DOUBLE": 8}
+
+
+def incomplete_file(path: str | os.PathLike, written: bool = False) -> str | None:
+    """None when the image file holds all the data its header describes; else what is missing.
+    NIfTI (.nii, .nii.gz, .hdr/.img) and MetaImage (.mha, .mhd); other formats: None (their ITK
+    readers check this themselves). `written`: a file just written, whose header must be readable."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz", ".hdr", ".img", ".img.gz")):
+        return _incomplete_nifti(path, written)
+    if name.endswith((".mha", ".mhd")):
+        return _incomplete_metaimage(path)
+    if written:
+        try:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return "its header cannot be read back"
+    return None
+
+
+def _describe_missing(expected: int, found: int) -> str:
+    return f"the header describes {expected} bytes of image data, the file holds {max(found, 0)}"
+
+
+def _incomplete_nifti(path: Path, written: bool = False) -> str | None:
+    import nibabel
+
+    try:
+        image = nibabel.load(str(path))
+        header = image.header
+        data_file = Path(image.file_map["image"].filename)
+        expected = int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+        offset = int(header.get_data_offset()) if data_file == path else 0
+    except Exception:  # not a NIfTI nibabel understands (or no header at all): ITK will say so
+        return "its header cannot be read back" if written else None
+    if data_file.name.lower().endswith(".gz"):
+        found = _gzip_length(data_file, offset + expected)
+        return None if found >= offset + expected else _describe_missing(expected, found - offset)
+    found = data_file.stat().st_size - offset if data_file.exists() else 0
+    return None if found >= expected else _describe_missing(expected, found)
+
+
+def _gzip_length(path: Path, expected: int) -> int:
+    """Bytes a gzip file decompresses to (stops at a truncation). Fast path: the gzip trailer
+    stores the length (mod 2^32); a file cut short ends in other bytes, so only then decompress."""
+    import struct
+    import zlib
+
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 18:  # smaller than an empty gzip member
+            return 0
+        f.seek(-4, os.SEEK_END)
+        if struct.unpack("<I", f.read(4))[0] == expected % 2 ** 32:
+            return expected
+    n, complete = 0, False
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                while block:
+                    n += len(d.decompress(block))
+                    block, complete = b"", d.eof
+                    if d.eof and d.unused_data:  # concatenated gzip members
+                        block, d = d.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+    except zlib.error:
+        complete = False
+    return n if complete else min(n, expected - 1)
+
+
+def _incomplete_metaimage(path: Path) -> str | None:
+    fields, header_bytes = {}, 0
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                header_bytes += len(raw)
+                key, sep, value = raw.decode("latin-1").partition("=")
+                if sep:
+                    fields[key.strip()] = value.strip()
+                if key.strip() == "ElementDataFile":
+                    break
+        dims = [int(v) for v in fields["DimSize"].split()]
+        item = _META_TYPE_BYTES[fields["ElementType"]] * int(fields.get("ElementNumberOfChannels", "1"))
+        data_name = fields["ElementDataFile"]
+    except (OSError, KeyError, ValueError):
+        return None  # not a MetaImage header we understand: ITK will say what is wrong
+    if int(fields.get("HeaderSize", "0") or 0) != 0 or data_name.split()[0] in ("LIST",) or "%" in data_name:
+        return None  # skipped headers, file lists and patterns: left to ITK
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    expected = int(np.prod(dims, dtype=np.int64)) * item
+    if compressed:
+        if "CompressedDataSize" not in fields:
+            return None
+        expected = int(fields["CompressedDataSize"])
+    if data_name == "LOCAL":
+        found = path.stat().st_size - header_bytes
+    else:
+        data_file = path.parent / data_name
+        found = data_file.stat().st_size if data_file.exists() else 0
+    return None if found >= expected else _describe_missing(expected, found)
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """The line of an ITK exception that says what went wrong (its last line, unless an earlier
+    one says the data are incomplete)."""
+    lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()]
+    for line in lines:
+        if any(k in line for k in ("expected", "fread got only", "not read completely", "Premature")):
+            return f"truncated or damaged: {line}"
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _restore_nifti_nonfinite(array: np.ndarray, path: Path) -> None:
@@ -244,13 +375,12 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False, inputs=(
     or removed."""
     final = check_output_dir(final, overwrite)
     existing = final.is_dir()
+    # Named here, created inside the try: a signal that arrives right after the mkdir still finds it.
+    tmp = (final if existing else final.parent) / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         if not existing:
             final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final if existing else final.parent))
-    except OSError as exc:
-        raise write_error(exc, final) from None
-    try:
+        tmp.mkdir()
         yield tmp
         written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
         if existing:
@@ -287,18 +417,31 @@ def _replace_files(tmp: Path, final: Path, written: list[str], protected: set, c
 
 
 # --- Reading the prediction inputs: echo series, QSM, mask, CBF ------------------------------
-def describe_geometry(shape, geometry: Geometry) -> str:
-    """One line naming a volume's grid, for geometry-mismatch messages."""
+def describe_geometry(shape, geometry: Geometry, direction: bool = False) -> str:
+    """One line naming a volume's grid, for geometry-mismatch messages (with its direction cosines
+    when `direction`: two grids that differ only there look identical otherwise)."""
     size = "x".join(str(s) for s in tuple(shape)[:3][::-1])
     fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
-    return f"size {size} (x, y, z), spacing {fmt(geometry.spacing)} mm, origin {fmt(geometry.origin)}"
+    text = f"size {size} (x, y, z), spacing {fmt(geometry.spacing)} mm, origin {fmt(geometry.origin)}"
+    return text + ", " + describe_direction(geometry) if direction else text
+
+
+def describe_direction(geometry: Geometry) -> str:
+    """'direction (1, 0, 0) (0, 1, 0) (0, 0, 1)': the direction cosine matrix, row by row."""
+    d = np.round(np.asarray(geometry.direction, dtype=float).reshape(3, 3), 4) + 0.0  # no -0
+    return "direction " + " ".join("(" + ", ".join(f"{x:.4g}" for x in row) + ")" for row in d)
+
+
+def grids_differ_in_direction(geom_a: Geometry, geom_b: Geometry, tol: float = 1e-3) -> bool:
+    return not np.allclose(geom_a.direction, geom_b.direction, atol=tol)
 
 
 def check_same_grid(name_a: str, shape_a, geom_a: Geometry, name_b: str, shape_b, geom_b: Geometry) -> None:
     """Refuse two volumes that are not on the same voxel grid, naming both geometries."""
     if tuple(shape_a)[:3] != tuple(shape_b)[:3] or not geom_a.matches(geom_b):
+        d = grids_differ_in_direction(geom_a, geom_b)
         raise InputError(f"{name_b} and {name_a} are not on the same voxel grid: {name_b} has "
-                         f"{describe_geometry(shape_b, geom_b)}, {name_a} has {describe_geometry(shape_a, geom_a)}. "
+                         f"{describe_geometry(shape_b, geom_b, d)}, {name_a} has {describe_geometry(shape_a, geom_a, d)}. "
                          "Resample them onto one grid (e.g. with 3D Slicer's Resample Scalar Volume).")
 
 
@@ -324,6 +467,13 @@ def _dicom_echo_groups(folder: Path) -> list[tuple[float | None, list[str]]]:
                 te = round(float(reader.GetMetaData("0018|0081")), 4)
             groups.setdefault(te, []).append(name)
             series_of.setdefault(te, set()).add(sid)
+    used = {Path(name).name for names in groups.values() for name in names}
+    skipped = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.name not in used
+               and f.name.upper() != "DICOMDIR" and _has_dicom_preamble(f)]
+    if skipped:
+        raise InputError(f"{folder}: {len(skipped)} DICOM file(s) cannot be read ({', '.join(skipped[:3])}"
+                         f"{', ...' if len(skipped) > 3 else ''}: truncated or damaged), so slices would be "
+                         "missing. Copy the series again from its source.")
     shared = [te for te, sids in series_of.items() if len(sids) > 1 and te is not None]
     if shared:
         raise InputError(f"{folder}: {len(series_of[shared[0]])} DICOM series share the echo time {shared[0]:g} ms "
@@ -331,6 +481,15 @@ def _dicom_echo_groups(folder: Path) -> list[tuple[float | None, list[str]]]:
     if None in groups and len(groups) > 1:
         raise InputError(f"{folder}: some DICOM files have an EchoTime and some have none; give one series.")
     return sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0.0))
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then 'DICM'."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def _read_dicom_files(files: list[str], where: Path) -> tuple[np.ndarray, Geometry]:
@@ -341,7 +500,7 @@ def _read_dicom_files(files: list[str], where: Path) -> tuple[np.ndarray, Geomet
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{where}: the DICOM series cannot be read ({str(exc).strip().splitlines()[-1]}).") from None
+        raise InputError(f"{where}: the DICOM series cannot be read ({_itk_reason(exc)}).") from None
     return sitk.GetArrayFromImage(image).astype(np.float32), Geometry.from_image(image)
 
 
@@ -394,19 +553,29 @@ def _sidecar_echo_times_s(path: Path) -> tuple[list[float], float | None] | None
     te = data.get("EchoTime")
     if te is None:
         return None
-    values = [float(t) for t in (te if isinstance(te, (list, tuple)) else [te])]
+    try:
+        values = [float(t) for t in (te if isinstance(te, (list, tuple)) else [te])]
+        field = data.get("MagneticFieldStrength")
+        field = None if field is None else float(field)
+    except (TypeError, ValueError):
+        raise InputError(f"{side}: EchoTime and MagneticFieldStrength must be numbers (EchoTime in seconds, "
+                         "one per echo); fix the sidecar or give --te in milliseconds.") from None
+    if not values or not all(np.isfinite(values)) or min(values) <= 0:
+        raise InputError(f"{side}: EchoTime must hold positive numbers of seconds, got {te}; fix the sidecar "
+                         "or give --te in milliseconds.")
     if max(values) > 1.0:
         raise InputError(f"{side}: EchoTime {values} looks like milliseconds; BIDS sidecars give seconds "
                          "(e.g. 0.0045). Fix the sidecar or give --te in milliseconds.")
-    return values, data.get("MagneticFieldStrength")
+    return values, field
 
 
-def read_echo_series(paths, te_ms: list[float] | None = None):
+def read_echo_series(paths, te_ms: list[float] | None = None, notes: list[str] | None = None):
     """Echoes from one 4D file, several 3D files in echo order, or a DICOM series folder.
 
     Returns (echoes (z, y, x, E) float32, geometry, echo times in ms, field strength in T or None).
     Echo times: `te_ms` (the command line's --te) when given, else the BIDS sidecar(s) next to the
     echo file(s) (seconds), else the DICOM EchoTime tags; InputError when none of these exists.
+    `notes`: a list that receives warnings (e.g. a --te that contradicts the sidecar).
     """
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
@@ -414,6 +583,10 @@ def read_echo_series(paths, te_ms: list[float] | None = None):
     found_te, field = None, None
     if len(paths) == 1 and paths[0].is_dir():
         echoes, geometry, found_te = read_dicom_series(paths[0])
+        if found_te is None:  # read as one volume: the echoes' slices would be mixed up
+            raise InputError(f"{paths[0]}: the DICOM files have no EchoTime tag (0018,0081), so the echoes cannot "
+                             "be told apart. Export the series with its EchoTime tags, or give one 3D file per "
+                             "echo, in echo order, with --te.")
     elif len(paths) == 1:
         echoes, geometry = read_volume(paths[0])
         side = _sidecar_echo_times_s(paths[0])
@@ -442,6 +615,12 @@ def read_echo_series(paths, te_ms: list[float] | None = None):
         raise InputError(f"{paths[0]}: the echoes have shape {echoes.shape}; give one 4D image (echo on the 4th "
                          "axis), several 3D files in echo order, or a DICOM multi-echo series folder"
                          + (" (this is a 2D image)." if echoes.ndim == 2 else "."))
+    if te_ms is not None and found_te is not None and notes is not None and (
+            len(te_ms) != len(found_te) or not np.allclose(te_ms, found_te, rtol=1e-3, atol=1e-3)):
+        source = "DICOM EchoTime tags" if paths[0].is_dir() else f"sidecar {sidecar_path(paths[0]).name}"
+        notes.append(f"--te ({', '.join(f'{t:g}' for t in te_ms)} ms) contradicts the {source} "
+                     f"({', '.join(f'{t:g}' for t in found_te)} ms); --te was used, as the command line "
+                     "overrides the files. Check which is right.")
     tes = te_ms if te_ms is not None else found_te
     if tes is None:
         raise InputError(f"No echo times for {paths[0]}: give --te in milliseconds (e.g. --te 4.5,9.5,...) or "

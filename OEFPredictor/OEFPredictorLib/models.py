@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,48 @@ class ModelBundle:
                              "line), or use a model trained for your protocol (oefpredictor train).")
 
 
+def card_problem(card) -> str | None:
+    """What is missing or malformed in a model card (None when it is usable): every field the
+    engine reads, checked once here, so that a bad card is one clear error, not a traceback later."""
+    def numbers(value, n=None, positive=False):
+        ok = (isinstance(value, list) and (n is None or len(value) == n) and len(value) > 0
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in value))
+        return ok and (not positive or all(x > 0 for x in value))
+
+    if not isinstance(card, dict):
+        return "it is not a JSON object"
+    missing = [k for k in ("protocol", "input_normalisation", "output_scaling", "window", "sha256") if k not in card]
+    if missing:
+        return f"'{missing[0]}' is missing"
+    p, norm, scaling, window = card["protocol"], card["input_normalisation"], card["output_scaling"], card["window"]
+    if not (isinstance(p, dict) and numbers(p.get("echo_times_s"), positive=True)
+            and numbers([p.get("field_strength_T")], positive=True)):
+        return "'protocol' needs echo_times_s (a list of seconds) and field_strength_T"
+    try:
+        physics.Protocol(tuple(p["echo_times_s"]), p["field_strength_T"])
+    except ValueError as exc:
+        return f"'protocol': {exc}"
+    if not (isinstance(norm, dict) and numbers([norm.get("qsm_scale")], positive=True)):
+        return "'input_normalisation' needs a positive qsm_scale"
+    n = len(physics.PARAMETER_NAMES)
+    if not (isinstance(scaling, dict) and numbers(scaling.get("mean"), n)
+            and numbers(scaling.get("std"), n, positive=True)):
+        return (f"'output_scaling' needs 'mean' and 'std' lists of {n} numbers (std > 0), one per parameter "
+                f"({', '.join(physics.PARAMETER_NAMES)})")
+    if not isinstance(window, dict):
+        return "'window' must be an object with 'length' and 'target'"
+    spec = card.get("model") if isinstance(card.get("model"), dict) else {}
+    if spec.get("architecture", "lstm") in ("lstm", "mlp"):  # the voxel-window models
+        length = window.get("length")
+        if not (isinstance(length, int) and not isinstance(length, bool) and length >= 1):
+            return "'window' needs 'length', a positive whole number of voxels"
+        if window.get("target") not in sequences.TARGETS:
+            return f"'window' needs 'target', one of {', '.join(sequences.TARGETS)}"
+    if not isinstance(card["sha256"], str):
+        return "'sha256' must be the model file's checksum (text)"
+    return None
+
+
 def load_bundle(path: str | Path | None = None) -> ModelBundle:
     """Load MODEL.keras (default: the bundled model) after checking its card and checksum."""
     from . import resources
@@ -221,19 +264,28 @@ def load_bundle(path: str | Path | None = None) -> ModelBundle:
                          "(protocol, normalisation). Keep MODEL.keras and MODEL.json together.")
     try:
         card = json.loads(card_file.read_text(encoding="utf-8"))
-        for key in ("protocol", "input_normalisation", "output_scaling", "window", "sha256"):
-            card[key]
-    except (ValueError, KeyError) as exc:
-        raise InputError(f"{card_file}: not a valid model card ({exc}).") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{card_file}: not a readable model card ({exc}).") from None
+    problem = card_problem(card)
+    if problem:
+        raise InputError(f"{card_file}: not a valid model card: {problem}. Use the card that "
+                         "`oefpredictor train` wrote with the model.")
     digest = sha256_of(path)
     if digest != card["sha256"]:
         raise InputError(f"{path}: checksum mismatch with its card (file corrupt or replaced). "
                          "Re-copy the model file with its card.")
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise InputError(f"{path}: not a Keras model archive (a .keras file is a zip archive; this file is not: "
+                         "damaged, or another format). Use the .keras file that `oefpredictor train` wrote.")
     import keras
 
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad archive
-        raise InputError(f"{path}: not a loadable Keras model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}).") from None
+        text = " ".join(str(exc).split())
+        if "arbitrary code" in text or "safe_mode" in text:
+            raise InputError(f"{path}: refused by Keras safe mode: the model holds Python code (e.g. a Lambda "
+                             "layer) that could run anything on this computer, so it is not loaded. Use a model "
+                             "of standard Keras layers, as `oefpredictor train` saves.") from None
+        raise InputError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {text[:400]}).") from None
     return ModelBundle(model, card, path)

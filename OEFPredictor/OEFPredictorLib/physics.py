@@ -71,6 +71,11 @@ BOUNDS = {
 }
 
 
+def _listed(values) -> str:
+    """[0.0045, 0.0095] for messages (a numpy array's list shows np.float64(...))."""
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """An mGRE acquisition: echo times in seconds and the field strength in tesla."""
@@ -83,12 +88,12 @@ class Protocol:
         if te.ndim != 1 or te.size < 2:
             raise ValueError("A protocol needs at least two echo times.")
         if not np.all(np.isfinite(te)) or np.any(te <= 0):
-            raise ValueError(f"Echo times must be positive numbers, got {list(te)}.")
+            raise ValueError(f"Echo times must be positive numbers, got {_listed(te)}.")
         if np.any(np.diff(te) <= 0):
-            raise ValueError(f"Echo times must be strictly increasing, got {list(te)}.")
+            raise ValueError(f"Echo times must be strictly increasing, got {_listed(te)}.")
         if te.max() > 1.0:
             raise ValueError(
-                f"Echo times look like milliseconds ({list(te)}); a Protocol takes seconds. "
+                f"Echo times look like milliseconds ({_listed(te)}); a Protocol takes seconds. "
                 "Use Protocol.from_milliseconds().")
         if not 0.1 <= self.field_strength <= 21.0:
             raise ValueError(f"Field strength {self.field_strength} T is not plausible.")

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import methods, physics, sequences
+from . import methods, physics, plausibility, sequences
 from .errors import CancelledError, InputError
 from .jobs import BackgroundJob, call_interruptibly
 
@@ -89,10 +89,16 @@ class PredictionInputs:
             raise InputError(f"The echo series has {echoes.shape[3]} echoes but {self.protocol.n_echoes} echo "
                              f"times were given ({self.protocol.describe()}).")
         if expected is not None and not self.protocol.matches(expected):
-            what = ("echoes" if self.protocol.n_echoes != expected.n_echoes else "echo times")
+            fix = "Give exactly those echoes (milliseconds on the command line)"
+            if self.protocol.n_echoes != expected.n_echoes:
+                what = "echoes"
+            elif np.allclose(self.protocol.te, expected.te, rtol=1e-3, atol=1e-6):
+                what, fix = "field strength", "Check the field strength (MagneticFieldStrength in the sidecar)"
+            else:
+                what = "echo times"
             raise InputError(f"The data's protocol ({self.protocol.describe()}) differs in its {what} from the "
-                             f"model's ({expected.describe()}). Give exactly those echoes (milliseconds on the "
-                             "command line), or use a model trained for your protocol (oefpredictor train).")
+                             f"model's ({expected.describe()}). {fix}, or use a model trained for your protocol "
+                             "(oefpredictor train).")
         for name, extra in (("mask", self.mask), ("CBF", self.cbf)):
             if extra is not None and np.shape(extra) != qsm.shape:
                 raise InputError(f"The {name} {np.shape(extra)} and QSM {qsm.shape} differ in size (z, y, x).")
@@ -110,6 +116,7 @@ class PredictionInputs:
         if n_bad:
             warnings.append(f"{n_bad} voxel(s) with NaN/Inf values or echo 1 <= 0 were left out of the mask "
                             "(their maps are 0).")
+        warnings += plausibility.check_inputs(echoes, qsm, mask, self.protocol.echo_times_ms)
         return warnings
 
 
@@ -362,6 +369,7 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     values = dict(params)
     values["OEF"] = (100.0 * physics.oef_from_Y(params["Y"])).astype(np.float32)
     values["quality"] = quality
+    warnings += plausibility.check_fit(quality)
     if inputs.cbf is not None:
         cbf_rows = np.asarray(inputs.cbf).reshape(-1)[idx].astype(np.float64)
         finite = np.isfinite(cbf_rows)

@@ -8,6 +8,7 @@ held-out virtual patients (see the model card's calibration).
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -56,7 +57,11 @@ def load_inputs(args):
     from . import parse_echo_times_ms
 
     te_ms = parse_echo_times_ms(args.te).echo_times_ms if args.te else None
-    echoes, geometry, tes, field = io.read_echo_series(args.echoes, te_ms)
+    notes = []
+    echoes, geometry, tes, field = io.read_echo_series(args.echoes, te_ms, notes)
+    for note in notes:
+        sys.stderr.write(f"oefpredictor predict: warning: {note}\n")
+    args.load_warnings = notes
     try:
         protocol = physics.Protocol.from_milliseconds(tes, field or 3.0)
     except ValueError as exc:
@@ -142,8 +147,6 @@ def run_prediction(inputs, args, bar_label: str = "Predicting"):
 
 
 def run(args) -> int:
-    import sys
-
     from .. import io, predict
 
     start = time.perf_counter()
@@ -159,10 +162,11 @@ def run(args) -> int:
     inputs.validate(expected)
     with io.atomic_directory(out, overwrite=args.overwrite, inputs=inputs_given, command="predict") as tmp:
         result = run_prediction(inputs, args)
+        result.warnings[:0] = args.load_warnings
         write_maps(result, geometry, Path(tmp))
-        record = {k: v for k, v in vars(args).items() if k not in ("func", "model_bundle")}
+        record = {k: v for k, v in vars(args).items() if k not in ("func", "model_bundle", "load_warnings")}
         io.write_json(provenance(result, record, inputs.protocol), Path(tmp) / PROVENANCE_FILE)
-    for w in result.warnings:
+    for w in result.warnings[len(args.load_warnings):]:  # those of loading were printed already
         sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
     n = result.n_voxels
     print(f"OEF maps of {n} voxels written to {out}/ ({', '.join(OUTPUT_FILES[k] for k in result.maps if k in OUTPUT_FILES)}"

@@ -52,12 +52,15 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def describe_geometry(shape, geometry) -> str:
-    """One line: size (x, y, z), spacing, origin."""
+def describe_geometry(shape, geometry, direction: bool = False) -> str:
+    """One line: size (x, y, z), spacing, origin (and direction, when that is what differs)."""
+    from .. import io
+
     size = "x".join(str(s) for s in reversed(shape))
     spacing = "x".join(f"{s:g}" for s in geometry.spacing)
     origin = ", ".join(f"{o:g}" for o in geometry.origin)
-    return f"size {size}, spacing {spacing} mm, origin ({origin})"
+    text = f"size {size}, spacing {spacing} mm, origin ({origin})"
+    return text + ", " + io.describe_direction(geometry) if direction else text
 
 
 def _read_all(paths: list[tuple[str, Path]]):
@@ -73,8 +76,9 @@ def _read_all(paths: list[tuple[str, Path]]):
         if first is None:
             first = (path, array.shape, geometry)
         elif array.shape != first[1] or not geometry.matches(first[2]):
-            raise InputError(f"{path} ({role}) has {describe_geometry(array.shape, geometry)} but "
-                             f"{first[0]} has {describe_geometry(first[1], first[2])}; resample them "
+            d = io.grids_differ_in_direction(geometry, first[2])
+            raise InputError(f"{path} ({role}) has {describe_geometry(array.shape, geometry, d)} but "
+                             f"{first[0]} has {describe_geometry(first[1], first[2], d)}; resample them "
                              "onto one grid.")
         images[(role, path)] = array
     return images, first[2]
