@@ -139,7 +139,7 @@ def test_refuses_another_echo_count_naming_the_model_protocol(capsys, tmp_path, 
 
 def test_refuses_other_echo_times(capsys, tmp_path, files, model):
     te = ",".join(f"{5 + 5 * i:g}" for i in range(8))
-    assert_refused(capsys, tmp_path, ["predict", "--echoes", files["echoes"], "--te", te, "--qsm", files["qsm"],
+    assert_refused(capsys, tmp_path, ["predict", "--echoes", files["dir"] / "nosidecar.nii.gz", "--te", te, "--qsm", files["qsm"],
                                       "--model", model], "differs in its echo times from the model's")
 
 

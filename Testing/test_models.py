@@ -107,7 +107,7 @@ def test_corrupt_or_replaced_model_file_is_refused(tmp_path):
     card = json.loads(card_file.read_text())
     card["sha256"] = models.sha256_of(path)
     card_file.write_text(json.dumps(card))
-    with pytest.raises(InputError, match="not a loadable Keras model"):
+    with pytest.raises(InputError, match="not a Keras model archive"):
         models.load_bundle(path)
     card_file.unlink()
     with pytest.raises(InputError, match="card"):
