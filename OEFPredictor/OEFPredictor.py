@@ -61,8 +61,6 @@ from OEFPredictorSlicer.compat import (  # noqa: E402
     translate,
 )
 from OEFPredictorSlicer.prediction import (  # noqa: E402
-    METHODS,
-    METHODS_WITH_MODEL,
     PredictionLogic,
     PredictionRun,
     PredictionSettings,
@@ -87,8 +85,8 @@ def _choices(name, labels):
 
 
 Device = _choices("Device", {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "gpu": _("GPU")})
-Method = _choices("Method", {m.name: _(m.label) for m in methods.METHODS.values()})
-assert [m.value for m in Method] == list(METHODS) and [d.value for d in Device] == list(predict.DEVICES)
+Method = _choices("Method", {m.name: m.label for m in methods.METHODS.values()})  # the engine's registry
+assert [d.value for d in Device] == list(predict.DEVICES)
 
 
 def resourcePath(*parts):
@@ -115,14 +113,14 @@ class OEFPredictor(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Maps the brain's <b>oxygen extraction fraction (OEF, %)</b> and the QQ-model parameters (S0, R2 in Hz,
 venous oxygen saturation Y, venous blood volume fraction v, non-blood susceptibility chi_nb in ppm) from
-a multi-echo gradient-echo (mGRE) <b>magnitude</b> series and a <b>QSM</b> map (ppm), with an LSTM
-network (or a DNN, or a voxelwise QQ fit).
+a multi-echo gradient-echo (mGRE) <b>magnitude</b> series and a <b>QSM</b> map (ppm), with a spatial
+3D U-Net (the default; also a 90 % OEF interval), the paper's LSTM, a DNN, or a voxelwise QQ fit.
 <ul>
 <li><b>Echoes</b>: a sequence whose index values are the echo times, or scalar volumes ticked in echo
 order. The echo times (ms) are filled from the sequence or the DICOM attributes; check them.</li>
 <li><b>QSM</b> in ppm, on the same voxel grid as the echoes; optional brain mask and CBF
 (mL/100 g/min, adds a CMRO2 map).</li>
-<li>The model's protocol (echo times, field strength) must match the data; the bundled model was
+<li>The model's protocol (echo times, field strength) must match the data; the bundled models were
 trained on simulated 3 T data with 8 echoes (TE 4.5-39.5 ms).</li>
 </ul>
 Research software, not a medical device. See the
@@ -212,6 +210,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.clear()
             for member in choices:
                 combo.addItem(member.label())
+        self.ui.methodComboBox.setCurrentIndex(list(Method).index(Method[methods.DEFAULT_METHOD]))
+        self.ui.methodComboBox.setToolTip(methods.help_text())
         self.ui.progressBar.setValue(0)
         self.controller = JobController(self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel,
                                         onFinished=self.onPredictionFinished, onIdle=self.updateApplyState)
@@ -318,11 +318,11 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def modelChoice(self):
         """None (the method needs no model), 'bundled:<file>', or the chosen model path."""
-        method = self.method()
-        if method not in METHODS_WITH_MODEL:
+        spec = methods.get(self.method())
+        if not spec.uses_model:
             return None
         if self.ui.bundledModelRadioButton.isChecked():
-            return "bundled:" + METHODS_WITH_MODEL[method]
+            return "bundled:" + spec.model_file
         return qtProperty(self.ui.modelPathLineEdit, "currentPath") or ""
 
     def modelPath(self):
@@ -397,7 +397,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateApplyState()
 
     def onModelChanged(self, *args):
-        needsModel = self.method() in METHODS_WITH_MODEL
+        needsModel = methods.get(self.method()).uses_model
         for w in (self.ui.bundledModelRadioButton, self.ui.modelFileRadioButton):
             w.setEnabled(needsModel)
         self.ui.modelPathLineEdit.setEnabled(needsModel and self.ui.modelFileRadioButton.isChecked())
@@ -498,7 +498,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.lastOutputs = None
         self.lastError = None
-        if self.method() in METHODS_WITH_MODEL:
+        if methods.get(self.method()).uses_model:
             self.controller.setState(ProcessingState.INSTALLING)
             unmet = self.logic.ensureDependencies()
             self.controller.setState(ProcessingState.IDLE)
@@ -611,14 +611,14 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
         return self.comparison.tableRows(tableNode)
 
     # --- environment --------------------------------------------------------------------------------
-    def modelSummary(self, model, method="lstm"):
+    def modelSummary(self, model, method=methods.DEFAULT_METHOD):
         """One line about the chosen model: model is a path or 'bundled:<file>'."""
         if model and model.startswith("bundled:"):
             try:
                 model = str(resourcePath("Models", model.split(":", 1)[1]))
             except FileNotFoundError:
                 return _("The bundled model is not installed; choose a model file.")
-        return environment.modelSummary(model, method in METHODS_WITH_MODEL)
+        return environment.modelSummary(model, methods.get(method).uses_model)
 
     def unmetRequirements(self):
         """Resources/requirements.txt lines that the installed versions do not meet."""
@@ -672,7 +672,7 @@ class OEFPredictorTest(ScriptedLoadableModuleTest):
             qsmNode = slicer.util.addVolumeFromArray(patient.qsm, ijkToRAS, "QSM")
             self.delayDisplay("Predicting")
             outputs = OEFPredictorLogic().process(echoNodes, qsmNode, echoTimesMs=protocol.echo_times_ms,
-                                                  model=str(modelPath), device="cpu")
+                                                  model=str(modelPath), device="cpu", method="lstm")
         self.assertEqual(set(predict.MAP_NAMES), set(outputs))
         self.assertEqual(outputs["OEF"].GetImageData().GetDimensions(), echoNodes[0].GetImageData().GetDimensions())
         self.delayDisplay("Test passed")

@@ -119,17 +119,20 @@ def scene_node_ids(scene) -> list[str]:
     return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
 
 
-def fake_prediction_job(extra_maps=(), release=None):
+def fake_prediction_job(extra_maps=(), release=None, seen=None):
     """A job factory for OEFPredictorLogic(jobFactory=...): the real job class
     (OEFPredictorLib.jobs.BackgroundJob, a real thread) whose work stands in for the engine. It
     waits for `release` (a threading.Event) if given, honours cancel, and returns a
     PredictionResult with every map of predict.MAP_NAMES plus `extra_maps` (e.g. the interval maps
-    "OEF_p05", "OEF_p95", "OEF_width" of a method that gives one): map i is i + 1 inside the mask."""
+    "OEF_p05", "OEF_p95", "OEF_width" of a method that gives one): map i is i + 1 inside the mask.
+    seen: a list that receives (inputs, method) of each job made."""
     from OEFPredictorLib import predict
     from OEFPredictorLib.errors import CancelledError
     from OEFPredictorLib.jobs import BackgroundJob
 
     def factory(inputs, model=None, device="auto", method="lstm"):
+        if seen is not None:
+            seen.append((inputs, method))
         def work(progress, cancel_event):
             progress(0.1, "Predicting (stand-in)")
             while release is not None and not release.wait(0.01):

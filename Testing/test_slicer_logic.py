@@ -50,7 +50,7 @@ def _matrix(node):
 def _engine(patient, model_path, mask=None):
     inputs = predict.PredictionInputs(patient.echoes.astype(np.float32), patient.qsm.astype(np.float32),
                                       patient.protocol, mask=mask)
-    return predict.predict_maps(inputs, model=str(model_path), device="cpu")
+    return predict.predict_maps(inputs, model=str(model_path), method="lstm", device="cpu")
 
 
 def _snapshot(nodes):
@@ -110,7 +110,7 @@ def test_echo_list_run_and_wait(case, env):
                                           nodeClassName="vtkMRMLLabelMapVolumeNode")
     before = _snapshot(echoes + [qsm, mask])
     outputs = module.OEFPredictorLogic().process(
-        echoes, qsm, mask=mask, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), device="cpu",
+        echoes, qsm, mask=mask, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), method="lstm", device="cpu",
         opacity=0.35)
     expected = _engine(patient, model_path, mask=patient.mask)
     _check_outputs(outputs, _matrix(echoes[0]), expected, 0.35, echoes[0].GetID(), env)
@@ -125,7 +125,7 @@ def test_sequence_run_and_wait_and_rerun_overwrites(case, env):
     logic = module.OEFPredictorLogic()
     assert logic.echoTimesFromNodes(seq) == pytest.approx(patient.protocol.echo_times_ms)
     # no echo times given: they come from the sequence's index values
-    outputs = logic.process(seq, qsm, model=str(model_path), device="cpu", opacity=0.6)
+    outputs = logic.process(seq, qsm, model=str(model_path), method="lstm", device="cpu", opacity=0.6)
     expected = _engine(patient, model_path)
     proxy = browser.GetProxyNode(seq)
     _check_outputs(outputs, _matrix(seq.GetNthDataNode(0)), expected, 0.6, proxy.GetID(), env)
@@ -134,7 +134,7 @@ def test_sequence_run_and_wait_and_rerun_overwrites(case, env):
 
     # a rerun into the same output nodes overwrites them and creates no node
     ids = scene_node_ids(env.scene)
-    again = logic.process(seq, qsm, model=str(model_path), device="cpu", outputNodes=outputs, opacity=0.8)
+    again = logic.process(seq, qsm, model=str(model_path), method="lstm", device="cpu", outputNodes=outputs, opacity=0.8)
     assert {k: v.GetID() for k, v in again.items()} == {k: v.GetID() for k, v in outputs.items()}
     assert scene_node_ids(env.scene) == ids
     scene = env.scene
@@ -147,7 +147,7 @@ def test_background_run_progress_then_finish(case, env):
     qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
     ids = scene_node_ids(env.scene)
     run = module.OEFPredictorLogic().startPrediction(
-        echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), device="cpu")
+        echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), method="lstm", device="cpu")
     fractions = []
     run.job.wait()
     assert scene_node_ids(env.scene) == ids  # nothing written before finish() on the main thread
@@ -168,7 +168,7 @@ def test_cancel_leaves_scene_and_existing_outputs_untouched(case, env):
     ids = scene_node_ids(env.scene)
     composites = [(c.GetForegroundVolumeID(), c.GetForegroundOpacity())
                   for c in (env.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(3))]
-    run = module.OEFPredictorLogic().startPrediction(seq, qsm, model=str(model_path), device="cpu",
+    run = module.OEFPredictorLogic().startPrediction(seq, qsm, model=str(model_path), method="lstm", device="cpu",
                                                      outputNodes={"OEF": existing})
     run.cancel()
     with pytest.raises(CancelledError):
@@ -189,7 +189,7 @@ def test_engine_error_leaves_scene_untouched(case, env):
     ids = scene_node_ids(env.scene)
     wrong = [t + 1.0 for t in patient.protocol.echo_times_ms]
     with pytest.raises(InputError, match="protocol"):
-        module.OEFPredictorLogic().process(echoes, qsm, echoTimesMs=wrong, model=str(model_path), device="cpu")
+        module.OEFPredictorLogic().process(echoes, qsm, echoTimesMs=wrong, model=str(model_path), method="lstm", device="cpu")
     assert scene_node_ids(env.scene) == ids
     _assert_unchanged(before, echoes + [qsm])
 
@@ -203,14 +203,14 @@ def test_geometry_mismatch_refused_before_running(case, env):
     ids = scene_node_ids(env.scene)
     logic = module.OEFPredictorLogic()
     with pytest.raises(InputError, match="same voxel grid"):
-        logic.process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path))
+        logic.process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), method="lstm")
     cropped = slicer.util.addVolumeFromArray(np.ascontiguousarray(patient.qsm[1:]), ijk_to_ras(patient.geometry),
                                              "QSM cropped")
     with pytest.raises(InputError, match="same voxel grid"):
-        logic.process(echoes, cropped, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path))
+        logic.process(echoes, cropped, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), method="lstm")
     with pytest.raises(InputError, match="echo times"):
         logic.process(echoes, qsm=slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "q"),
-                      echoTimesMs=[5.0, 10.0], model=str(model_path))
+                      echoTimesMs=[5.0, 10.0], model=str(model_path), method="lstm")
     assert scene_node_ids(env.scene)[: len(ids)] == ids
 
 
@@ -253,7 +253,7 @@ def test_failure_while_writing_restores_existing_outputs(case, env, monkeypatch)
 
     monkeypatch.setattr(module.display, "setMapDisplay", failing)
     with pytest.raises(RuntimeError, match="display failed"):
-        logic.process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path),
+        logic.process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), method="lstm",
                       device="cpu", outputNodes={"OEF": old_oef, "S0": old_s0})
     assert calls[:2] == ["OEF", "S0"]  # both existing nodes had been overwritten before the failure
     assert scene_node_ids(env.scene) == ids
@@ -268,7 +268,7 @@ def test_one_volume_for_two_maps_is_refused(case, env):
     ids = scene_node_ids(env.scene)
     with pytest.raises(InputError, match="same volume"):
         module.OEFPredictorLogic().process(echoes, qsm, echoTimesMs=patient.protocol.echo_times_ms,
-                                           model=str(model_path), device="cpu",
+                                           model=str(model_path), method="lstm", device="cpu",
                                            outputNodes={"OEF": target, "Y": target})
     assert scene_node_ids(env.scene) == ids
 
@@ -282,7 +282,7 @@ def test_sequence_under_a_transform_keeps_it_on_the_outputs(case, env):
     browser.GetProxyNode(seq).SetAndObserveTransformNodeID(transform.GetID())
     qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
     qsm.SetAndObserveTransformNodeID(transform.GetID())
-    outputs = module.OEFPredictorLogic().process(seq, qsm, model=str(model_path), device="cpu")
+    outputs = module.OEFPredictorLogic().process(seq, qsm, model=str(model_path), method="lstm", device="cpu")
     assert {node.GetTransformNodeID() for node in outputs.values()} == {transform.GetID()}
 
 
@@ -354,7 +354,8 @@ def test_cancel_while_the_model_loads_is_prompt(case, env, monkeypatch):
         raise AssertionError("the cancelled run went on after loading")
 
     monkeypatch.setattr(predict, "resolve_model", slow_resolve)
-    run = module.OEFPredictorLogic().startPrediction(echoes, qsm, echoTimesMs=tes, model="model.keras", device="cpu")
+    run = module.OEFPredictorLogic().startPrediction(echoes, qsm, echoTimesMs=tes, model="model.keras", device="cpu",
+                                                     method="lstm")
     time.sleep(0.2)
     t0 = time.perf_counter()
     run.cancel()
@@ -369,8 +370,14 @@ def test_quality_and_interval_maps_reach_the_outputs(case, env):
 
     echoes, qsm, tes = _small_inputs(case)
     extra = ("OEF_p05", "OEF_p95", "OEF_width")
-    logic = module.OEFPredictorLogic(jobFactory=fake_prediction_job(extra_maps=extra))
+    seen = []
+    logic = module.OEFPredictorLogic(jobFactory=fake_prediction_job(extra_maps=extra, seen=seen))
     outputs = logic.process(echoes, qsm, echoTimesMs=tes)
+    inputs, method = seen[0]
+    from OEFPredictorLib import methods
+
+    assert method == methods.DEFAULT_METHOD
+    assert inputs.spacing == pytest.approx(echoes[0].GetSpacing())  # the spatial model resamples with it
     assert set(outputs) == set(predict.MAP_NAMES) | set(extra) and "quality" in outputs
     assert outputs["OEF_width"].GetAttribute("OEFPredictor.Unit") == "pp"
     assert outputs["OEF_p95"].GetAttribute("OEFPredictor.Unit") == "%"

@@ -114,6 +114,7 @@ def test_apply_enabled_only_with_valid_inputs(panel):
     assert not ui.applyButton.isEnabled()
     assert "echo" in _tooltip(ui).lower() and "qsm" in _tooltip(ui).lower()
 
+    ui.methodComboBox.setCurrentIndex(list(panel.module.Method).index(panel.module.Method.lstm))  # the tiny LSTM
     seq, _browser = add_echo_sequence(patient)
     ui.echoSequenceSelector.setCurrentNode(seq)
     # echo times filled from the sequence's index values
@@ -164,6 +165,7 @@ def _ready_panel(panel):
     qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
     panel.ui.echoSequenceSelector.setCurrentNode(seq)
     panel.ui.qsmSelector.setCurrentNode(qsm)
+    panel.ui.methodComboBox.setCurrentIndex(list(panel.module.Method).index(panel.module.Method.lstm))
     panel.ui.modelFileRadioButton.setChecked(True)
     panel.ui.modelPathLineEdit.setCurrentPath(str(model_path))
     # the demo case's model file is a tiny LSTM: the panel's method must say so
@@ -285,6 +287,16 @@ def test_roi_statistics_section_calls_the_logic(panel, monkeypatch, tmp_path):
     ui.computeStatsButton.click()
     assert len(calls) == 2 and widget.lastComparison is None and not ui.showComparisonButton.isEnabled()
     assert table.GetTable().GetColumnByName("rmse") is not None and "rows" in ui.roiStatsStatusLabel.text()
+
+
+def test_method_choices_come_from_the_engines_registry(panel):
+    from OEFPredictorLib import methods
+
+    combo = panel.ui.methodComboBox
+    assert [combo.itemText(i) for i in range(combo.count())] == [m.label for m in methods.METHODS.values()]
+    assert panel.widget.method() == methods.DEFAULT_METHOD
+    combo.setCurrentIndex(list(methods.METHODS).index("nlls"))
+    assert panel.widget.method() == "nlls" and panel.widget.modelChoice() is None
 
 
 def test_interval_maps_reach_their_selectors(panel):

@@ -21,16 +21,12 @@ from .compat import _
 from .comparison import matrixArray
 
 
-# The engine's methods, from its registry (OEFPredictorLib.methods).
-METHODS = tuple(methods.METHODS)
-METHODS_WITH_MODEL = {m.name: m.model_file for m in methods.METHODS.values() if m.uses_model}
-
-
 @dataclasses.dataclass
 class PredictionSettings:
     """Everything about a run except the input nodes (the panel's parameter node holds the same).
 
     echoTimesMs: one per echo, in ms (None: from the sequence's index or the DICOM attributes).
+    method: a name of OEFPredictorLib.methods.METHODS (the registry the command line uses too).
     model: None (the method's bundled model), a .keras path with its .json card, or a ModelBundle.
     outputNodes: {map name: existing scalar volume to overwrite}; the others are created."""
 
@@ -280,9 +276,7 @@ class PredictionLogic:
         settings = dataclasses.replace(settings or PredictionSettings(), **overrides)
         if self.activeRun is not None and not self.activeRun.done:
             raise InputError(_("A prediction is already running; wait for it to finish or cancel it first."))
-        if settings.method is not None and settings.method not in METHODS:
-            raise InputError(_("Unknown method {m!r}; choose one of {ms}.").format(
-                m=settings.method, ms=", ".join(METHODS)))
+        settings.method = methods.get(settings.method).name  # InputError naming the choices
         if settings.device not in predict.DEVICES:
             raise InputError(_("Unknown device {d!r}; choose one of {ds}.").format(
                 d=settings.device, ds=", ".join(predict.DEVICES)))
