@@ -268,3 +268,8 @@ def test_demo_writes_maps_figure_and_roi_statistics(capsys, tmp_path, model):
     assert (out_dir / "oef.nii.gz").exists() and (out_dir / "patient" / "P03").is_dir() and (out_dir / "demo_figure.png").stat().st_size > 10_000
     header = (out_dir / "roi_stats.csv").read_text().splitlines()[0]
     assert header.startswith("roi,map,unit") and "rmse" in header
+    from OEFPredictorLib import roistats
+
+    rows = roistats.read_csv(out_dir / "roi_stats.csv")
+    pairs = [(r["roi"], r["map"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) and "lesion_misery_perfusion" not in {r["roi"] for r in rows}  # each ROI once

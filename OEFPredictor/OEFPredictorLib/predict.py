@@ -517,7 +517,7 @@ def _batch_predictor(model):
 
 
 def _run_baseline(method, echo_rows, qsm_rows, protocol, report, cancel_event):
-    from . import baselines  # written by another module owner; imported only when asked for
+    from . import baselines  # imported only when a voxelwise fit is asked for
 
     def scaled(fraction, message=""):
         report(0.05 + 0.9 * float(fraction), message)
