@@ -288,9 +288,9 @@ def check_writable_parent(path: str | os.PathLike) -> Path:
 # empty ones), and then replaces file by file: a rerun of a command replaces that command's own
 # earlier files and nothing else (never an input of the run, never a file another program wrote).
 OUTPUT_MARKER = ".oefpredictor-output"
-# Errors that mean "the output could not be written" (disk full, quota, file size limit, read-only).
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
-                 errno.EXDEV, errno.EBUSY}
+# Errors that can only mean "the output could not be written" (disk full, quota, file size limit,
+# read-only file system); while atomic_directory sets up or puts the folder in place, any OSError does.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def check_output_dir(folder: str | os.PathLike, overwrite: bool = False, inputs=(), names=()) -> Path:
@@ -375,14 +375,21 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False, inputs=(
     or removed."""
     final = check_output_dir(final, overwrite)
     existing = final.is_dir()
+    where = final if existing else final.parent
+    _remove_stale_partials(where, final.name)
     # Named here, created inside the try: a signal that arrives right after the mkdir still finds it.
-    tmp = (final if existing else final.parent) / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = where / f".{final.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    in_block = False
     try:
         if not existing:
             final.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
+        (tmp / OUTPUT_MARKER).write_text("Being written by oefpredictor.\n", encoding="utf-8")
+        in_block = True
         yield tmp
-        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
+        in_block = False
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                         if (p.is_file() or p.is_symlink()) and p.name != OUTPUT_MARKER)
         if existing:
             _replace_files(tmp, final, written, _file_keys(inputs), command)
         else:
@@ -390,13 +397,33 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False, inputs=(
             os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in _WRITE_ERRNOS:
+        if not in_block or exc.errno in WRITE_ERRNOS:  # (in the block, EACCES may be an unreadable input)
             raise write_error(exc, final) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_partials(parent: Path, name: str) -> None:
+    """Temporary folders of `name` that a killed run (SIGKILL, power cut) left in `parent`: ours
+    (they carry the marker) and their process is gone."""
+    for stale in parent.glob(f".{name}.partial-*"):
+        pid = stale.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if not (stale / OUTPUT_MARKER).exists() or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        return True
+    return True
 
 
 def _replace_files(tmp: Path, final: Path, written: list[str], protected: set, command: str) -> None:

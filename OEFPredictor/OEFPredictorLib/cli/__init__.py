@@ -72,6 +72,13 @@ def main(argv=None) -> int:
     except Terminated:
         sys.stderr.write(f"oefpredictor {args.command}: terminated; no partial output was kept.\n")
         return 128 + signal.SIGTERM
+    except OSError as exc:  # a write that failed outside an output folder (e.g. stats --out on a full disk)
+        from ..io import WRITE_ERRNOS, write_error
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        sys.stderr.write(f"oefpredictor {args.command}: error: {write_error(exc, exc.filename or 'the output')}\n")
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -38,6 +38,10 @@ def run(args) -> int:
     from ..errors import InputError
     from . import progress_bar
 
+    if args.out:  # a file or an unwritable place is refused now, not after the whole evaluation
+        from .. import io
+
+        io.check_writable_dir(args.out)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise InputError("--methods is empty; e.g. lstm,dnn,tissue_mean.")
