@@ -562,7 +562,7 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
     def __init__(self, jobFactory=None):
         ScriptedLoadableModuleLogic.__init__(self)
         self.prediction = PredictionLogic(jobFactory)
-        self.comparison = ComparisonLogic()
+        self.comparison = ComparisonLogic(self.prediction.predictionMasks)
 
     # --- prediction (settings: a PredictionSettings; keywords override its fields) ---------------
     def process(self, echoes, qsm, mask=None, cbf=None, settings=None, wait=True, timeout=None, **overrides):

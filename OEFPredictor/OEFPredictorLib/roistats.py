@@ -17,8 +17,12 @@ Definitions (every one is an exact numpy computation in float64 on the voxels us
 
 - ROI voxels: the ROI restricted to the mask (when a mask is given). `n_outside_mask` counts the ROI
   voxels the mask dropped. `n_voxels` / `volume_ml` describe the ROI inside the mask.
-- Values: the map's values on those voxels; non-finite values (NaN, +-inf) are excluded and counted
-  in `n_nonfinite`; `n_valid` values remain for the statistics.
+- Unpredicted voxels: the prediction writes 0 where it predicted nothing (outside its mask, NaN
+  inputs), and 0 % is a valid OEF; so with `predicted` (the prediction's own mask, mask.nii.gz of
+  `oefpredictor predict`) the voxels outside it are excluded and counted in `n_unpredicted`.
+- Values: the map's values on the remaining voxels; non-finite values (NaN, +-inf) are excluded and
+  counted in `n_nonfinite`; `n_valid` values remain for the statistics
+  (n_voxels = n_unpredicted + n_nonfinite + n_valid).
 - `sd`: the sample standard deviation, ddof=1 (divide by n - 1). An ROI's voxels are a sample of the
   tissue, and n - 1 is what R's sd(), SPSS, scipy.stats.describe and the Bland-Altman limits use.
   With one value it is NaN (undefined), not 0.
@@ -53,14 +57,14 @@ from .physics import MAP_UNITS
 # Column order of the rows (and of the CSV / Slicer table).
 COLUMNS = (
     "roi", "map", "unit",
-    "n_voxels", "volume_ml", "n_outside_mask", "n_nonfinite", "n_valid",
+    "n_voxels", "volume_ml", "n_outside_mask", "n_unpredicted", "n_nonfinite", "n_valid",
     "mean", "sd", "median", "min", "max", "p05", "p95", "interval_width",
     "n_paired", "rmse", "mae", "bias", "pearson_r",
     "ba_mean_diff", "ba_sd_diff", "ba_loa_lower", "ba_loa_upper",
     "contrast_reference", "contrast", "cnr", "reference_cnr",
 )
 # Columns that hold counts (integers) and text; all others are floats (NaN when undefined).
-INT_COLUMNS = ("n_voxels", "n_outside_mask", "n_nonfinite", "n_valid", "n_paired")
+INT_COLUMNS = ("n_voxels", "n_outside_mask", "n_unpredicted", "n_nonfinite", "n_valid", "n_paired")
 TEXT_COLUMNS = ("roi", "map", "unit", "contrast_reference")
 
 MAP_ORDER = ("OEF", "S0", "R2", "Y", "v", "chi_nb")  # the prediction's maps, in display order
@@ -249,7 +253,8 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
                    reference: Mapping[str, np.ndarray] | None = None,
                    contrasts: Mapping[str, str] | None = None,
                    units: Mapping[str, str] | None = None,
-                   interval_width: np.ndarray | None = None) -> list[dict]:
+                   interval_width: np.ndarray | None = None,
+                   predicted: np.ndarray | Mapping[str, np.ndarray] | None = None) -> list[dict]:
     """Statistics per ROI and map: one row (a dict with the keys of COLUMNS) per ROI x map, ROIs in
     the order of `rois`, maps in the order of `maps`.
 
@@ -263,6 +268,8 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
     units: optional name -> unit; defaults to the physics units (OEF "%").
     interval_width: optional width of the 90 % OEF interval (pp, the prediction's OEF_width map);
         the OEF rows get its mean over the ROI in the `interval_width` column.
+    predicted: optional boolean array (all maps) or map name -> array: the voxels the prediction
+        predicted; the others are excluded (n_unpredicted). Maps missing from a dict use all voxels.
     All arrays must have the same shape (InputError naming the ones that differ).
     """
     reference = dict(reference or {})
@@ -284,6 +291,13 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
         arrays["mask"] = mask
     if interval_width is not None:
         arrays["interval width"] = interval_width
+    if predicted is not None and not isinstance(predicted, Mapping):
+        predicted = dict.fromkeys(maps, predicted)
+    predicted = {k: v for k, v in (predicted or {}).items() if v is not None}
+    unknown = [n for n in predicted if n not in maps]
+    if unknown:
+        raise InputError(f"Prediction mask(s) for {unknown} match no map; maps are {list(maps)}.")
+    arrays.update({f"prediction mask of {k!r}": v for k, v in predicted.items()})
     _check_shapes(arrays)
     if not (voxel_volume_ml > 0 and math.isfinite(voxel_volume_ml)):
         raise InputError(f"The voxel volume must be a positive number of mL, got {voxel_volume_ml}.")
@@ -300,26 +314,39 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
     units = {**MAP_UNITS, **(units or {})}
     flat_maps = {k: np.asarray(v).ravel() for k, v in maps.items()}
     flat_refs = {k: np.asarray(v).ravel() for k, v in reference.items()}
+    flat_predicted = {k: np.asarray(v, dtype=bool).ravel() for k, v in predicted.items()}
 
-    def finite_values(flat, roi_name):
-        v = flat[index[roi_name]].astype(np.float64)
-        return v[np.isfinite(v)]
+    def map_values(map_name, roi_name):
+        """The map's values in the ROI, NaN where it was not predicted; and the unpredicted count."""
+        v = flat_maps[map_name][index[roi_name]].astype(np.float64)
+        if map_name not in flat_predicted:
+            return v, 0
+        unpredicted = ~flat_predicted[map_name][index[roi_name]]
+        v[unpredicted] = np.nan
+        return v, int(np.count_nonzero(unpredicted))
+
+    def finite_values(values):
+        return values[np.isfinite(values)]
 
     rows = []
     for roi_name in rois:
         idx = index[roi_name]
-        for map_name, flat in flat_maps.items():
-            values = flat[idx].astype(np.float64)
+        for map_name in flat_maps:
+            values, n_unpredicted = map_values(map_name, roi_name)
             ok = np.isfinite(values)
             used = values[ok]
             row = dict.fromkeys(COLUMNS, _NAN)
             row.update(roi=roi_name, map=map_name, unit=units.get(map_name, ""),
                        n_voxels=int(idx.size), volume_ml=idx.size * float(voxel_volume_ml),
-                       n_outside_mask=n_outside[roi_name], n_nonfinite=int(idx.size - used.size),
+                       n_outside_mask=n_outside[roi_name], n_unpredicted=n_unpredicted,
+                       n_nonfinite=int(idx.size - used.size - n_unpredicted),
                        n_valid=int(used.size), n_paired=0, contrast_reference="")
             row.update(describe(used))
             if interval_width is not None and map_name == "OEF":
-                width = finite_values(np.asarray(interval_width).ravel(), roi_name)
+                width = np.asarray(interval_width).ravel()[index[roi_name]].astype(np.float64)
+                if "OEF" in flat_predicted:  # the width map is 0 where OEF was not predicted
+                    width = width[flat_predicted["OEF"][index[roi_name]]]
+                width = finite_values(width)
                 row["interval_width"] = float(width.mean()) if width.size else _NAN
             if map_name in flat_refs:
                 ref = flat_refs[map_name][idx].astype(np.float64)
@@ -328,13 +355,14 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
             if roi_name in contrasts:
                 other = contrasts[roi_name]
                 row["contrast_reference"] = other
-                b = finite_values(flat, other)
+                b = finite_values(map_values(map_name, other)[0])
                 if used.size and b.size:
                     row["contrast"] = float(used.mean() - b.mean())
                 row["cnr"] = cnr_from_values(used, b)
                 if map_name in flat_refs:
-                    row["reference_cnr"] = cnr_from_values(finite_values(flat_refs[map_name], roi_name),
-                                                           finite_values(flat_refs[map_name], other))
+                    row["reference_cnr"] = cnr_from_values(
+                        finite_values(flat_refs[map_name][index[roi_name]].astype(np.float64)),
+                        finite_values(flat_refs[map_name][index[other]].astype(np.float64)))
             rows.append(row)
     return rows
 

@@ -75,8 +75,11 @@ def fillTable(tableNode, columns):
 class ComparisonLogic:
     """ROI statistics and the comparison with a reference, on MRML nodes (main thread)."""
 
-    def __init__(self):
+    def __init__(self, predictionMasks=None):
         self._comparisonSliceLogics = []  # slice logics made outside the application (no views)
+        # map node ID -> the voxels it was predicted in (PredictionLogic.predictionMasks): ROI
+        # statistics leave the others (0 in the map, not 0 %) out and count them in n_unpredicted
+        self.predictionMasks = {} if predictionMasks is None else predictionMasks
 
     def roisFromNode(self, roiNode, referenceVolume):
         """{name: boolean array on referenceVolume's grid} from a segmentation (each segment,
@@ -181,9 +184,11 @@ class ComparisonLogic:
         mask = None if maskNode is None else np.array(slicer.util.arrayFromVolume(maskNode)) > 0
         rois = self.roisFromNode(roiNode, first)
         spacing = first.GetSpacing()
+        predicted = {n: self.predictionMasks.get(mapNodes[n].GetID()) for n in names}
+        predicted = {n: m for n, m in predicted.items() if m is not None and m.shape == maps[n].shape}
         rows = roistats.roi_statistics(maps, rois, roistats.voxel_volume_ml(spacing), mask=mask,
                                        reference=reference or None, contrasts=roistats.contralateral_pairs(rois),
-                                       units={n: display.unit(n) for n in names})
+                                       units={n: display.unit(n) for n in names}, predicted=predicted)
         if tableNode is None:
             tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
                                                            slicer.mrmlScene.GenerateUniqueName("OEF ROI statistics"))

@@ -118,6 +118,9 @@ class PredictionLogic:
     def __init__(self, jobFactory=None):
         self.jobFactory = jobFactory or predict.PredictionJob
         self.activeRun = None
+        # output node ID -> the voxels its map was predicted in: the maps are 0 elsewhere, and 0 is a
+        # valid value, so the ROI statistics (ComparisonLogic) leave those voxels out
+        self.predictionMasks = {}
 
     def echoTimesFromNodes(self, echoes):
         """Echo times in ms from a sequence's index values, or from volumes' DICOM echo times;
@@ -361,6 +364,8 @@ class PredictionLogic:
                 self._restoreVolume(*snapshot)
             raise
         outputs = {name: node for name, (node, _array) in written.items()}
+        for node in outputs.values():
+            self.predictionMasks[node.GetID()] = resultMask
         display.showOverlay(outputs["OEF"], context.get("background"), context.get("opacity", 0.6))
         return outputs
 

@@ -1,10 +1,10 @@
 """`oefpredictor predict`: OEF and QQ parameter maps from echo images + QSM (the main job on real data).
 
 Output names are a contract other tools rely on: DIR/oef.nii.gz (percent), S0, R2 (Hz), Y, v,
-chi_nb (ppm), quality, cmro2 (with --cbf), mask (when derived), and prediction.json (provenance).
-Methods with an interval (the spatial model, --method unet) add oef_p05.nii.gz and oef_p95.nii.gz:
-the bounds of the 90 % interval of OEF (percent), calibrated to hold 90 % of the true values of
-held-out virtual patients (see the model card's calibration).
+chi_nb (ppm), quality, cmro2 (with --cbf), mask (the voxels predicted; every map is 0 outside it),
+and prediction.json (provenance). Methods with an interval (the spatial model, --method unet) add
+oef_p05.nii.gz and oef_p95.nii.gz: the bounds of the 90 % interval of OEF (percent), calibrated to
+hold 90 % of the true values of held-out virtual patients (see the model card's calibration).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def register(sub):
         description="Predict OEF (percent), S0, R2, Y, v, chi_nb and a quality map (and CMRO2 with --cbf) "
                     "from multi-echo GRE magnitude images and a QSM map, with the paper's LSTM (default), the "
                     "experimental spatial model (--method unet; also the 90 % OEF interval, oef_p05/oef_p95), "
-                    "or your model. Outputs have the geometry of the inputs; 0 outside the mask.")
+                    "or your model. Outputs have the geometry of the inputs; 0 outside mask.nii.gz, the "
+                    "voxels predicted.")
     p.add_argument("--echoes", nargs="+", required=True, metavar="FILE",
                    help="one 4D image (echo on the 4th axis), several 3D images in echo order, or a DICOM "
                         "multi-echo series folder")
@@ -85,8 +86,13 @@ def load_inputs(args):
     return predict.PredictionInputs(echoes, qsm, protocol, mask, cbf, geometry.spacing), geometry
 
 
-def write_maps(result, geometry, folder: Path, mask_file: bool | None = None) -> list[Path]:
-    """The maps of a PredictionResult as NIfTI files with the input geometry (and the derived mask)."""
+def write_maps(result, geometry, folder: Path) -> list[Path]:
+    """The maps of a PredictionResult as NIfTI files with the input geometry, and its mask.
+
+    Every map is 0 where nothing was predicted, and 0 is also a valid value (OEF 0 %: Y at its
+    bound 0.98), so mask.nii.gz, the voxels predicted, is always written beside the maps and
+    `oefpredictor stats` uses it by default. (NaN instead of 0 would not do: ITK, hence 3D Slicer,
+    reads NaN in NIfTI as 0.)"""
     from .. import io
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,10 +103,14 @@ def write_maps(result, geometry, folder: Path, mask_file: bool | None = None) ->
         path = folder / OUTPUT_FILES[name]
         io.write_volume(array.astype(np.float32), geometry, path)
         written.append(path)
-    if result.mask_derived if mask_file is None else mask_file:
-        io.write_volume(result.mask.astype(np.uint8), geometry, folder / MASK_FILE)
-        written.append(folder / MASK_FILE)
+    io.write_volume(result.mask.astype(np.uint8), geometry, folder / MASK_FILE)
+    written.append(folder / MASK_FILE)
     return written
+
+
+def output_file(map_name: str) -> str:
+    """The file of a map: OUTPUT_FILES, else NAME.nii.gz (maps added to the engine later)."""
+    return OUTPUT_FILES.get(map_name, f"{map_name}.nii.gz")
 
 
 def provenance(result, args_dict: dict, protocol) -> dict:
@@ -170,6 +180,6 @@ def run(args) -> int:
         sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
     n = result.n_voxels
     print(f"OEF maps of {n} voxels written to {out}/ ({', '.join(OUTPUT_FILES[k] for k in result.maps if k in OUTPUT_FILES)}"
-          f"{', ' + MASK_FILE if result.mask_derived else ''}) in {time.perf_counter() - start:.1f} s "
+          f", {MASK_FILE}) in {time.perf_counter() - start:.1f} s "
           f"(prediction {result.elapsed_s:.1f} s on the {result.device.upper()}).")
     return 0

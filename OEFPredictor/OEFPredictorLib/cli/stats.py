@@ -37,6 +37,12 @@ def register(sub):
     p.add_argument("--truth", nargs="+", default=[], metavar="FILE",
                    help="reference (ground-truth) map(s), matched to --map by name")
     p.add_argument("--mask", metavar="FILE", help="restrict the ROIs to this mask (non-zero voxels)")
+    p.add_argument("--prediction-mask", metavar="FILE",
+                   help="the voxels the maps were predicted in; the others (0 in the maps, not 0 %%) are left "
+                        "out and counted in n_unpredicted. Default: mask.nii.gz beside a map that "
+                        "`oefpredictor predict` wrote (with its prediction.json)")
+    p.add_argument("--no-prediction-mask", action="store_true",
+                   help="use every voxel of the maps, 0 included (no prediction mask)")
     p.add_argument("--label-names", nargs="+", default=[], metavar="TSV",
                    help="BIDS dseg.tsv (index, name) per --labels file (default: the .tsv beside it)")
     p.add_argument("--contrast", action="append", default=[], metavar="LESION:REFERENCE",
@@ -82,6 +88,17 @@ def _read_all(paths: list[tuple[str, Path]]):
                              "onto one grid.")
         images[(role, path)] = array
     return images, first[2]
+
+
+def prediction_mask_beside(map_path: Path) -> Path | None:
+    """mask.nii.gz beside a map in an output folder of `oefpredictor predict` (or demo): the voxels
+    predicted. None elsewhere."""
+    from .predict import MASK_FILE, PROVENANCE_FILE
+
+    folder = Path(map_path).parent
+    if (folder / PROVENANCE_FILE).exists() and (folder / MASK_FILE).exists():
+        return folder / MASK_FILE
+    return None
 
 
 def _label_names(labels_path: Path, explicit: str | None) -> dict[int, str] | None:
@@ -157,13 +174,21 @@ def run(args) -> int:
             raise InputError(f"--figure-map {figure_map}: no such map with a --truth "
                              f"(maps with a reference: {list(truth_of)}).")
 
+    if args.prediction_mask and args.no_prediction_mask:
+        raise InputError("--prediction-mask and --no-prediction-mask contradict each other; give one.")
+    prediction_masks = {} if args.no_prediction_mask else {
+        n: Path(args.prediction_mask) if args.prediction_mask else prediction_mask_beside(p) for n, p in maps.items()}
+    prediction_masks = {n: p for n, p in prediction_masks.items() if p is not None}
+
     # Read everything (and check the grids) before writing anything.
     to_read = [("map", p) for p in maps.values()] + [("labels", Path(p)) for p in args.labels]
     to_read += [("truth", p) for p in truth_of.values()]
+    to_read += [("prediction mask", p) for p in dict.fromkeys(prediction_masks.values())]
     if args.mask:
         to_read.append(("mask", Path(args.mask)))
     images, geometry = _read_all(to_read)
     map_arrays = {n: images[("map", p)] for n, p in maps.items()}
+    predicted = {n: images[("prediction mask", p)] > 0 for n, p in prediction_masks.items()}
     reference = {n: images[("truth", p)] for n, p in truth_of.items()}
     mask = images[("mask", Path(args.mask))] > 0 if args.mask else None
 
@@ -187,7 +212,8 @@ def run(args) -> int:
     # the 90 % OEF interval's bounds (predict's oef_p05 / oef_p95) give the OEF rows their mean width
     width = map_arrays["OEF_p95"] - map_arrays["OEF_p05"] if {"OEF_p05", "OEF_p95"} <= set(map_arrays) else None
     rows = roistats.roi_statistics(map_arrays, rois, roistats.voxel_volume_ml(geometry.spacing),
-                                   mask=mask, reference=reference, contrasts=contrasts, interval_width=width)
+                                   mask=mask, reference=reference, contrasts=contrasts, interval_width=width,
+                                   predicted=predicted)
     print(roistats.format_table(rows), end="")
 
     # Outputs: render the figure in a temporary folder first, so that an error leaves no file.
