@@ -11,8 +11,9 @@ what is wrong and what to do:
   10 % per 5 ms in brain tissue, and the median over thousands of voxels is not moved by noise.
 
 check_fit (called by predict.predict_maps on the quality map) warns when the median normalised
-model residual is far above the noise level (quality ~ 1/SNR where the model explains the data,
-0.01 at SNR 100, 0.05 at SNR 20): above MAX_MEDIAN_QUALITY the data do not fit the QQ model.
+model residual is far above the noise level of usable data (quality ~ 1/SNR where the model
+explains the data: 0.01 at SNR 100, 0.04 at SNR 20): above MAX_MEDIAN_QUALITY the data do not fit
+the QQ model, or are too noisy for a map (it fires from about SNR 5 down).
 
 The thresholds sit far from valid data: Testing/test_reliability.py checks that none fires on
 every simulated patient at SNR 20 to 200 and without noise.
@@ -93,5 +94,6 @@ def check_fit(quality: np.ndarray) -> list[str]:
     if median <= MAX_MEDIAN_QUALITY:
         return []
     return [f"The data do not fit the model: the median quality (normalised residual) is {median:.3g}, far above "
-            f"the noise level (about 1/SNR: 0.01 at SNR 100). Check the echo times and their order, the field "
-            "strength, that the echoes are magnitudes and the QSM is in ppm; the maps are not reliable."]
+            "the noise level of usable data (about 1/SNR: 0.01 at SNR 100). The data are very noisy, or not what "
+            "the model describes: check the echo times and their order, the field strength, that the echoes are "
+            "magnitudes and the QSM is in ppm. The maps are not reliable."]
