@@ -456,6 +456,8 @@ CASES = [
          c_signal(signal.SIGTERM)),
     Case("Tracebacks", "SIGINT (Ctrl-C) during a run", T + "test_a_signal_during_a_run_leaves_no_partial_folder",
          c_signal(signal.SIGINT)),
+    Case("Tracebacks", "disk full while `stats --out` writes its CSV (a file size limit stands in)",
+         T + "test_stats_csv_on_a_full_disk_fails_in_one_line"),
     Case("Messages", "QSM on a grid of another direction (same size, spacing, origin)",
          T + "test_a_direction_mismatch_shows_the_directions", c_direction),
     Case("Messages", "field strength other than the model's (sidecar 1.5 T)",
