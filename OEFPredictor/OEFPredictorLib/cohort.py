@@ -214,7 +214,7 @@ def write_unit_maps(result, geometry, folder: Path, unit: bids.UnitInputs, confi
     from .cli import predict as cli_predict
 
     anat = folder / "anat"
-    written = cli_predict.write_maps(result, geometry, anat, mask_file=True)
+    written = cli_predict.write_maps(result, geometry, anat)  # the mask is always written
     units = cli_predict.provenance(result, {}, protocol)["units"]
     model = {"File": Path(config.model_file).name, "SHA256": config.model_sha256} if config.model_file else None
     common = {"Sources": sources, "Method": result.method, "Model": model,
