@@ -472,10 +472,10 @@ CASES = [
          T + "test_no_numpy_reprs_in_messages", c_nan_message),
     Case("Messages", "a warning (NaN voxel in the mask) was printed twice", T + "test_warnings_are_printed_once",
          c_warnings_once),
-    Case("Concurrency and state", "two concurrent runs in the Slicer Logic", "issue 13 (Slicer Logic)"),
-    Case("Concurrency and state", "`cancel()` after a finished `wait()`", "issue 13 (Slicer Logic)"),
-    Case("Concurrency and state", "a user-chosen output node deleted during a run", "issue 13 (Slicer Logic)"),
-    Case("Concurrency and state", "the first cancel waits for the model to load", "issue 13 (Slicer Logic)"),
+    Case("Concurrency and state", "two concurrent runs in the Slicer Logic", "Testing/test_slicer_logic.py::test_a_second_run_while_one_runs_is_refused"),
+    Case("Concurrency and state", "`cancel()` after a finished `wait()`", "Testing/test_slicer_logic.py::test_cancel_after_a_finished_wait_keeps_the_run_finished"),
+    Case("Concurrency and state", "a user-chosen output node deleted during a run", "Testing/test_slicer_logic.py::test_an_output_volume_deleted_during_the_run_gives_a_clear_message"),
+    Case("Concurrency and state", "the first cancel waits for the model to load", "Testing/test_slicer_logic.py::test_cancel_while_the_model_loads_is_prompt"),
 ]
 HEADER = ("| # | section | input | what the tool does (observed) | test |", "|---|---|---|---|---|")
 
