@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import physics
-from .errors import CancelledError
 
 VOXEL_SIZE_MM = 2.0  # the grid the spatial model works on
 INTERVAL_QUANTILES = (0.05, 0.95)
@@ -257,7 +256,3 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     echo1 = echoes[..., 0].reshape(-1)[idx].astype(np.float32)
     return decode(channels, echo1, card["output_scaling"], float(info.get("interval_scale", 1.0)))
 
-
-def check_not_cancelled(event) -> None:
-    if event is not None and event.is_set():
-        raise CancelledError("Prediction cancelled; nothing was produced.")
