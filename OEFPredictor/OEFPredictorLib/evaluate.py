@@ -89,22 +89,13 @@ def spatial_predictor(bundle: models.ModelBundle) -> Predict:
     return predict
 
 
-def _bundled(name: str) -> Path:
-    from . import resources
-
-    return resources.resource_path("Models", methods.get(name).model_file)
-
-
 def keras_method(name: str):
     def factory(ctx: MethodContext) -> Predict:
-        path = ctx.models.get(name)
-        if path is None:
-            try:
-                path = _bundled(name)
-            except FileNotFoundError as exc:
-                raise InputError(f"No model for method '{name}': {exc}") from None
-        bundle = models.load_bundle(path)
-        return spatial_predictor(bundle) if "spatial" in bundle.card else keras_predictor(bundle)
+        # predict's rule: the given model file, else the method's bundled one, checked against the method
+        from . import predict
+
+        spec, bundle = predict.resolve_method(name, ctx.models.get(name))
+        return spatial_predictor(bundle) if spec.kind == "spatial" else keras_predictor(bundle)
 
     return factory
 

@@ -210,13 +210,13 @@ def calibration_scores(model, card: dict, config: SpatialTrainConfig, progress=N
     """Per metric-mask voxel of the calibration patients, the interval factor that would just cover it."""
     scores = []
     protocol = physics.Protocol.default()
+    bundle = models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), Path("."))
     for i in range(config.calibration_patients):
         ss = np.random.SeedSequence([CALIBRATION_SEED, i])
         patient, _, _ = stroke_patient(ss, config, i)
         rng = np.random.default_rng([CALIBRATION_SEED, i, 9])
         noise = simulate.NoiseModel(float(rng.choice([50.0, 100.0, 200.0])), float(rng.choice([1.0, 2.0, 3.0])))
         echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, protocol, noise, rng)
-        bundle = models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), Path("."))
         out = spatial.predict_volume(bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3)
         inside = patient.metric_mask[patient.mask]
         truth = patient.oef_percent[patient.mask][inside]
@@ -308,7 +308,7 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
 
     callbacks = voxel_train._callbacks(ckpt, history_csv, config, state, started)
     callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ModelCheckpoint)]
-    callbacks += [_SaveModels(ckpt, state), keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=4, min_lr=1e-5)]
+    callbacks += [_save_models(ckpt, state), keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=4, min_lr=1e-5)]
     initial_epoch = state.get("epoch", 0)
     if initial_epoch < config.epochs:
         model.fit(Batches(), validation_data=(x_val, y_val), batch_size=config.batch_size, epochs=config.epochs,
@@ -370,18 +370,14 @@ def _config_dict(config: SpatialTrainConfig) -> dict:
     return d
 
 
-class _SaveModels:
-    """Made on first use (keras is imported lazily): see _save_models."""
+def _save_models(ckpt: Path, state: dict):
+    """A callback: last.keras (with the optimizer) to resume from; best.weights.h5 for the epoch we ship."""
+    import keras
 
-    def __new__(cls, ckpt: Path, state: dict):
-        import keras
+    class SaveModels(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.save(ckpt / "last.keras")
+            if state.get("best_epoch") == epoch + 1:
+                self.model.save_weights(ckpt / "best.weights.h5")
 
-        class SaveModels(keras.callbacks.Callback):
-            """last.keras (with the optimizer) to resume from; best.weights.h5 for the epoch we ship."""
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.model.save(ckpt / "last.keras")
-                if state.get("best_epoch") == epoch + 1:
-                    self.model.save_weights(ckpt / "best.weights.h5")
-
-        return SaveModels()
+    return SaveModels()
