@@ -307,3 +307,16 @@ def spin_until(condition, timeout=60.0):
         time.sleep(0.005)
 
 
+
+
+def dispose(widget):
+    """Tear a module widget down now: its cleanup, then delete its Qt panel and collect the Python
+    wrappers while the QApplication is alive. Left to deleteLater alone, the deletion waited for an
+    event loop that never came and the wrappers were freed by a garbage collection in a later,
+    unrelated test, which crashed the interpreter now and then."""
+    import gc
+
+    widget.cleanup()
+    widget.parent.deleteLater()
+    QtCore.QCoreApplication.sendPostedEvents(None, QtCore.QEvent.Type.DeferredDelete)
+    gc.collect()

@@ -27,7 +27,7 @@ MODULE_FILE = REPO / "RNSTFieldTransfer" / "RNSTFieldTransfer.py"
 sys.path.insert(0, str(REPO / "RNSTFieldTransfer"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qt_standins import child_widget_variables, load_ui, qt_shim, spin_until  # noqa: E402
+from qt_standins import child_widget_variables, dispose, load_ui, qt_shim, spin_until  # noqa: E402
 
 METRICS = {"input": (20.0, 0.5), "output": (25.0, 0.7)}
 
@@ -68,8 +68,7 @@ def panel(monkeypatch):
     widget.setup()
     widget.controller.timer.setInterval(5)
     yield types.SimpleNamespace(env=env, module=module, widget=widget, ui=widget.ui, app=app)
-    widget.cleanup()
-    widget.parent.deleteLater()
+    dispose(widget)
 
 
 def _volumes(module):

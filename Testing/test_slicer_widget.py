@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "OEFPredictor"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from qt_standins import child_widget_variables, load_ui, qt_shim, spin_until  # noqa: E402
+from qt_standins import child_widget_variables, dispose, load_ui, qt_shim, spin_until  # noqa: E402
 
 
 def make_panel(monkeypatch=None):
@@ -67,8 +67,7 @@ def panel(monkeypatch):
     env = slicer_scene()
     module, widget = make_panel(monkeypatch)
     yield types.SimpleNamespace(env=env, module=module, widget=widget, ui=widget.ui)
-    widget.cleanup()
-    widget.parent.deleteLater()
+    dispose(widget)
 
 
 def test_ui_loads_and_has_every_widget_the_code_uses(panel):
