@@ -1,9 +1,8 @@
 """The OEF methods the product offers: one registry for the engine, the command line, evaluate and
 the Slicer panel (name -> label, kind, bundled model).
 
-- spatial: the 3D U-Net on whole volumes (spatial.py), with a 90 % OEF interval. Not the default:
-  on the stroke-like test set its bundled model does not yet recover more lesion contrast than the
-  voxelwise networks (README, docs/evaluation/stroke_snr100).
+- spatial: networks on whole volumes (spatial.py), with a 90 % OEF interval: the context model (a
+  Gaussian pyramid of the inputs, then a per-voxel network) and the experimental 3D U-Net.
 - voxelwise: Keras networks on voxel windows (the paper's LSTM, the DNN baseline).
 - classical: the QQ fitting baselines (baselines.py), no trained model.
 """
@@ -31,6 +30,9 @@ class Method:
 
 
 METHODS = {m.name: m for m in (
+    Method("context", "Spatial context network", "spatial", "oef_context.keras", True,
+           "multi-scale context network on whole volumes (2 mm grid), trained on stroke-like virtual patients; "
+           "90 % OEF interval"),
     Method("unet", "Spatial U-Net (experimental)", "spatial", "oef_unet.keras", True,
            "3D U-Net on whole volumes (2 mm grid), trained on stroke-like virtual patients; 90 % OEF interval"),
     Method("lstm", "LSTM (paper)", "voxelwise", "oef_lstm.keras", False,
@@ -56,7 +58,7 @@ def get(name: str | None) -> Method:
 def of_card(card: dict) -> Method:
     """The method a model file was trained for, from its card's architecture."""
     architecture = card.get("model", {}).get("architecture")
-    return METHODS[{"unet": "unet", "mlp": "dnn"}.get(architecture, "lstm")]
+    return METHODS[{"context": "context", "unet": "unet", "mlp": "dnn"}.get(architecture, "lstm")]
 
 
 def help_text() -> str:

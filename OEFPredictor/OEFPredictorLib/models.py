@@ -25,6 +25,9 @@ PAPER_DNN = {"architecture": "mlp", "dense": [256, 256, 128]}
 # no normalisation layers, skip concatenation, 1x1x1 head), narrower than QQ-NET (16-128 channels)
 # so that a whole 2 mm brain runs in about a second on two CPU cores.
 SPATIAL_UNET = {"architecture": "unet", "filters": [16, 32, 64, 128], "convs_per_block": 2}
+# The context model (the default spatial method, spatial.py): a fixed Gaussian pyramid of the inputs
+# at sigmas_mm, then a per-voxel network (1x1x1 layers) on the pyramid.
+CONTEXT_NET = {"architecture": "context", "sigmas_mm": [2.0, 4.0, 8.0], "dense": [128, 128, 64]}
 LEAKY_SLOPE = 0.01
 CARD_VERSION = 1
 
@@ -44,6 +47,8 @@ def build_model(spec: dict | None = None, window_length: int = sequences.WINDOW_
     spec = dict(PAPER_LSTM if spec is None else spec)
     if spec["architecture"] == "unet":
         return build_unet(spec, n_features, n_outputs)
+    if spec["architecture"] == "context":
+        return build_context_net(spec, n_features, n_outputs)
     inputs = keras.Input((window_length, n_features), name="voxel_window")
     x = inputs
     if spec["architecture"] == "lstm":
@@ -93,6 +98,28 @@ def build_unet(spec: dict, n_features: int = 9, n_outputs: int = 7):
         x = block(x, width, f"dec{level + 1}")
     outputs = layers.Conv3D(n_outputs, 1, name="qq_parameters_and_interval")(x)
     return keras.Model(inputs, outputs, name="unet_oef")
+
+
+def build_context_net(spec: dict, n_features: int, n_outputs: int = 7, feature_mean=None, feature_std=None):
+    """The context model's learned part: on (z, y, x, features) volumes of any size, a feature
+    normalisation (the training pyramid's mean and SD, stored in the layer), then Dense layers + LeakyReLU
+    applied voxel by voxel (as 1x1x1 convolutions). Plain Keras 3 layers: safe-mode loadable."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((None, None, None, n_features), name="context_pyramid")
+    mean = np.zeros(n_features) if feature_mean is None else np.asarray(feature_mean, dtype=float)
+    std = np.ones(n_features) if feature_std is None else np.asarray(feature_std, dtype=float)
+    x = layers.Normalization(axis=-1, mean=mean.tolist(), variance=(std ** 2).tolist(), name="pyramid_scaling")(inputs)
+    for i, width in enumerate(spec["dense"]):
+        x = layers.Dense(width, name=f"dense_{i + 1}")(x)
+        x = layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"leaky_relu_{i + 1}")(x)
+    outputs = layers.Dense(n_outputs, name="qq_parameters_and_interval")(x)
+    return keras.Model(inputs, outputs, name="context_oef")
+
+
+def context_feature_count(spec: dict, n_echoes: int = 8) -> int:
+    return n_echoes * (1 + len(spec["sigmas_mm"]))
 
 
 # --- Output scaling ---------------------------------------------------------------------------

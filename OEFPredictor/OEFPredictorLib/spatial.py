@@ -1,9 +1,18 @@
-"""The spatial model: a 3D U-Net that maps whole volumes of the 9 QQ inputs to the QQ parameters
-and a 90 % interval of OEF.
+"""The spatial models: networks that map whole volumes of the 9 QQ inputs to the QQ parameters and a
+90 % interval of OEF.
 
 Why spatial: Y and v separate only weakly voxel by voxel (physics.md), so a voxelwise learner shrinks
-to its training prior and a lesion's contrast is lost. A convolutional network pools the evidence of
-neighbouring voxels, as QQ-NET (Cho et al., MRM 2022) does.
+to its training prior and a lesion's contrast is lost. A spatial network pools the evidence of
+neighbouring voxels, as QQ-NET (Cho et al., MRM 2022) does. Two architectures (models.py):
+
+- context (the default method): a fixed multi-scale pyramid of the inputs, then a learned network
+  per voxel. The pyramid: the log echo ratios log(S_j / S_1) (j = 2..8) and QSM, each averaged inside
+  the brain mask with Gaussians of `sigmas_mm` (mask-normalised, so the brain's edge is not mixed
+  with the background), next to the voxel's own values. A voxel thus sees its neighbourhood at 2, 4
+  and 8 mm, and a lesion's signal is pooled before the network splits it into Y and v. It trains on
+  whole virtual patients in minutes on a CPU;
+- unet (experimental): a 3D U-Net in the QQ-NET family, learned end to end. On two CPU cores it did
+  not learn lesions in an hour (README).
 
 Inputs (the model card's `input_normalisation`): per voxel the 8 echo magnitudes divided by the
 voxel's echo-1 magnitude and QSM (ppm) x 10, 0 outside the brain mask; the volume is resampled to the
@@ -39,8 +48,8 @@ QSM_RANGE_PPM = (-0.5, 0.5)
 
 
 def divisor(spec: dict) -> int:
-    """Volume edges must be multiples of this (one halving per pooling level)."""
-    return 2 ** (len(spec["filters"]) - 1)
+    """Volume edges must be multiples of this (one halving per pooling level of a U-Net)."""
+    return 2 ** (len(spec["filters"]) - 1) if spec.get("architecture") == "unet" else 1
 
 
 # --- Inputs -----------------------------------------------------------------------------------
@@ -56,9 +65,45 @@ def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_s
     return features
 
 
+def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox) -> np.ndarray:
+    """The context model's inputs: (z, y, x, 8 (1 + len(sigmas))) float32 from volume_features.
+
+    Base channels: log(S_j / S_1) for echoes 2..E and the scaled QSM; then the same channels averaged
+    inside the mask with a Gaussian of each sigma (voxels), mask-normalised. 0 outside the mask.
+    """
+    from scipy import ndimage
+
+    n_echo = features.shape[-1] - 1
+    base = np.empty(features.shape[:3] + (n_echo,), dtype=np.float32)
+    np.log(np.clip(features[..., 1:n_echo], 1e-3, None), out=base[..., :n_echo - 1])
+    base[..., n_echo - 1] = features[..., n_echo]
+    base *= mask[..., None]
+    m = mask.astype(np.float32)
+    out = np.zeros(features.shape[:3] + (n_echo * (1 + len(sigmas_vox)),), dtype=np.float32)
+    out[..., :n_echo] = base
+    for k, sigma in enumerate(sigmas_vox, start=1):
+        weight = np.maximum(ndimage.gaussian_filter(m, sigma, mode="constant"), 1e-3)
+        for c in range(n_echo):
+            out[..., k * n_echo + c] = ndimage.gaussian_filter(base[..., c], sigma, mode="constant") / weight
+    out *= mask[..., None]
+    return out
+
+
+def network_inputs(features: np.ndarray, mask: np.ndarray, card: dict) -> np.ndarray:
+    """volume_features on the model grid -> what the card's network takes."""
+    sigmas_mm = card["model"].get("sigmas_mm")
+    if not sigmas_mm:
+        return features
+    voxel = float(card["spatial"]["voxel_size_mm"])
+    return context_features(features, mask, [s / voxel for s in sigmas_mm])
+
+
 # --- Loss (training) ----------------------------------------------------------------------------
-def make_loss(output_scaling: dict):
+def make_loss(output_scaling: dict, per_voxel: bool = False):
     """Masked Huber loss on the z-scored parameters plus the pinball loss of the OEF interval.
+
+    Patches (U-Net): the weighted mean over each patch's voxels. Voxels (`per_voxel`, batches of
+    (N, 1, 1, 1, C)): each voxel's loss times its weight.
 
     y_true channels: 5 z-scored targets, true OEF (fraction), voxel weight (1 in the metric mask).
     y_pred channels: 5 z-scored parameters, 2 raw interval channels. The interval terms do not push
@@ -87,7 +132,7 @@ def make_loss(output_scaling: dict):
         oef_true = y_true[..., n]
         interval_term = (pinball(q_lo, oef_true - lo) + pinball(q_hi, oef_true - hi)) / INTERVAL_UNIT
         total = ops.sum(w * (parameter_term + interval_term), axis=(1, 2, 3))
-        return total / (ops.sum(w, axis=(1, 2, 3)) + 1.0)
+        return total if per_voxel else total / (ops.sum(w, axis=(1, 2, 3)) + 1.0)
 
     return qq_interval_loss
 
@@ -245,6 +290,7 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
         check_cancel()
     if not grid_mask.any():  # a mask thinner than one model voxel: keep what there is
         grid_mask = grid_features[..., 0] > 0.5
+    grid_features = network_inputs(grid_features, grid_mask, card)
     predict = predict or bundle.model.predict_on_batch
     raw = run_network(predict, grid_features, grid_mask, divisor(card["model"]), check_cancel=check_cancel,
                       progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))

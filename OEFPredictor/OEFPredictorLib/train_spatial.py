@@ -9,14 +9,22 @@ patient's mean brain echo 1), a smooth receive-field bias, and Gaussian QSM nois
 `qsm_noise_ppb_range`, white or spatially correlated. Random flips and axis permutations (the
 physics has no orientation).
 
+Lesions are a few per cent of the brain, so a plain voxel loss lets the network shrink them to the
+tissue around them. Two levers counter that: `lesion_patch_share` of the patches are centred on
+lesion voxels, and lesion voxels count `lesion_weight` times in the loss. Specificity is checked
+separately on lesion-free patients (evaluate's invented-lesion volume). Each epoch logs the lesion
+contrast the model recovers on the validation patches (val_penumbra, val_core).
+
 Validation patients and calibration patients come from their own seeds. After training, split
-conformal calibration on the calibration patients (whole brains, SNR 50-200, QSM noise 1-3 ppb)
-widens or narrows the interval so that it holds 90 % of their voxels; the factor goes into the card.
+conformal calibration on the calibration patients (whole brains with the population priors of
+physics.md, SNR 50-200, QSM noise 1-3 ppb) widens or narrows the interval so that it holds 90 % of
+their voxels; the factor goes into the card.
 No test patient is ever simulated here: the test set of `evaluate` uses another seed.
 
 Outputs next to MODEL.keras: the card MODEL.json, the per-epoch log MODEL.history.csv, and the
 checkpoint folder MODEL.ckpt/ (the patch banks, last and best model, resume state); `--resume`
-continues an interrupted run or a longer budget.
+continues an interrupted run or a longer budget. `init_from` starts from the weights of an
+earlier spatial model (a second stage with other settings); the card records it.
 """
 from __future__ import annotations
 
@@ -59,6 +67,9 @@ class SpatialTrainConfig:
     wide_prior_share: float = 0.75
     lesion_free_share: float = 0.15
     filters: tuple[int, ...] = tuple(models.SPATIAL_UNET["filters"])
+    lesion_patch_share: float = 0.6  # patches centred on a lesion voxel
+    lesion_weight: float = 4.0  # loss weight of a lesion voxel (1 for the rest of the brain)
+    init_from: str | None = None  # a spatial model whose weights this run starts from
 
     @property
     def spec(self) -> dict:
@@ -82,12 +93,14 @@ def stroke_patient(seed_sequence, config: SpatialTrainConfig, index: int, wide: 
 class PatchBank:
     """Noise-free patches, float16: signals (P, n, n, n, E + 1) with echoes relative to the patient's
     mean brain echo 1 and QSM in ppm; targets (P, n, n, n, 5) S0 (same units), R2, Y, v, chi_nb;
-    mask (brain) and weight (metric mask: brain without CSF) as uint8."""
+    mask (brain), weight (metric mask: brain without CSF) and lesion (lesion_map codes 1 misery
+    perfusion, 2 infarct core, else 0) as uint8."""
 
     signals: np.ndarray
     targets: np.ndarray
     mask: np.ndarray
     weight: np.ndarray
+    lesion: np.ndarray
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".partial.npz")
@@ -97,23 +110,22 @@ class PatchBank:
     @classmethod
     def load(cls, path: Path) -> "PatchBank":
         with np.load(path) as f:
-            return cls(**{k: f[k] for k in ("signals", "targets", "mask", "weight")})
+            return cls(**{k: f[k] for k in ("signals", "targets", "mask", "weight", "lesion")})
 
     def __len__(self):
         return len(self.signals)
 
 
-def _patch_starts(patient, n_patches: int, size: int, rng) -> list[np.ndarray]:
-    """Corners of the patches: one near each lesion's centre, the rest centred on brain voxels."""
+def _patch_starts(patient, n_patches: int, size: int, rng, lesion_share: float) -> list[np.ndarray]:
+    """Corners of the patches: `lesion_share` centred on lesion voxels (both kinds in turn, so that
+    small cores are not outnumbered by large penumbrae), the rest on brain voxels."""
     shape = np.array(patient.mask.shape)
     centres = []
-    for code in (1, 2):
-        labelled = np.argwhere(patient.lesion_map == code)
-        if len(labelled):
-            picks = rng.choice(len(labelled), size=min(len(labelled), 3), replace=False)
-            centres += [labelled[i] for i in picks]
-    rng.shuffle(centres)
-    centres = centres[: n_patches // 2]
+    kinds = [np.argwhere(patient.lesion_map == code) for code in (1, 2)]
+    kinds = [k for k in kinds if len(k)]
+    for i in range(int(round(lesion_share * n_patches)) if kinds else 0):
+        voxels = kinds[i % len(kinds)]
+        centres.append(voxels[rng.integers(len(voxels))])
     brain = np.argwhere(patient.metric_mask)
     while len(centres) < n_patches:
         centres.append(brain[rng.integers(len(brain))])
@@ -125,13 +137,14 @@ def _patch_starts(patient, n_patches: int, size: int, rng) -> list[np.ndarray]:
 
 
 def make_bank(seed: int, n_patients: int, config: SpatialTrainConfig, progress=None) -> PatchBank:
-    size, parts = config.patch, {"signals": [], "targets": [], "mask": [], "weight": []}
+    size, parts = config.patch, {"signals": [], "targets": [], "mask": [], "weight": [], "lesion": []}
     for i in range(n_patients):
         ss = np.random.SeedSequence([seed, i])
         patient, echoes, qsm = stroke_patient(ss, config, i)
         rng = np.random.default_rng([seed, i, 7])
         reference = float(echoes[..., 0][patient.mask].mean())
-        for start in _patch_starts(patient, config.patches_per_patient, size, rng):
+        lesion = np.where(np.isin(patient.lesion_map, (1, 2)), patient.lesion_map, 0).astype(np.uint8)
+        for start in _patch_starts(patient, config.patches_per_patient, size, rng, config.lesion_patch_share):
             sl = tuple(slice(int(a), int(a) + size) for a in start)
             block = _padded(np.concatenate([echoes[sl] / reference, qsm[sl][..., None]], axis=-1), size)
             parts["signals"].append(block.astype(np.float16))
@@ -140,6 +153,7 @@ def make_bank(seed: int, n_patients: int, config: SpatialTrainConfig, progress=N
             parts["targets"].append(_padded(target, size).astype(np.float16))
             parts["mask"].append(_padded(patient.mask[sl], size).astype(np.uint8))
             parts["weight"].append(_padded(patient.metric_mask[sl], size).astype(np.uint8))
+            parts["lesion"].append(_padded(lesion[sl], size))
         if progress:
             progress(i + 1, n_patients)
     return PatchBank(**{k: np.stack(v) for k, v in parts.items()})
@@ -151,34 +165,42 @@ def _padded(block: np.ndarray, size: int) -> np.ndarray:
 
 
 # --- Batches: noise, bias, normalisation --------------------------------------------------------------
-def noisy_batch(bank: PatchBank, rows, rng, config: SpatialTrainConfig, scaling: dict, augment: bool = True):
-    """Network inputs (B, n, n, n, 9) and y_true (B, n, n, n, 7) for patches `rows` of the bank."""
+def add_noise(echoes, qsm, rng, config, snr: float | None = None, qsm_noise_ppb: float | None = None):
+    """Noise as in real data, drawn anew each call: a smooth receive-field bias (local SNR varies),
+    Rician magnitude noise at an SNR drawn log-uniformly from `config.snr_range` (echoes are relative
+    to the patient's mean brain echo 1, so sigma = 1 / SNR), and Gaussian QSM noise of
+    `config.qsm_noise_ppb_range`, white or spatially correlated. Returns (echoes, qsm, bias)."""
     from scipy import ndimage
 
+    ramps = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in echoes.shape[:3]]
+    bias = np.exp(rng.uniform(-0.25, 0.25) * ramps[0][:, None, None] + rng.uniform(-0.25, 0.25) * ramps[1][None, :, None]
+                  + rng.uniform(-0.25, 0.25) * ramps[2][None, None, :]).astype(np.float32)
+    echoes = echoes * bias[..., None]
+    if snr is None:
+        snr = math.exp(rng.uniform(math.log(config.snr_range[0]), math.log(config.snr_range[1])))
+    sigma = np.float32(1.0 / snr)
+    shape = echoes.shape
+    echoes = np.hypot(echoes + sigma * rng.standard_normal(shape, dtype=np.float32),
+                      sigma * rng.standard_normal(shape, dtype=np.float32))
+    qsm_sd = (qsm_noise_ppb if qsm_noise_ppb is not None else rng.uniform(*config.qsm_noise_ppb_range)) * 1e-3
+    qsm_noise = rng.standard_normal(qsm.shape, dtype=np.float32)
+    if rng.random() < 0.5:  # spatially correlated QSM noise, same SD
+        qsm_noise = ndimage.gaussian_filter(qsm_noise, rng.uniform(0.5, 1.2))
+        qsm_noise /= qsm_noise.std() + 1e-12
+    return echoes, qsm + np.float32(qsm_sd) * qsm_noise, bias
+
+
+def noisy_batch(bank: PatchBank, rows, rng, config: SpatialTrainConfig, scaling: dict, augment: bool = True):
+    """Network inputs (B, n, n, n, 9) and y_true (B, n, n, n, 7) for patches `rows` of the bank."""
     xs, ys = [], []
     mean, std = np.array(scaling["mean"], np.float32), np.array(scaling["std"], np.float32)
     for r in rows:
         signals = bank.signals[r].astype(np.float32)
         targets = bank.targets[r].astype(np.float32)
         mask, weight = bank.mask[r].astype(bool), bank.weight[r].astype(np.float32)
+        weight = weight * np.where(bank.lesion[r] > 0, np.float32(config.lesion_weight), np.float32(1.0))
         n_echo = signals.shape[-1] - 1
-        echoes, qsm = signals[..., :n_echo], signals[..., n_echo]
-        # a smooth receive-field bias across the patch (local SNR varies)
-        ramp = np.linspace(-1.0, 1.0, echoes.shape[0], dtype=np.float32)
-        bias = np.exp(rng.uniform(-0.25, 0.25) * ramp[:, None, None] + rng.uniform(-0.25, 0.25) * ramp[None, :, None]
-                      + rng.uniform(-0.25, 0.25) * ramp[None, None, :])
-        echoes = echoes * bias[..., None]
-        snr = math.exp(rng.uniform(math.log(config.snr_range[0]), math.log(config.snr_range[1])))
-        sigma = np.float32(1.0 / snr)  # echoes are relative to the patient's mean brain echo 1
-        shape = echoes.shape
-        echoes = np.hypot(echoes + sigma * rng.standard_normal(shape, dtype=np.float32),
-                          sigma * rng.standard_normal(shape, dtype=np.float32))
-        qsm_sd = rng.uniform(*config.qsm_noise_ppb_range) * 1e-3
-        qsm_noise = rng.standard_normal(qsm.shape, dtype=np.float32)
-        if rng.random() < 0.5:  # spatially correlated QSM noise, same SD
-            qsm_noise = ndimage.gaussian_filter(qsm_noise, rng.uniform(0.5, 1.2))
-            qsm_noise /= qsm_noise.std() + 1e-12
-        qsm = qsm + np.float32(qsm_sd) * qsm_noise
+        echoes, qsm, bias = add_noise(signals[..., :n_echo], signals[..., n_echo], rng, config)
         x = spatial.volume_features(echoes, qsm, mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"])
         echo1 = np.where(mask, echoes[..., 0], 1.0)
         t = targets.copy()
@@ -205,6 +227,42 @@ def fit_scaling(bank: PatchBank) -> dict:
     return models.fit_output_scaling(t)
 
 
+def lesion_contrast_recovered(oef_pred, oef_true, metric, lesion) -> dict[str, float]:
+    """Share of the true lesion contrast the prediction shows, per kind, pooled over patches:
+    sum over patches of n (predicted lesion - predicted normal) / the same for the truth, where
+    normal is the patch's metric-mask voxels outside lesions."""
+    result = {}
+    for code, name in ((1, "penumbra"), (2, "core")):
+        num = den = 0.0
+        for p, t, m, les in zip(oef_pred, oef_true, metric, lesion):
+            inside, normal = m & (les == code), m & (les == 0)
+            if inside.sum() < 2 or normal.sum() < 2:
+                continue
+            n = inside.sum()
+            num += n * (p[inside].mean() - p[normal].mean())
+            den += n * (t[inside].mean() - t[normal].mean())
+        result[name] = float(num / den) if den else math.nan
+    return result
+
+
+def _lesion_monitor(x_val, y_val, lesion, scaling, batch_size: int):
+    """A callback: val_penumbra and val_core (contrast recovered on the validation patches) per epoch."""
+    import keras
+
+    y_index = physics.PARAMETER_NAMES.index("Y")
+    n = len(physics.PARAMETER_NAMES)
+    metric = y_val[..., n + 1] > 0
+
+    class LesionMonitor(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            z = self.model.predict(x_val, batch_size=batch_size, verbose=0)[..., y_index]
+            oef = 1.0 - (z * scaling["std"][y_index] + scaling["mean"][y_index]) / physics.YA
+            recovered = lesion_contrast_recovered(oef, y_val[..., n], metric, lesion)
+            logs["val_penumbra"], logs["val_core"] = recovered["penumbra"], recovered["core"]
+
+    return LesionMonitor()
+
+
 # --- Conformal calibration of the interval ------------------------------------------------------------
 def calibration_scores(model, card: dict, config: SpatialTrainConfig, progress=None) -> np.ndarray:
     """Per metric-mask voxel of the calibration patients, the interval factor that would just cover it."""
@@ -213,7 +271,7 @@ def calibration_scores(model, card: dict, config: SpatialTrainConfig, progress=N
     bundle = models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), Path("."))
     for i in range(config.calibration_patients):
         ss = np.random.SeedSequence([CALIBRATION_SEED, i])
-        patient, _, _ = stroke_patient(ss, config, i)
+        patient, _, _ = stroke_patient(ss, config, i, wide=False)
         rng = np.random.default_rng([CALIBRATION_SEED, i, 9])
         noise = simulate.NoiseModel(float(rng.choice([50.0, 100.0, 200.0])), float(rng.choice([1.0, 2.0, 3.0])))
         echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, protocol, noise, rng)
@@ -276,7 +334,9 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
             report = (lambda done, total, name=name: progress(done, total, f"{name} patients")) if progress else None
             banks[name] = make_bank(seed, n, config, report)
             banks[name].save(path)
-    scaling = state.get("output_scaling") or fit_scaling(banks["train"])
+    initial = _initial_model(config.init_from, config.spec) if config.init_from and not resume else None
+    # a second stage keeps the first stage's output scaling, which its weights were trained for
+    scaling = state.get("output_scaling") or (initial.card["output_scaling"] if initial else fit_scaling(banks["train"]))
     state.update(config=config_dict, output_scaling=scaling, wall_before=state.get("wall_so_far", 0.0))
 
     keras.utils.set_random_seed(config.seed)
@@ -289,6 +349,8 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
         model = keras.saving.load_model(ckpt / "last.keras", custom_objects={loss.__name__: loss}, safe_mode=True)
     else:
         model = models.build_model(config.spec, n_features=x_val.shape[-1], n_outputs=spatial.N_OUTPUTS)
+        if initial:
+            model.set_weights(initial.model.get_weights())
         # clipnorm: without normalisation layers a rare steep batch can otherwise blow the weights up
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=1.0), loss=loss)
 
@@ -306,7 +368,9 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
             rows = self.rng.integers(0, len(train_bank), config.batch_size)
             return noisy_batch(train_bank, rows, self.rng, config, scaling)
 
-    callbacks = voxel_train._callbacks(ckpt, history_csv, config, state, started)
+    # the lesion monitor runs first, so that its numbers reach the epoch log
+    callbacks = [_lesion_monitor(x_val, y_val, banks["validation"].lesion, scaling, config.batch_size)]
+    callbacks += voxel_train._callbacks(ckpt, history_csv, config, state, started)
     callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ModelCheckpoint)]
     callbacks += [_save_models(ckpt, state), keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=4, min_lr=1e-5)]
     initial_epoch = state.get("epoch", 0)
@@ -332,9 +396,12 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
     epochs_run = state.get("epoch", 0)
     card["spatial"].update(interval_scale=round(factor, 4), calibration={
         "patients": config.calibration_patients, "seed": CALIBRATION_SEED, "voxels": int(len(scores)),
+        "priors": "population (physics.md)",
         "coverage_before": round(float(np.mean(scores <= 1.0)), 4), "method": "split conformal, 90 %"})
     card["training"] = {
         "data": "stroke-like virtual patients made on the fly (phantom.PatientConfig.stroke), 2 mm, noise per batch",
+        "lesion_patch_share": config.lesion_patch_share, "lesion_weight": config.lesion_weight,
+        "init_from": config.init_from, "init_from_sha256": _sha256(config.init_from) if config.init_from else None,
         "train_patients": config.patients, "train_seed": TRAIN_SEED, "validation_patients": config.validation_patients,
         "validation_seed": VALIDATION_SEED, "patches": len(train_bank), "patch_voxels": config.patch,
         "snr_range": list(config.snr_range), "qsm_noise_ppb_range": list(config.qsm_noise_ppb_range),
@@ -352,7 +419,7 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
 
 
 _DATA_FIELDS = ("patients", "validation_patients", "patches_per_patient", "patch", "voxel_size_mm",
-                "wide_prior_share", "lesion_free_share")
+                "wide_prior_share", "lesion_free_share", "lesion_patch_share")
 
 
 def _data_key(config: SpatialTrainConfig) -> str:
@@ -368,6 +435,21 @@ def _config_dict(config: SpatialTrainConfig) -> dict:
     d.pop("epochs")
     d.pop("time_limit_min")
     return d
+
+
+def _initial_model(path: str, spec: dict):
+    """An earlier spatial model with the same architecture (its bundle: weights and card)."""
+    bundle = models.load_bundle(path)
+    if "spatial" not in bundle.card or bundle.card.get("model") != spec:
+        raise InputError(f"--init-from {path}: not a spatial model with this architecture; train from scratch "
+                         "or pass a model made by `train --arch unet` with the same filters.")
+    return bundle
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _save_models(ckpt: Path, state: dict):

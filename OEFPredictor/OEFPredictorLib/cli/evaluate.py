@@ -20,6 +20,8 @@ def register(sub):
     p.add_argument("--model", default=None, help="LSTM model file for method 'lstm' (default: the bundled one)")
     p.add_argument("--dnn-model", default=None, help="model file for method 'dnn' (default: the bundled one)")
     p.add_argument("--unet-model", default=None, help="model file for method 'unet' (default: the bundled one)")
+    p.add_argument("--context-model", default=None,
+                   help="model file for method 'context' (default: the bundled one)")
     p.add_argument("--methods", default="lstm,tissue_mean",
                    help="comma-separated methods (default lstm,tissue_mean), of: " + ", ".join(_method_names()))
     p.add_argument("--patients", default=None, help="patients to evaluate (default: the test split)")
@@ -47,7 +49,7 @@ def run(args) -> int:
         raise InputError("--methods is empty; e.g. lstm,dnn,tissue_mean.")
     patients = [p.strip() for p in args.patients.split(",")] if args.patients else None
     context = evaluate.MethodContext(args.data, models={"lstm": args.model, "dnn": args.dnn_model,
-                                                        "unet": args.unet_model},
+                                                        "unet": args.unet_model, "context": args.context_model},
                                      seed=args.seed)
     bar = progress_bar(len(patients) if patients else 11, "Evaluating", unit="patient")
 

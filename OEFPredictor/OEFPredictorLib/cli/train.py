@@ -1,5 +1,6 @@
-"""`oefpredictor train`: train the spatial U-Net on stroke-like patients made on the fly, or the paper's
-LSTM (or the DNN / GRU variants) on a simulated data set."""
+"""`oefpredictor train`: train a spatial model (the context network, the default method, or the
+experimental U-Net) on stroke-like patients made on the fly, or the paper's LSTM (or the DNN / GRU
+variants) on a simulated data set."""
 from __future__ import annotations
 
 import shlex
@@ -9,9 +10,9 @@ from ..errors import InputError
 
 
 def register(sub):
-    p = sub.add_parser("train", help="train the spatial U-Net, or the paper's LSTM (or DNN/GRU)",
-                       description="--arch unet: the spatial model on stroke-like virtual patients made on the "
-                                   "fly (no --data), noise drawn per batch, interval calibrated on held-out "
+    p = sub.add_parser("train", help="train a spatial model (context, unet), or the paper's LSTM (or DNN/GRU)",
+                       description="--arch context / unet: a spatial model on stroke-like virtual patients made "
+                                   "on the fly (no --data), new noise every epoch, interval calibrated on held-out "
                                    "patients. --arch lstm/dnn/gru: the training patients of a data set "
                                    "(default P01, P02, P10, P14, P15, P17) with the paper's recipe: Huber loss, "
                                    "Adam 1e-4, batch 512, up to 100 epochs, early stopping on the validation "
@@ -19,18 +20,28 @@ def register(sub):
                                    "MODEL.history.csv; MODEL.ckpt/ holds what --resume continues from.")
     p.add_argument("--data", default=None, help="data-set folder made by `oefpredictor simulate` (lstm/dnn/gru)")
     p.add_argument("--out", required=True, help="model file to write (MODEL.keras)")
-    p.add_argument("--arch", default="lstm", choices=["unet", "lstm", "dnn", "gru"],
-                   help="unet: the spatial model (the product's default method); lstm: the paper's model; "
-                        "dnn: the voxelwise MLP baseline; gru: GRU cells")
+    p.add_argument("--arch", default="lstm", choices=["context", "unet", "lstm", "dnn", "gru"],
+                   help="context: the spatial context network (the product's default method); unet: the "
+                        "experimental spatial U-Net; lstm: the paper's model; dnn: the voxelwise MLP baseline; "
+                        "gru: GRU cells")
     p.add_argument("--max-voxels", type=int, default=None,
                    help="random subsample of training voxels, all patients together (default: all)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 100; unet 400)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 512; unet 3 patches)")
-    p.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-4; unet 5e-4)")
-    p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs (default 10; unet 12)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default 100; context 300; unet 400)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size (default 512; context 1024 voxels; unet 3 patches)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="Adam learning rate (default 1e-4; context 1e-3; unet 5e-4)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience in epochs (default 10; context 15; unet 12)")
     p.add_argument("--n-patients", type=int, default=None,
-                   help="unet: training patients to make (default 96; more on a GPU)")
+                   help="context / unet: training patients to make (default 64 / 96; more on a GPU)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="unet: batches per epoch (default 150)")
+    p.add_argument("--lesion-weight", type=float, default=None,
+                   help="context / unet: loss weight of lesion voxels, the rest of the brain counts 1 (default 4)")
+    p.add_argument("--lesion-patch-share", type=float, default=None,
+                   help="unet: share of training patches centred on a lesion voxel (default 0.6)")
+    p.add_argument("--init-from", default=None,
+                   help="unet: start from the weights of this earlier spatial model (a second training stage)")
     p.add_argument("--time-limit-min", type=float, default=None,
                    help="stop after the epoch that would pass this many minutes (CPU budgets)")
     p.add_argument("--seed", type=int, default=0, help="random seed (subsample, split, weights)")
@@ -44,7 +55,7 @@ def register(sub):
 def run(args) -> int:
     if args.time_limit_min is not None and args.time_limit_min <= 0:
         raise InputError("--time-limit-min must be positive.")
-    if args.arch == "unet":
+    if args.arch in ("context", "unet"):
         return run_spatial(args)
     if args.data is None:
         raise InputError(f"--arch {args.arch} trains on a data set: give --data (made by `oefpredictor simulate`).")
@@ -77,21 +88,35 @@ def run(args) -> int:
 
 
 def run_spatial(args) -> int:
-    """--arch unet: options left out keep SpatialTrainConfig's defaults (the bundled model's recipe)."""
+    """--arch context / unet: options left out keep the config's defaults (the bundled model's recipe)."""
     import dataclasses
 
-    from .. import train_spatial
+    from .. import train_context, train_spatial
     from . import progress_bar
 
     if args.data is not None:
-        print("Note: --arch unet makes its own stroke-like training patients; --data is not used.", file=sys.stderr)
+        print(f"Note: --arch {args.arch} makes its own stroke-like training patients; --data is not used.",
+              file=sys.stderr)
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
-             "patience": args.patience, "patients": args.n_patients, "steps_per_epoch": args.steps_per_epoch,
-             "seed": args.seed}
-    config = dataclasses.replace(train_spatial.SpatialTrainConfig(time_limit_min=args.time_limit_min),
-                                 **{k: v for k, v in given.items() if v is not None})
+             "patience": args.patience, "patients": args.n_patients, "seed": args.seed,
+             "lesion_weight": args.lesion_weight}
+    if args.arch == "unet":
+        trainer, defaults = train_spatial, train_spatial.SpatialTrainConfig()
+        given.update(steps_per_epoch=args.steps_per_epoch, lesion_patch_share=args.lesion_patch_share,
+                     init_from=args.init_from)
+    else:
+        unused = [o for o, v in (("--steps-per-epoch", args.steps_per_epoch), ("--init-from", args.init_from),
+                                 ("--lesion-patch-share", args.lesion_patch_share)) if v is not None]
+        if unused:
+            raise InputError(f"{unused[0]} is an option of --arch unet; --arch context does not take it.")
+        trainer, defaults = train_context, train_context.ContextTrainConfig()
+    if args.time_limit_min is not None:
+        given["time_limit_min"] = args.time_limit_min
+    config = dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
     if config.patients < 1 or config.batch_size < 1 or config.epochs < 1:
         raise InputError("--n-patients, --batch-size and --epochs must be at least 1.")
+    if config.lesion_weight <= 0 or not 0.0 <= getattr(config, "lesion_patch_share", 0.0) <= 1.0:
+        raise InputError("--lesion-weight must be positive and --lesion-patch-share within 0-1.")
     command = "oefpredictor " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     bars = {}
 
@@ -104,11 +129,11 @@ def run_spatial(args) -> int:
         if done >= total:
             bar.close()
 
-    card = train_spatial.train(args.out, config, resume=args.resume, command=command,
+    card = trainer.train(args.out, config, resume=args.resume, command=command,
                                verbose=2 if args.quiet else 1, progress=progress)
     t, info = card["training"], card["spatial"]
     print(f"Wrote {args.out} (+ card .json, log .history.csv): {t['epochs_run']} epochs, best epoch "
-          f"{t['best_epoch']} (val loss {t['best_val_loss']:.4f}), {t['patches']} patches of "
-          f"{t['train_patients']} patients, {t['wall_seconds']:.0f} s wall; interval scale "
+          f"{t['best_epoch']} (val loss {t['best_val_loss']:.4f}), {t['train_patients']} training patients, "
+          f"{t['wall_seconds']:.0f} s wall; interval scale "
           f"{info['interval_scale']:.3f} (90 % on {info['calibration']['patients']} calibration patients).")
     return 0

@@ -1,0 +1,316 @@
+"""Training the context model (the default spatial method; spatial.py, models.CONTEXT_NET) on whole
+stroke-like virtual patients.
+
+Data: `patients` noise-free stroke-like patients (phantom.PatientConfig.stroke; most with tissue priors
+drawn per patient from wide ranges, some lesion-free) at 2 mm, kept in memory cropped to the brain.
+Each epoch draws `patients_per_epoch` of them and gives each new noise (train_spatial.add_noise: SNR
+40-250, QSM noise 1-4 ppb white or correlated, a smooth bias), computes the Gaussian pyramid exactly
+as inference does (spatial.volume_features, spatial.context_features), and samples
+`voxels_per_patient` brain voxels (no CSF). Lesion voxels count `lesion_weight` times in the loss
+(lesions are a few per cent of the brain, and a plain loss lets the network shrink them to the
+tissue around them).
+
+Validation: whole validation patients (their own seed) at SNR 50, 100 and 200, QSM noise 2 ppb; the
+epoch with the lowest validation loss is kept, and each epoch logs the lesion contrast recovered on
+them (val_penumbra, val_core: lesion vs contralateral mirror, as evaluate reports it). Then split
+conformal calibration of the interval on population-prior calibration patients
+(train_spatial.calibration_scores). No test patient is ever simulated here.
+
+Outputs next to MODEL.keras: the card MODEL.json, the per-epoch log MODEL.history.csv, and the
+checkpoint folder MODEL.ckpt/ (last and best model, resume state).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import evaluate, models, physics, sequences, spatial, train_spatial
+from .errors import InputError
+from .train_spatial import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED
+
+VALIDATION_SNRS = (50.0, 100.0, 200.0)  # cycled over the validation patients
+VALIDATION_QSM_NOISE_PPB = 2.0
+
+
+@dataclasses.dataclass
+class ContextTrainConfig:
+    """Everything that defines a context-model training run (recorded in the model card)."""
+
+    patients: int = 64
+    validation_patients: int = 6
+    calibration_patients: int = 8
+    patients_per_epoch: int = 12
+    voxels_per_patient: int = 40000
+    batch_size: int = 1024
+    epochs: int = 300
+    learning_rate: float = 1e-3
+    patience: int = 15  # epochs without a better validation loss
+    time_limit_min: float | None = 30.0  # plus ~2 min making the patients
+    seed: int = 0  # weights, noise and voxel draws; the patients come from the fixed seeds
+    voxel_size_mm: float = spatial.VOXEL_SIZE_MM
+    snr_range: tuple[float, float] = (40.0, 250.0)
+    qsm_noise_ppb_range: tuple[float, float] = (1.0, 4.0)
+    wide_prior_share: float = 0.75
+    lesion_free_share: float = 0.15
+    lesion_weight: float = 4.0
+    sigmas_mm: tuple[float, ...] = tuple(models.CONTEXT_NET["sigmas_mm"])
+    dense: tuple[int, ...] = tuple(models.CONTEXT_NET["dense"])
+
+    @property
+    def spec(self) -> dict:
+        return dict(models.CONTEXT_NET, sigmas_mm=list(self.sigmas_mm), dense=list(self.dense))
+
+
+@dataclasses.dataclass
+class Patient:
+    """One noise-free patient cropped to its brain: echoes relative to the mean brain echo 1 and
+    targets (S0 in the same units, R2, Y, v, chi_nb) as float16, QSM (ppm) as float32."""
+
+    echoes: np.ndarray
+    qsm: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    metric: np.ndarray
+    lesion_map: np.ndarray  # phantom.LESION_MAP_LABELS (lesions and their mirror regions)
+
+
+def make_patient(seed: int, index: int, config: ContextTrainConfig, wide: bool | None = None) -> Patient:
+    patient, echoes, qsm = train_spatial.stroke_patient(np.random.SeedSequence([seed, index]), config, index, wide)
+    inside = np.argwhere(patient.mask)
+    box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(inside.min(axis=0), inside.max(axis=0)))
+    reference = float(echoes[..., 0][patient.mask].mean())
+    targets = np.stack([patient.params[n][box] for n in physics.PARAMETER_NAMES], axis=-1)
+    targets[..., 0] /= reference
+    return Patient((echoes[box] / reference).astype(np.float16), qsm[box].astype(np.float32),
+                   targets.astype(np.float16), patient.mask[box], patient.metric_mask[box], patient.lesion_map[box])
+
+
+def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noise_ppb=None):
+    """A noisy copy of the patient -> (network inputs (z, y, x, F), targets with S0 relative to the noisy
+    echo 1 (z, y, x, 5))."""
+    echoes, qsm, bias = train_spatial.add_noise(patient.echoes.astype(np.float32), patient.qsm, rng, config,
+                                                snr, qsm_noise_ppb)
+    features = spatial.volume_features(echoes, qsm, patient.mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"])
+    x = spatial.context_features(features, patient.mask, [s / config.voxel_size_mm for s in config.sigmas_mm])
+    t = patient.targets.astype(np.float32)
+    t[..., 0] *= bias / np.where(patient.mask, echoes[..., 0], 1.0)
+    return x, t
+
+
+def voxel_rows(x, t, patient: Patient, where: np.ndarray, scaling: dict, lesion_weight: float):
+    """(N, 1, 1, 1, F) inputs and (N, 1, 1, 1, 7) y_true (z-scored targets, true OEF, loss weight) of
+    the flat voxel indices `where`: the network's 1x1x1 layers see each voxel as a 1-voxel volume."""
+    n_features = x.shape[-1]
+    xs = x.reshape(-1, n_features)[where]
+    ts = t.reshape(-1, t.shape[-1])[where]
+    z = (ts - np.array(scaling["mean"], np.float32)) / np.array(scaling["std"], np.float32)
+    oef = 1.0 - ts[:, 2] / physics.YA
+    lesion = np.isin(patient.lesion_map.reshape(-1)[where], (1, 2))
+    weight = np.where(lesion, np.float32(lesion_weight), np.float32(1.0))
+    y = np.concatenate([z, oef[:, None], weight[:, None]], axis=1).astype(np.float32)
+    return xs[:, None, None, None, :], y[:, None, None, None, :]
+
+
+def fit_scaling(patients: list[Patient]) -> dict:
+    """z-scoring of the targets (S0 relative to echo 1 approximated by the noise-free echo 1)."""
+    rows = []
+    for p in patients:
+        t = p.targets[p.metric].astype(np.float32)
+        t[:, 0] /= np.maximum(p.echoes[..., 0][p.metric].astype(np.float32), 1e-3)
+        rows.append(t)
+    return models.fit_output_scaling(np.concatenate(rows))
+
+
+# --- Training -------------------------------------------------------------------------------------------
+def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, command: str | None = None,
+          verbose: int = 1, progress=None) -> dict:
+    """Train the context model and save MODEL.keras + card. Returns the card."""
+    import keras
+
+    from . import train as voxel_train
+
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise InputError(f"--out {out}: a model file must end in .keras.")
+    ckpt = out.with_name(out.stem + ".ckpt")
+    history_csv = out.with_name(out.stem + ".history.csv")
+    started = time.perf_counter()
+    state: dict = {}
+    config_dict = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
+                                         if k not in ("epochs", "time_limit_min")}))
+    if resume:
+        if not (ckpt / "state.json").exists() or not (ckpt / "last.keras").exists():
+            raise InputError(f"--resume: no checkpoint in {ckpt}; start without --resume.")
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+        if state["config"] != config_dict:
+            raise InputError(f"--resume: the options differ from the checkpointed run ({ckpt}/state.json).")
+    elif ckpt.exists():
+        shutil.rmtree(ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
+
+    def made(seed, n, what, wide=None):
+        patients = []
+        for i in range(n):
+            patients.append(make_patient(seed, i, config, wide))
+            if progress:
+                progress(i + 1, n, what)
+        return patients
+
+    train_patients = made(TRAIN_SEED, config.patients, "train patients")
+    validation_patients = made(VALIDATION_SEED, config.validation_patients, "validation patients")
+    scaling = state.get("output_scaling") or fit_scaling(train_patients)
+    state.update(config=config_dict, output_scaling=scaling, wall_before=state.get("wall_so_far", 0.0))
+
+    keras.utils.set_random_seed(config.seed)
+    x_val, y_val, val_voxels = [], [], []
+    val_rng = np.random.default_rng([VALIDATION_SEED, 1])
+    for i, p in enumerate(validation_patients):
+        x, t = pyramid(p, val_rng, config, VALIDATION_SNRS[i % len(VALIDATION_SNRS)], VALIDATION_QSM_NOISE_PPB)
+        where = np.flatnonzero(p.metric)
+        xv, yv = voxel_rows(x, t, p, where, scaling, config.lesion_weight)
+        x_val.append(xv)
+        y_val.append(yv)
+        val_voxels.append(where)
+    x_val, y_val = np.concatenate(x_val), np.concatenate(y_val)
+    loss = spatial.make_loss(scaling, per_voxel=True)
+    if resume:
+        model = keras.saving.load_model(ckpt / "last.keras", custom_objects={loss.__name__: loss}, safe_mode=True)
+    else:
+        # the pyramid's scale comes from one noisy draw of the first training patients
+        sample_rng = np.random.default_rng([config.seed, 99])
+        sample = np.concatenate([pyramid(p, sample_rng, config)[0][p.metric] for p in train_patients[:8]])
+        model = models.build_context_net(config.spec, x_val.shape[-1], spatial.N_OUTPUTS,
+                                         sample.mean(axis=0), sample.std(axis=0) + 1e-6)
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=1.0), loss=loss)
+
+    class EpochVoxels(keras.utils.PyDataset):
+        """Each epoch: new noise on `patients_per_epoch` patients, `voxels_per_patient` voxels of each."""
+
+        def __init__(self):
+            super().__init__()
+            self.draws = state.get("epoch", 0)
+            self.x = self.y = None
+
+        def __len__(self):
+            return config.patients_per_epoch * config.voxels_per_patient // config.batch_size
+
+        def _draw(self):
+            rng = np.random.default_rng([config.seed, self.draws, 5])
+            self.draws += 1
+            xs, ys = [], []
+            for k in rng.choice(len(train_patients), config.patients_per_epoch,
+                                replace=config.patients_per_epoch > len(train_patients)):
+                p = train_patients[k]
+                x, t = pyramid(p, rng, config)
+                inside = np.flatnonzero(p.metric)
+                where = rng.choice(inside, min(len(inside), config.voxels_per_patient), replace=False)
+                xv, yv = voxel_rows(x, t, p, where, scaling, config.lesion_weight)
+                xs.append(xv)
+                ys.append(yv)
+            order = rng.permutation(sum(len(x) for x in xs))
+            self.x, self.y = np.concatenate(xs)[order], np.concatenate(ys)[order]
+
+        def __getitem__(self, i):
+            if self.x is None:  # Keras may peek at batch 0 before the first epoch: that draw serves it
+                self._draw()
+            rows = slice(i * config.batch_size, (i + 1) * config.batch_size)
+            return self.x[rows], self.y[rows]
+
+        def on_epoch_end(self):
+            self.x = self.y = None
+
+    monitor = _lesion_monitor(x_val, validation_patients, val_voxels, scaling)
+    callbacks = [monitor] + voxel_train._callbacks(ckpt, history_csv, config, state, started)
+    callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ModelCheckpoint)]
+    callbacks += [train_spatial._save_models(ckpt, state),
+                  keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=5, min_lr=2e-5)]
+    initial_epoch = state.get("epoch", 0)
+    if initial_epoch < config.epochs:
+        model.fit(EpochVoxels(), validation_data=(x_val, y_val), batch_size=config.batch_size, epochs=config.epochs,
+                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+    if not (ckpt / "best.weights.h5").exists():
+        raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate.")
+    model.load_weights(ckpt / "best.weights.h5")
+
+    card = models.make_card(
+        config.spec, physics.Protocol.default(), scaling, 1, "centre",
+        spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
+            "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
+            "interval_scale": 1.0, "tile_voxels": spatial.TILE_VOXELS},
+        window={"length": 1, "target": "centre", "order": "whole volume (Gaussian pyramid, then voxel by voxel)",
+                "padding": "zeros"})
+    report = (lambda d, t: progress(d, t, "calibrating the interval")) if progress else None
+    scores = train_spatial.calibration_scores(model, card, config, report)
+    factor = train_spatial.conformal_factor(scores)
+    wall = time.perf_counter() - started + state.get("wall_before", 0.0)
+    epochs_run = state.get("epoch", 0)
+    best = state.get("best_epoch")
+    history = _read_history(history_csv)
+    card["spatial"].update(interval_scale=round(factor, 4), calibration={
+        "patients": config.calibration_patients, "seed": CALIBRATION_SEED, "voxels": int(len(scores)),
+        "priors": "population (physics.md)", "coverage_before": round(float(np.mean(scores <= 1.0)), 4),
+        "method": "split conformal, 90 %"})
+    card["training"] = {
+        "data": "stroke-like virtual patients (phantom.PatientConfig.stroke), 2 mm, whole brains, noise per epoch",
+        "train_patients": config.patients, "train_seed": TRAIN_SEED, "validation_patients": config.validation_patients,
+        "validation_seed": VALIDATION_SEED, "validation_noise": f"SNR {', '.join(f'{s:g}' for s in VALIDATION_SNRS)}, "
+                                                               f"QSM {VALIDATION_QSM_NOISE_PPB:g} ppb",
+        "patients_per_epoch": config.patients_per_epoch, "voxels_per_patient": config.voxels_per_patient,
+        "snr_range": list(config.snr_range), "qsm_noise_ppb_range": list(config.qsm_noise_ppb_range),
+        "wide_prior_share": config.wide_prior_share, "lesion_free_share": config.lesion_free_share,
+        "lesion_weight": config.lesion_weight,
+        "optimizer": f"Adam(learning_rate={config.learning_rate:g}, clipnorm=1), halved on plateaus",
+        "loss": "Huber on z-scored parameters (weights S0 .5, R2 .5, Y 2, v 1, chi_nb .5) + pinball 5/95 % on OEF, "
+                "per voxel, lesion voxels weighted",
+        "batch_size": config.batch_size, "epochs_run": epochs_run, "best_epoch": best,
+        "best_val_loss": state.get("best_val_loss"),
+        "best_val_contrast_recovered": history.get(best, {}) if best else {},
+        "stopped_by": state.get("stopped_by", "early stopping" if epochs_run < config.epochs else "epochs"),
+        "train_seconds": round(state.get("train_seconds", 0.0), 1), "wall_seconds": round(wall, 1),
+        "seed": config.seed, "history": history_csv.name, "command": command,
+    }
+    models.save_bundle(model, card, out)
+    return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
+
+
+def _lesion_monitor(x_val, patients: list[Patient], voxels: list[np.ndarray], scaling: dict):
+    """A callback: val_penumbra and val_core, the lesion contrast recovered on the validation patients."""
+    import keras
+
+    y_index = physics.PARAMETER_NAMES.index("Y")
+
+    class LesionMonitor(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            z = self.model.predict(x_val, batch_size=8192, verbose=0)[:, 0, 0, 0, y_index]
+            oef = 100.0 * (1.0 - (z * scaling["std"][y_index] + scaling["mean"][y_index]) / physics.YA)
+            sums = {"misery_perfusion": [0.0, 0.0], "infarct_core": [0.0, 0.0]}
+            start = 0
+            for p, where in zip(patients, voxels):
+                pred = np.zeros(p.mask.shape, np.float32)
+                pred.reshape(-1)[where] = oef[start:start + len(where)]
+                start += len(where)
+                truth = 100.0 * (1.0 - p.targets[..., 2].astype(np.float32) / physics.YA)
+                labels = np.where(p.metric, p.lesion_map, 0)
+                for row in evaluate.lesion_contrast(pred, truth, labels):
+                    sums[row["lesion"]][0] += row["pred_contrast_pp"]
+                    sums[row["lesion"]][1] += row["true_contrast_pp"]
+            logs["val_penumbra"], logs["val_core"] = (s[0] / s[1] if s[1] else math.nan for s in sums.values())
+
+    return LesionMonitor()
+
+
+def _read_history(path: Path) -> dict:
+    """epoch (1-based) -> the lesion columns of the history CSV."""
+    import csv
+
+    if not path.exists():
+        return {}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {int(r["epoch"]) + 1: {k: round(float(r[k]), 4) for k in ("val_penumbra", "val_core") if r.get(k)}
+                for r in csv.DictReader(f)}

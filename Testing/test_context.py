@@ -1,0 +1,131 @@
+"""The context model (the default spatial method): its Gaussian pyramid, its network, its training
+and its place in the engine (real Keras, real SimpleITK files, tiny volumes)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from OEFPredictorLib import methods, models, predict, spatial, train_context
+from OEFPredictorLib.errors import InputError
+
+TINY = train_context.ContextTrainConfig(
+    patients=2, validation_patients=1, calibration_patients=1, patients_per_epoch=2, voxels_per_patient=400,
+    batch_size=100, epochs=1, time_limit_min=None, voxel_size_mm=4.0, dense=(8, 8))
+
+
+def _volume(shape=(14, 16, 12), seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, bool)
+    mask[2:-2, 3:-3, 2:-2] = True
+    decay = np.exp(-np.arange(8) * 0.1)
+    echoes = (rng.uniform(0.8, 1.2, shape)[..., None] * decay).astype(np.float32)
+    qsm = rng.normal(0, 0.02, shape).astype(np.float32)
+    return spatial.volume_features(echoes * mask[..., None], qsm * mask, mask, 10.0), mask
+
+
+def test_the_pyramid_holds_log_echo_ratios_and_mask_normalised_averages():
+    features, mask = _volume()
+    x = spatial.context_features(features, mask, [1.0, 2.0])
+    assert x.shape == mask.shape + (8 * 3,) and np.all(x[~mask] == 0)
+    # base channels: log(S_j / S_1) = -0.1 (j - 1) here, and QSM x 10
+    np.testing.assert_allclose(x[mask][:, :7], np.broadcast_to(-0.1 * np.arange(1, 8), (mask.sum(), 7)), atol=1e-5)
+    np.testing.assert_allclose(x[..., 7][mask], features[..., 8][mask], atol=1e-6)
+    # uniform channels stay uniform up to the brain's edge: the background is not averaged in
+    np.testing.assert_allclose(x[mask][:, 8:15], x[mask][:, :7], atol=1e-5)
+    np.testing.assert_allclose(x[mask][:, 16:23], x[mask][:, :7], atol=1e-5)
+    # a noisy QSM channel is smoothed: less spread at the larger scale
+    assert x[..., 23][mask].std() < x[..., 15][mask].std() < x[..., 7][mask].std()
+
+
+def test_the_pyramid_does_not_depend_on_how_much_background_surrounds_the_brain():
+    features, mask = _volume()
+    padded = np.pad(features, [(5, 3), (0, 4), (2, 2), (0, 0)])
+    padded_mask = np.pad(mask, [(5, 3), (0, 4), (2, 2)])
+    a = spatial.context_features(features, mask, [1.5, 3.0])
+    b = spatial.context_features(padded, padded_mask, [1.5, 3.0])[5:-3, :-4, 2:-2]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_network_works_voxel_by_voxel_on_any_volume_and_loads_in_safe_mode(tmp_path):
+    import keras
+
+    spec = dict(models.CONTEXT_NET, dense=[8, 4])
+    n = models.context_feature_count(spec)
+    model = models.build_context_net(spec, n, spatial.N_OUTPUTS, np.full(n, 0.5), np.full(n, 2.0))
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(1, 5, 7, 3, n)).astype(np.float32)
+    out = model.predict_on_batch(volume)
+    assert out.shape == (1, 5, 7, 3, spatial.N_OUTPUTS)
+    # one voxel alone gives the same output as inside the volume (1x1x1: the pyramid is the context)
+    alone = model.predict_on_batch(volume[:, 2:3, 4:5, 1:2])
+    np.testing.assert_allclose(alone[0, 0, 0, 0], out[0, 2, 4, 1], atol=1e-5)
+    model.save(tmp_path / "c.keras")
+    again = keras.saving.load_model(tmp_path / "c.keras", compile=False, safe_mode=True)
+    np.testing.assert_allclose(again.predict_on_batch(volume), out, atol=1e-6)
+    # the stored feature scaling is part of the file
+    shifted = models.build_context_net(spec, n, spatial.N_OUTPUTS)
+    shifted.set_weights(model.get_weights())
+    assert not np.allclose(shifted.predict_on_batch(volume), out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("context") / "c.keras"
+    return out, train_context.train(out, TINY, verbose=0)
+
+
+def test_training_writes_a_calibrated_bundle_with_its_lesion_log_and_resumes(trained):
+    out, card = trained
+    assert card["model"]["architecture"] == "context" and card["model"]["sigmas_mm"] == [2.0, 4.0, 8.0]
+    assert card["spatial"]["interval_scale"] > 0 and card["spatial"]["calibration"]["priors"].startswith("population")
+    assert card["training"]["lesion_weight"] == 4.0 and card["training"]["epochs_run"] == 1
+    history = out.with_name("c.history.csv").read_text().splitlines()
+    assert "val_penumbra" in history[0] and "val_core" in history[0] and len(history) == 2
+    bundle = models.load_bundle(out)  # checksum + safe mode
+    assert methods.of_card(bundle.card).name == "context"
+    resumed = train_context.train(out, dataclasses.replace(TINY, epochs=2), resume=True, verbose=0)
+    assert resumed["training"]["epochs_run"] == 2
+    with pytest.raises(InputError, match="options differ"):
+        train_context.train(out, dataclasses.replace(TINY, epochs=3, lesion_weight=2.0), resume=True, verbose=0)
+
+
+def test_lesion_voxels_weigh_more_in_the_loss():
+    for index in range(8):  # the first training patient with a lesion at 4 mm
+        patient = train_context.make_patient(train_context.TRAIN_SEED, index, TINY)
+        lesion = np.isin(patient.lesion_map, (1, 2)) & patient.metric
+        if lesion.any():
+            break
+    assert lesion.any() and (~lesion & patient.metric).any()
+    x, t = train_context.pyramid(patient, np.random.default_rng(0), TINY)
+    where = np.flatnonzero(patient.metric)
+    scaling = train_context.fit_scaling([patient])
+    _, y = train_context.voxel_rows(x, t, patient, where, scaling, lesion_weight=4.0)
+    weights = y[:, 0, 0, 0, -1]
+    np.testing.assert_array_equal(weights, np.where(lesion.reshape(-1)[where], 4.0, 1.0))
+
+
+def test_the_engine_runs_the_context_model_with_its_interval(trained, tiny_dataset):
+    from OEFPredictorLib import simulate
+
+    out, _ = trained
+    data = simulate.load_patient(tiny_dataset / "P01")
+    inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, data.mask, spacing=data.geometry.spacing)
+    spec, _ = predict.resolve_method(None, str(out))
+    assert spec.name == "context"
+    result = predict.predict_maps(inputs, model=str(out), device="cpu")
+    m = result.mask
+    assert result.method == "context" and set(predict.INTERVAL_MAP_NAMES) <= set(result.maps)
+    assert np.all(result.maps["OEF_p05"][m] <= result.maps["OEF"][m] + 1e-4)
+    assert np.all(result.maps["OEF"][m] <= result.maps["OEF_p95"][m] + 1e-4)
+    assert np.all(result.maps["OEF"][~m] == 0) and np.isfinite(result.maps["OEF"][m]).all()
+
+
+def test_the_command_line_refuses_u_net_options_for_the_context_model(tmp_path, capsys):
+    from OEFPredictorLib.cli import main
+
+    rc = main(["train", "--arch", "context", "--out", str(tmp_path / "c.keras"), "--init-from", "x.keras"])
+    assert rc == 2 and "--init-from is an option of --arch unet" in capsys.readouterr().err
+    assert not Path(tmp_path / "c.keras").exists()
