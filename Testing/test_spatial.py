@@ -125,9 +125,38 @@ def test_resampling_keeps_uniform_values_and_the_brain_edge():
     grid, grid_mask = spatial.to_model_grid(channels, mask, factors)
     assert grid.shape == (10, 10, 10, 2)
     np.testing.assert_allclose(grid[grid_mask], [[1.0, 0.5]] * int(grid_mask.sum()), atol=1e-5)
-    back = spatial.from_model_grid(grid[..., 1], grid_mask, mask.shape)
-    np.testing.assert_allclose(back[mask], 0.5, atol=1e-5)
+    back = spatial.from_model_grid(grid, grid_mask, mask)
+    assert back.shape == (int(mask.sum()), 2)
+    np.testing.assert_allclose(back, [[1.0, 0.5]] * int(mask.sum()), atol=1e-5)
     assert np.all(spatial.resampling_factors((2.02, 1.98, 2.0), 2.0) == 1.0)
+
+
+def _full_grid_from_model_grid(values, grid_mask, shape):
+    """The former from_model_grid: one channel interpolated over the whole data grid."""
+    from scipy import ndimage
+
+    coords = spatial._sample_coordinates(grid_mask.shape, shape)
+    m = grid_mask.astype(np.float32)
+    weight = ndimage.map_coordinates(m, coords, order=1, mode="nearest")
+    v = ndimage.map_coordinates(values * m, coords, order=1, mode="nearest")
+    near = ndimage.map_coordinates(values, coords, order=0, mode="nearest")
+    return np.where(weight > 1e-3, v / np.maximum(weight, 1e-3), near).astype(np.float32)
+
+
+def test_back_to_the_data_grid_at_the_mask_voxels_equals_the_whole_grid_interpolation():
+    """from_model_grid interpolates only the mask's voxels, all channels at once: the same values as
+    interpolating each channel over the whole grid and picking the mask, including voxels far from the
+    grid mask (nearest value)."""
+    rng = np.random.default_rng(3)
+    grid_mask = np.zeros((9, 11, 10), bool)
+    grid_mask[2:8, 3:9, 2:9] = True
+    values = rng.normal(size=grid_mask.shape + (3,)).astype(np.float32)
+    mask = np.zeros((17, 21, 19), bool)
+    mask[3:15, 5:17, 3:17] = True
+    mask[0, 0, 0] = mask[16, 20, 18] = True  # outside the grid mask's reach
+    got = spatial.from_model_grid(values, grid_mask, mask)
+    want = np.stack([_full_grid_from_model_grid(values[..., c], grid_mask, mask.shape)[mask] for c in range(3)], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_decoded_interval_brackets_the_estimate():
