@@ -151,17 +151,20 @@ def test_block_average_agrees_with_smoothing_and_the_crop_changes_nothing():
     np.testing.assert_allclose(block[inner], smooth[inner], atol=0.01)
     np.testing.assert_allclose(block[block_mask & smooth_mask], smooth[block_mask & smooth_mask], atol=0.05)
     assert spatial.block_factors((2.0, 1.0, 2.0)) == (2, 1, 2) and spatial.block_factors((2.048, 2, 2)) is None
-    # the brain's box, aligned to whole blocks: same model grid, hence same maps
-    big = np.zeros((31, 33, 29), bool)
-    big[5:29, 3:31, 7:27] = mask
+    # the brain's box, aligned to whole blocks, read in slabs: the same model grid as the whole volume's
+    big = np.zeros((51, 33, 29), bool)
+    big[4:28, 3:31, 7:27] = mask  # the box starts at z = 7: rounded down to 6
+    big[30:50, 8:20, 9:21] = True
     box = spatial._brain_box(big, (2, 2, 2))
-    assert all(b.start % 2 == 0 for b in box) and big[box].sum() == big.sum()
-    whole, whole_mask = spatial.to_model_grid(np.ones(big.shape + (1,), np.float32) * big[..., None], big, factors)
-    part, part_mask = spatial.to_model_grid(np.ones(big[box].shape + (1,), np.float32) * big[box][..., None],
-                                            big[box], factors)
-    at = tuple(slice(b.start // 2, b.start // 2 + n) for b, n in zip(box, part_mask.shape))
-    np.testing.assert_array_equal(spatial._embed(part_mask, whole_mask.shape, at), whole_mask)
-    np.testing.assert_array_equal(spatial._embed(part, whole.shape[:3], at), whole)
+    assert all(b.start % 2 == 0 for b in box) and big[box].sum() == big.sum() and box[0] == slice(6, 50)
+    rng = np.random.default_rng(0)
+    echoes = np.where(big[..., None], rng.uniform(0.5, 1.0, big.shape + (3,)), np.nan).astype(np.float32)
+    qsm = rng.normal(0.0, 0.05, big.shape).astype(np.float32)
+    whole = spatial.to_model_grid(spatial.volume_features(echoes, qsm, big, 10.0), big, factors)
+    slabs = spatial._model_grid_inputs(echoes, qsm, big, factors, 10.0)
+    assert spatial.SLAB_BLOCKS * 2 < 46  # several slabs
+    np.testing.assert_array_equal(slabs[1], whole[1])
+    np.testing.assert_allclose(slabs[0], whole[0], rtol=1e-6, atol=1e-7)
 
 
 def _full_grid_from_model_grid(values, grid_mask, shape):

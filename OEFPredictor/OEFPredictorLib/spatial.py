@@ -32,6 +32,7 @@ N_OUTPUTS = len(physics.PARAMETER_NAMES) + 2
 PARAMETER_LOSS_WEIGHTS = (0.5, 0.5, 2.0, 1.0, 0.5)
 TILE_VOXELS = 96  # tile edge (model grid) for volumes whose brain box is larger; ~1 GiB of activations
 TILE_OVERLAP = 16
+SLAB_BLOCKS = 8  # model voxels per z slab when averaging blocks: bounds the data-grid feature temporaries
 # Inputs are clipped to what tissue can give (echo ratios decay from 1; QSM within +-0.5 ppm), so a
 # stray voxel (vessel, artefact, bad mask edge) cannot dominate its neighbourhood in the network.
 ECHO_RATIO_RANGE = (0.0, 1.5)
@@ -310,11 +311,27 @@ def _brain_box(mask: np.ndarray, k) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _embed(part: np.ndarray, shape, at) -> np.ndarray:
-    """`part` placed at `at` in zeros of `shape` (+ part's trailing axes)."""
-    out = np.zeros(tuple(shape) + part.shape[3:], dtype=part.dtype)
-    out[at] = part
-    return out
+def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale) -> tuple[np.ndarray, np.ndarray]:
+    """The network's inputs and mask on the model grid.
+
+    With whole blocks (1 mm -> 2 mm, or no resampling) only the brain's box is read, in slabs along z
+    aligned to the blocks: exact (no block straddles two slabs; outside the brain the inputs are
+    zeros), and the data-grid features never exist for the whole volume at once."""
+    k = block_factors(factors)
+    if k is None:
+        return to_model_grid(volume_features(echoes, qsm, mask, qsm_scale), mask, factors)
+    grid_shape = _grid_shape(mask.shape, factors)
+    grid = np.zeros(grid_shape + (echoes.shape[-1] + 1,), dtype=np.float32)
+    grid_mask = np.zeros(grid_shape, dtype=bool)
+    box = _brain_box(mask, k)
+    step = SLAB_BLOCKS * k[0]
+    for z in range(box[0].start, box[0].stop, step):
+        sub = (slice(z, min(z + step, box[0].stop)),) + box[1:]
+        part, part_mask = to_model_grid(volume_features(echoes[sub], qsm[sub], mask[sub], qsm_scale), mask[sub],
+                                        factors)
+        at = tuple(slice(s.start // f, s.start // f + n) for s, f, n in zip(sub, k, part_mask.shape))
+        grid[at], grid_mask[at] = part, part_mask
+    return grid, grid_mask
 
 
 def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
@@ -326,18 +343,8 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     model_mm = float(info["voxel_size_mm"])
     report = progress or (lambda fraction, message: None)
     factors = resampling_factors(spacing_zyx, model_mm)
-    k = block_factors(factors)
-    # Outside the brain the inputs are zeros: with whole blocks, the features and their averages are
-    # computed on the brain's box only (aligned to the blocks, so nothing changes) and put in place.
-    box = _brain_box(mask, k) if k is not None else (slice(None),) * 3
-    features = volume_features(echoes[box], qsm[box], mask[box], bundle.qsm_scale)
     report(0.08, "Resampling to the model grid" if np.any(factors != 1.0) else "Preparing the volume")
-    grid_features, grid_mask = to_model_grid(features, mask[box], factors)
-    del features
-    grid_shape = _grid_shape(mask.shape, factors)
-    if grid_mask.shape != grid_shape:
-        at = tuple(slice(b.start // f, b.start // f + n) for b, f, n in zip(box, k, grid_mask.shape))
-        grid_features, grid_mask = _embed(grid_features, grid_shape, at), _embed(grid_mask, grid_shape, at)
+    grid_features, grid_mask = _model_grid_inputs(echoes, qsm, mask, factors, bundle.qsm_scale)
     if check_cancel:
         check_cancel()
     if not grid_mask.any():  # a mask thinner than one model voxel: keep what there is
@@ -346,6 +353,7 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     raw = run_network(predict, grid_features, grid_mask, divisor(card["model"]), check_cancel=check_cancel,
                       progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))
     report(0.86, "Back to the data grid")
+    del grid_features
     channels = from_model_grid(raw, grid_mask, mask, factors)
     del raw
     echo1 = echoes[..., 0][mask].astype(np.float32)
