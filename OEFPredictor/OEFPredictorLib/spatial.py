@@ -30,7 +30,7 @@ INTERVAL_UNIT = 0.1  # the interval channels are in units of 10 percentage point
 N_OUTPUTS = len(physics.PARAMETER_NAMES) + 2
 # Loss weights per parameter (S0, R2, Y, v, chi_nb): Y carries OEF, the product's map.
 PARAMETER_LOSS_WEIGHTS = (0.5, 0.5, 2.0, 1.0, 0.5)
-TILE_VOXELS = 96  # tile edge (model grid) for volumes whose brain box is larger; ~1 GiB of activations
+TILE_VOXELS = 64  # tile edge (model grid) for volumes whose brain box is larger; ~0.3 GiB of activations
 TILE_OVERLAP = 16
 SLAB_BLOCKS = 8  # model voxels per z slab when averaging blocks: bounds the data-grid feature temporaries
 # Inputs are clipped to what tissue can give (echo ratios decay from 1; QSM within +-0.5 ppm), so a
@@ -263,18 +263,15 @@ def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, 
     hi = np.minimum(nz.max(axis=0) + 1 + margin, mask.shape)
     box = features[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     tile = max(multiple, tile // multiple * multiple)
-    step = max(multiple, tile - overlap)
-    starts = [list(range(0, max(n - tile, 0) + 1, step)) for n in box.shape[:3]]
-    for axis, n in enumerate(box.shape[:3]):
-        if n > tile and starts[axis][-1] + tile < n:
-            starts[axis].append(n - tile)
+    overlap = min(overlap, tile - multiple)
+    starts, lengths = zip(*(_tile_starts(n, tile, overlap, multiple) for n in box.shape[:3]))
     acc = np.zeros(box.shape[:3] + (N_OUTPUTS,), dtype=np.float32)
     weight = np.zeros(box.shape[:3], dtype=np.float32)
     tiles = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     for k, (a, b, c) in enumerate(tiles):
         if check_cancel:
             check_cancel()
-        piece = box[a:a + tile, b:b + tile, c:c + tile]
+        piece = box[a:a + lengths[0], b:b + lengths[1], c:c + lengths[2]]
         size = piece.shape[:3]
         padded = np.zeros(_pad_to(size, multiple) + (piece.shape[3],), dtype=np.float32)
         padded[:size[0], :size[1], :size[2]] = piece
@@ -286,6 +283,16 @@ def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, 
             progress((k + 1) / len(tiles))
     out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = acc / np.maximum(weight, 1e-6)[..., None]
     return out
+
+
+def _tile_starts(n: int, tile: int, overlap: int, multiple: int) -> tuple[list[int], int]:
+    """Starts and length of the fewest equal tiles (at most `tile`, overlapping by `overlap`) that
+    cover `n` voxels: a box a little over the tile size gets two half-size tiles, not two full ones."""
+    if n <= tile:
+        return [0], n
+    count = int(np.ceil((n - overlap) / (tile - overlap)))
+    length = min(tile, _pad_to((int(np.ceil((n + (count - 1) * overlap) / count)),), multiple)[0])
+    return [int(round(i * (n - length) / (count - 1))) for i in range(count)], length
 
 
 def _ramp(size, overlap: int) -> np.ndarray:
