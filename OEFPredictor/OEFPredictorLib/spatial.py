@@ -164,12 +164,13 @@ def to_model_grid(channels: np.ndarray, mask: np.ndarray, factors) -> tuple[np.n
 def _block_average(channels: np.ndarray, mask: np.ndarray, k) -> tuple[np.ndarray, np.ndarray]:
     out_shape = _grid_shape(mask.shape, k)
     padded = tuple(g * f for g, f in zip(out_shape, k))
-    split = (out_shape[0], k[0], out_shape[1], k[1], out_shape[2], k[2])
 
-    def block_sum(volume):  # zero-padded to whole blocks, summed per block
+    def block_sum(volume):  # zero-padded to whole blocks, summed per block, one axis at a time
         buf = np.zeros(padded, dtype=np.float32)
         buf[:volume.shape[0], :volume.shape[1], :volume.shape[2]] = volume
-        return buf.reshape(split).sum(axis=(1, 3, 5))
+        for axis, f in enumerate(k):
+            buf = sum(buf[(slice(None),) * axis + (slice(i, None, f),)] for i in range(f))
+        return buf
 
     m = mask.astype(np.float32)
     m_sum = block_sum(m)
