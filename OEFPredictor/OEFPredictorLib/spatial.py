@@ -7,8 +7,9 @@ neighbouring voxels, as QQ-NET (Cho et al., MRM 2022) does.
 
 Inputs (the model card's `input_normalisation`): per voxel the 8 echo magnitudes divided by the
 voxel's echo-1 magnitude and QSM (ppm) x 10, 0 outside the brain mask; the volume is resampled to the
-model's voxel size (2 mm, `spatial.voxel_size_mm` in the card) with mask-normalised smoothing, and the
-maps are interpolated back to the input grid.
+model's voxel size (2 mm, `spatial.voxel_size_mm` in the card) by mask-normalised averaging (whole
+blocks when the factor is a whole number, e.g. 1 mm data; else Gaussian smoothing), and the maps are
+interpolated back to the input grid at the mask's voxels.
 
 Outputs per voxel: the 5 z-scored QQ parameters (as the LSTM's), and two raw interval channels:
 OEF_p05 = OEF - k softplus(a) * 10 pp, OEF_p95 = OEF + k softplus(b) * 10 pp, trained with the
@@ -47,15 +48,17 @@ def divisor(spec: dict) -> int:
 # --- Inputs -----------------------------------------------------------------------------------
 def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_scale: float) -> np.ndarray:
     """(z, y, x, E + 1) float32 network inputs: echoes / echo 1 and QSM x qsm_scale inside the mask."""
+    def f32(a):
+        return a.astype(np.float32, copy=False)
+
     echo1 = echoes[..., 0]
     with np.errstate(invalid="ignore"):  # NaN/Inf outside the mask are not used
         inside = mask & (echo1 > 0)
         features = np.zeros(echoes.shape[:3] + (echoes.shape[3] + 1,), dtype=np.float32)
-        scale = np.where(inside, echo1, 1.0).astype(np.float32)
+        scale = f32(np.where(inside, echo1, 1.0))
         for e in range(echoes.shape[3]):
-            features[..., e] = np.where(inside, np.clip(echoes[..., e].astype(np.float32, copy=False) / scale,
-                                                          *ECHO_RATIO_RANGE), 0.0)
-        features[..., -1] = np.where(inside, np.clip(qsm.astype(np.float32, copy=False), *QSM_RANGE_PPM) * qsm_scale, 0.0)
+            features[..., e] = np.where(inside, np.clip(f32(echoes[..., e]) / scale, *ECHO_RATIO_RANGE), 0.0)
+        features[..., -1] = np.where(inside, np.clip(f32(qsm), *QSM_RANGE_PPM) * qsm_scale, 0.0)
     return features
 
 
@@ -254,8 +257,8 @@ def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, 
     """(z, y, x, 7) network outputs over the mask's bounding box (zeros elsewhere).
 
     `predict(batch)` runs the model on a (1, z, y, x, C) array. The box is padded to a multiple of
-    `multiple`; a box larger than `tile` on any axis is cut into overlapping tiles, each blended with
-    a linear ramp over the overlap, so activations never exceed one tile's.
+    `multiple`; a box larger than `tile` on any axis is cut into the fewest overlapping tiles of equal
+    length, each blended with a linear ramp over the overlap, so activations never exceed one tile's.
     """
     out = np.zeros(mask.shape + (N_OUTPUTS,), dtype=np.float32)
     nz = np.argwhere(mask)
