@@ -125,9 +125,74 @@ def test_resampling_keeps_uniform_values_and_the_brain_edge():
     grid, grid_mask = spatial.to_model_grid(channels, mask, factors)
     assert grid.shape == (10, 10, 10, 2)
     np.testing.assert_allclose(grid[grid_mask], [[1.0, 0.5]] * int(grid_mask.sum()), atol=1e-5)
-    back = spatial.from_model_grid(grid[..., 1], grid_mask, mask.shape)
-    np.testing.assert_allclose(back[mask], 0.5, atol=1e-5)
+    back = spatial.from_model_grid(grid, grid_mask, mask)
+    assert back.shape == (int(mask.sum()), 2)
+    np.testing.assert_allclose(back, [[1.0, 0.5]] * int(mask.sum()), atol=1e-5)
     assert np.all(spatial.resampling_factors((2.02, 1.98, 2.0), 2.0) == 1.0)
+
+
+def test_block_average_agrees_with_smoothing_and_the_crop_changes_nothing():
+    """1 mm -> 2 mm averages 2x2x2 blocks; on a smooth field that matches the general path (Gaussian of
+    the block's variance, interpolated) where the grids coincide, and predicting on the brain's box
+    gives the same maps as on the whole volume."""
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (24, 28, 20)], indexing="ij")
+    mask = (z - 12) ** 2 / 100 + (y - 14) ** 2 / 144 + (x - 10) ** 2 / 64 < 1.0
+    field = (np.sin(z / 7.0) + 0.05 * y + np.cos(x / 6.0)).astype(np.float32)
+    channels = np.stack([field, np.ones_like(field)], -1) * mask[..., None]
+    factors = spatial.resampling_factors((1.0, 1.0, 1.0), 2.0)
+    assert spatial.block_factors(factors) == (2, 2, 2)
+    block, block_mask = spatial.to_model_grid(channels, mask, factors)
+    smooth, smooth_mask = spatial._smooth_resample(channels, mask, factors)
+    assert block.shape == smooth.shape == (12, 14, 10, 2)
+    assert (block_mask != smooth_mask).sum() <= 0.05 * block_mask.sum()
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(block_mask)  # the edge differs a little more (different kernels)
+    np.testing.assert_allclose(block[inner], smooth[inner], atol=0.01)
+    np.testing.assert_allclose(block[block_mask & smooth_mask], smooth[block_mask & smooth_mask], atol=0.05)
+    assert spatial.block_factors((2.0, 1.0, 2.0)) == (2, 1, 2) and spatial.block_factors((2.048, 2, 2)) is None
+    # the brain's box, aligned to whole blocks, read in slabs: the same model grid as the whole volume's
+    big = np.zeros((51, 33, 29), bool)
+    big[4:28, 3:31, 7:27] = mask  # the box starts at z = 7: rounded down to 6
+    big[30:50, 8:20, 9:21] = True
+    box = spatial._brain_box(big, (2, 2, 2))
+    assert all(b.start % 2 == 0 for b in box) and big[box].sum() == big.sum() and box[0] == slice(6, 50)
+    rng = np.random.default_rng(0)
+    echoes = np.where(big[..., None], rng.uniform(0.5, 1.0, big.shape + (3,)), np.nan).astype(np.float32)
+    qsm = rng.normal(0.0, 0.05, big.shape).astype(np.float32)
+    whole = spatial.to_model_grid(spatial.volume_features(echoes, qsm, big, 10.0), big, factors)
+    slabs = spatial._model_grid_inputs(echoes, qsm, big, factors, 10.0)
+    assert spatial.SLAB_BLOCKS * 2 < 46  # several slabs
+    np.testing.assert_array_equal(slabs[1], whole[1])
+    np.testing.assert_allclose(slabs[0], whole[0], rtol=1e-6, atol=1e-7)
+
+
+def _full_grid_from_model_grid(values, grid_mask, shape):
+    """The former from_model_grid: one channel interpolated over the whole data grid."""
+    from scipy import ndimage
+
+    coords = spatial._sample_coordinates(grid_mask.shape, shape)
+    m = grid_mask.astype(np.float32)
+    weight = ndimage.map_coordinates(m, coords, order=1, mode="nearest")
+    v = ndimage.map_coordinates(values * m, coords, order=1, mode="nearest")
+    near = ndimage.map_coordinates(values, coords, order=0, mode="nearest")
+    return np.where(weight > 1e-3, v / np.maximum(weight, 1e-3), near).astype(np.float32)
+
+
+def test_back_to_the_data_grid_at_the_mask_voxels_equals_the_whole_grid_interpolation():
+    """from_model_grid interpolates only the mask's voxels, all channels at once: the same values as
+    interpolating each channel over the whole grid and picking the mask, including voxels far from the
+    grid mask (nearest value)."""
+    rng = np.random.default_rng(3)
+    grid_mask = np.zeros((9, 11, 10), bool)
+    grid_mask[2:8, 3:9, 2:9] = True
+    values = rng.normal(size=grid_mask.shape + (3,)).astype(np.float32)
+    mask = np.zeros((17, 21, 19), bool)
+    mask[3:15, 5:17, 3:17] = True
+    mask[0, 0, 0] = mask[16, 20, 18] = True  # outside the grid mask's reach
+    got = spatial.from_model_grid(values, grid_mask, mask)
+    want = np.stack([_full_grid_from_model_grid(values[..., c], grid_mask, mask.shape)[mask] for c in range(3)], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_decoded_interval_brackets_the_estimate():

@@ -423,8 +423,8 @@ def _run_spatial(run: _Run):
         run.warnings.append(f"The voxel size is unknown; assumed the model's {spacing_zyx[0]:g} mm.")
     else:
         spacing_zyx = tuple(float(s) for s in inputs.spacing[::-1])
-    echoes = np.where(run.mask[..., None], np.asarray(inputs.echoes, dtype=np.float32), 0.0)
-    qsm = np.where(run.mask, np.asarray(inputs.qsm, dtype=np.float32), 0.0)
+    # predict_volume reads only the mask's voxels (no zeroed copy of the volume needed)
+    echoes, qsm = np.asarray(inputs.echoes), np.asarray(inputs.qsm)
     dev = run.device
     try:
         with _device_scope(dev):

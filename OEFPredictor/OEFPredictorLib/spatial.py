@@ -16,8 +16,9 @@ neighbouring voxels, as QQ-NET (Cho et al., MRM 2022) does. Two architectures (m
 
 Inputs (the model card's `input_normalisation`): per voxel the 8 echo magnitudes divided by the
 voxel's echo-1 magnitude and QSM (ppm) x 10, 0 outside the brain mask; the volume is resampled to the
-model's voxel size (2 mm, `spatial.voxel_size_mm` in the card) with mask-normalised smoothing, and the
-maps are interpolated back to the input grid.
+model's voxel size (2 mm, `spatial.voxel_size_mm` in the card) by mask-normalised averaging (whole
+blocks when the factor is a whole number, e.g. 1 mm data; else Gaussian smoothing), and the maps are
+interpolated back to the input grid at the mask's voxels.
 
 Outputs per voxel: the 5 z-scored QQ parameters (as the LSTM's), and two raw interval channels:
 OEF_p05 = OEF - k softplus(a) * 10 pp, OEF_p95 = OEF + k softplus(b) * 10 pp, trained with the
@@ -39,8 +40,9 @@ INTERVAL_UNIT = 0.1  # the interval channels are in units of 10 percentage point
 N_OUTPUTS = len(physics.PARAMETER_NAMES) + 2
 # Loss weights per parameter (S0, R2, Y, v, chi_nb): Y carries OEF, the product's map.
 PARAMETER_LOSS_WEIGHTS = (0.5, 0.5, 2.0, 1.0, 0.5)
-TILE_VOXELS = 96  # tile edge (model grid) for volumes whose brain box is larger; ~1 GiB of activations
+TILE_VOXELS = 64  # tile edge (model grid) for volumes whose brain box is larger; ~0.3 GiB of activations
 TILE_OVERLAP = 16
+SLAB_BLOCKS = 8  # model voxels per z slab when averaging blocks: bounds the data-grid feature temporaries
 # Inputs are clipped to what tissue can give (echo ratios decay from 1; QSM within +-0.5 ppm), so a
 # stray voxel (vessel, artefact, bad mask edge) cannot dominate its neighbourhood in the network.
 ECHO_RATIO_RANGE = (0.0, 1.5)
@@ -55,13 +57,17 @@ def divisor(spec: dict) -> int:
 # --- Inputs -----------------------------------------------------------------------------------
 def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_scale: float) -> np.ndarray:
     """(z, y, x, E + 1) float32 network inputs: echoes / echo 1 and QSM x qsm_scale inside the mask."""
+    def f32(a):
+        return a.astype(np.float32, copy=False)
+
     echo1 = echoes[..., 0]
-    inside = mask & (echo1 > 0)
-    features = np.zeros(echoes.shape[:3] + (echoes.shape[3] + 1,), dtype=np.float32)
-    scale = np.where(inside, echo1, 1.0).astype(np.float32)
-    for e in range(echoes.shape[3]):
-        features[..., e] = np.where(inside, np.clip(echoes[..., e] / scale, *ECHO_RATIO_RANGE), 0.0)
-    features[..., -1] = np.where(inside, np.clip(qsm, *QSM_RANGE_PPM) * qsm_scale, 0.0)
+    with np.errstate(invalid="ignore"):  # NaN/Inf outside the mask are not used
+        inside = mask & (echo1 > 0)
+        features = np.zeros(echoes.shape[:3] + (echoes.shape[3] + 1,), dtype=np.float32)
+        scale = f32(np.where(inside, echo1, 1.0))
+        for e in range(echoes.shape[3]):
+            features[..., e] = np.where(inside, np.clip(f32(echoes[..., e]) / scale, *ECHO_RATIO_RANGE), 0.0)
+        features[..., -1] = np.where(inside, np.clip(f32(qsm), *QSM_RANGE_PPM) * qsm_scale, 0.0)
     return features
 
 
@@ -167,17 +173,67 @@ def resampling_factors(spacing_zyx, model_mm: float) -> np.ndarray:
     return np.where(np.abs(f - 1.0) < 0.05, 1.0, f)
 
 
+def block_factors(factors) -> tuple[int, ...] | None:
+    """The factors as whole numbers of data voxels per model voxel (1 mm -> 2 mm: 2), or None."""
+    k = np.round(np.asarray(factors, dtype=float))
+    if np.all(k >= 1) and np.all(np.abs(np.asarray(factors) - k) < 0.01):
+        return tuple(int(v) for v in k)
+    return None
+
+
 def _grid_shape(shape, factors) -> tuple[int, ...]:
+    k = block_factors(factors)
+    if k is not None:  # whole blocks; the last one may reach past the volume's edge
+        return tuple(-(-n // f) for n, f in zip(shape, k))
     return tuple(max(1, int(round(n / f))) for n, f in zip(shape, factors))
+
+
+def _grid_scales(shape, grid_shape, factors) -> tuple[float, ...]:
+    """Data voxels per model voxel on each axis: exactly the factor for blocks, else stretched so that
+    the two grids have the same extent."""
+    k = block_factors(factors)
+    return tuple(float(f) for f in k) if k is not None else tuple(n / g for n, g in zip(shape, grid_shape))
 
 
 def to_model_grid(channels: np.ndarray, mask: np.ndarray, factors) -> tuple[np.ndarray, np.ndarray]:
     """(z, y, x, C) data-grid channels -> the model grid, averaging inside the mask only (a border
-    voxel is not mixed with the background); returns (channels, mask) on the model grid."""
+    voxel is not mixed with the background); returns (channels, mask) on the model grid.
+
+    Whole-number factors (1 mm -> 2 mm) average each block of data voxels: exact, and far cheaper than
+    smoothing and interpolating. Other factors smooth with a Gaussian of the block's variance."""
+    if np.all(np.asarray(factors) == 1.0):
+        return channels, mask
+    k = block_factors(factors)
+    if k is not None:
+        return _block_average(channels, mask, k)
+    return _smooth_resample(channels, mask, factors)
+
+
+def _block_average(channels: np.ndarray, mask: np.ndarray, k) -> tuple[np.ndarray, np.ndarray]:
+    out_shape = _grid_shape(mask.shape, k)
+    padded = tuple(g * f for g, f in zip(out_shape, k))
+
+    def block_sum(volume):  # zero-padded to whole blocks, summed per block, one axis at a time
+        buf = np.zeros(padded, dtype=np.float32)
+        buf[:volume.shape[0], :volume.shape[1], :volume.shape[2]] = volume
+        for axis, f in enumerate(k):
+            buf = sum(buf[(slice(None),) * axis + (slice(i, None, f),)] for i in range(f))
+        return buf
+
+    m = mask.astype(np.float32)
+    m_sum = block_sum(m)
+    # a model voxel is brain when at least half its block is (as interpolating the mask at its centre says)
+    grid_mask = m_sum >= 0.5 * np.prod(k)
+    out = np.zeros(out_shape + (channels.shape[-1],), dtype=np.float32)
+    for c in range(channels.shape[-1]):
+        out[..., c] = block_sum(np.where(mask, channels[..., c], 0.0)) / np.maximum(m_sum, 1e-6)
+    out[~grid_mask] = 0.0
+    return out, grid_mask
+
+
+def _smooth_resample(channels: np.ndarray, mask: np.ndarray, factors) -> tuple[np.ndarray, np.ndarray]:
     from scipy import ndimage
 
-    if np.all(factors == 1.0):
-        return channels, mask
     out_shape = _grid_shape(mask.shape, factors)
     coords = _sample_coordinates(mask.shape, out_shape)
     # a box of `factor` voxels has the variance of a Gaussian of sigma factor / sqrt(12)
@@ -196,24 +252,44 @@ def to_model_grid(channels: np.ndarray, mask: np.ndarray, factors) -> tuple[np.n
     return out, grid_mask
 
 
-def from_model_grid(values: np.ndarray, grid_mask: np.ndarray, shape) -> np.ndarray:
-    """A model-grid map -> the data grid (linear, mask-normalised so the brain's edge keeps its values)."""
+def from_model_grid(values: np.ndarray, grid_mask: np.ndarray, mask: np.ndarray, factors=None) -> np.ndarray:
+    """(z', y', x', C) model-grid maps -> (N, C) values at the data grid's mask voxels (C order), linear
+    and mask-normalised so the brain's edge keeps its values. `factors`: those given to to_model_grid
+    (None: the two grids have the same extent).
+
+    Only the mask's voxels are interpolated (a whole 1 mm grid is ~3x more points), and the mask
+    weight is computed once for all channels."""
     from scipy import ndimage
 
-    if values.shape == tuple(shape):
-        return values
-    coords = _sample_coordinates(grid_mask.shape, shape)
+    if values.shape[:3] == mask.shape:
+        return values[mask]
+    scales = None if factors is None else [1.0 / f for f in _grid_scales(mask.shape, grid_mask.shape, factors)]
+    axes = _axis_coordinates(grid_mask.shape, mask.shape, scales)
+    coords = np.stack([a[i] for a, i in zip(axes, np.nonzero(mask))])
     m = grid_mask.astype(np.float32)
     weight = ndimage.map_coordinates(m, coords, order=1, mode="nearest")
-    v = ndimage.map_coordinates(values * m, coords, order=1, mode="nearest")
-    near = ndimage.map_coordinates(values, coords, order=0, mode="nearest")  # outside the grid mask
-    return np.where(weight > 1e-3, v / np.maximum(weight, 1e-3), near).astype(np.float32)
+    inside = weight > 1e-3
+    weight = np.maximum(weight, 1e-3)
+    out = np.empty((coords.shape[1], values.shape[-1]), dtype=np.float32)
+    for c in range(values.shape[-1]):
+        channel = np.ascontiguousarray(values[..., c])
+        out[:, c] = ndimage.map_coordinates(channel * m, coords, order=1, mode="nearest") / weight
+        if not inside.all():  # voxels with no grid-mask neighbour: the nearest model voxel's value
+            out[~inside, c] = ndimage.map_coordinates(channel, coords[:, ~inside], order=0, mode="nearest")
+    return out
+
+
+def _axis_coordinates(src_shape, dst_shape, src_per_dst=None) -> list[np.ndarray]:
+    """Per axis, the index coordinate in the source grid of each destination voxel centre; the grids
+    have the same extent unless `src_per_dst` (source voxels per destination voxel) is given."""
+    if src_per_dst is None:
+        src_per_dst = [s / d for s, d in zip(src_shape, dst_shape)]
+    return [(np.arange(d, dtype=np.float32) + 0.5) * r - 0.5 for d, r in zip(dst_shape, src_per_dst)]
 
 
 def _sample_coordinates(src_shape, dst_shape) -> np.ndarray:
     """Index coordinates in the source grid of every destination voxel centre (same extent)."""
-    axes = [(np.arange(d, dtype=np.float32) + 0.5) * (s / d) - 0.5 for s, d in zip(src_shape, dst_shape)]
-    return np.stack(np.meshgrid(*axes, indexing="ij"))
+    return np.stack(np.meshgrid(*_axis_coordinates(src_shape, dst_shape), indexing="ij"))
 
 
 # --- Running the network ------------------------------------------------------------------------
@@ -226,8 +302,8 @@ def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, 
     """(z, y, x, 7) network outputs over the mask's bounding box (zeros elsewhere).
 
     `predict(batch)` runs the model on a (1, z, y, x, C) array. The box is padded to a multiple of
-    `multiple`; a box larger than `tile` on any axis is cut into overlapping tiles, each blended with
-    a linear ramp over the overlap, so activations never exceed one tile's.
+    `multiple`; a box larger than `tile` on any axis is cut into the fewest overlapping tiles of equal
+    length, each blended with a linear ramp over the overlap, so activations never exceed one tile's.
     """
     out = np.zeros(mask.shape + (N_OUTPUTS,), dtype=np.float32)
     nz = np.argwhere(mask)
@@ -236,18 +312,15 @@ def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, 
     hi = np.minimum(nz.max(axis=0) + 1 + margin, mask.shape)
     box = features[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     tile = max(multiple, tile // multiple * multiple)
-    step = max(multiple, tile - overlap)
-    starts = [list(range(0, max(n - tile, 0) + 1, step)) for n in box.shape[:3]]
-    for axis, n in enumerate(box.shape[:3]):
-        if n > tile and starts[axis][-1] + tile < n:
-            starts[axis].append(n - tile)
+    overlap = min(overlap, tile - multiple)
+    starts, lengths = zip(*(_tile_starts(n, tile, overlap, multiple) for n in box.shape[:3]))
     acc = np.zeros(box.shape[:3] + (N_OUTPUTS,), dtype=np.float32)
     weight = np.zeros(box.shape[:3], dtype=np.float32)
     tiles = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
     for k, (a, b, c) in enumerate(tiles):
         if check_cancel:
             check_cancel()
-        piece = box[a:a + tile, b:b + tile, c:c + tile]
+        piece = box[a:a + lengths[0], b:b + lengths[1], c:c + lengths[2]]
         size = piece.shape[:3]
         padded = np.zeros(_pad_to(size, multiple) + (piece.shape[3],), dtype=np.float32)
         padded[:size[0], :size[1], :size[2]] = piece
@@ -259,6 +332,16 @@ def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, 
             progress((k + 1) / len(tiles))
     out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = acc / np.maximum(weight, 1e-6)[..., None]
     return out
+
+
+def _tile_starts(n: int, tile: int, overlap: int, multiple: int) -> tuple[list[int], int]:
+    """Starts and length of the fewest equal tiles (at most `tile`, overlapping by `overlap`) that
+    cover `n` voxels: a box a little over the tile size gets two half-size tiles, not two full ones."""
+    if n <= tile:
+        return [0], n
+    count = int(np.ceil((n - overlap) / (tile - overlap)))
+    length = min(tile, _pad_to((int(np.ceil((n + (count - 1) * overlap) / count)),), multiple)[0])
+    return [int(round(i * (n - length) / (count - 1))) for i in range(count)], length
 
 
 def _ramp(size, overlap: int) -> np.ndarray:
@@ -274,6 +357,39 @@ def _ramp(size, overlap: int) -> np.ndarray:
     return w
 
 
+def _brain_box(mask: np.ndarray, k) -> tuple[slice, ...]:
+    """The mask's bounding box, its start rounded down to whole blocks of `k` voxels."""
+    box = []
+    for axis, f in enumerate(k):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        start, stop = (hit[0], hit[-1] + 1) if hit.size else (0, mask.shape[axis])
+        box.append(slice(start // f * f, stop))
+    return tuple(box)
+
+
+def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale) -> tuple[np.ndarray, np.ndarray]:
+    """The network's inputs and mask on the model grid.
+
+    With whole blocks (1 mm -> 2 mm, or no resampling) only the brain's box is read, in slabs along z
+    aligned to the blocks: exact (no block straddles two slabs; outside the brain the inputs are
+    zeros), and the data-grid features never exist for the whole volume at once."""
+    k = block_factors(factors)
+    if k is None:
+        return to_model_grid(volume_features(echoes, qsm, mask, qsm_scale), mask, factors)
+    grid_shape = _grid_shape(mask.shape, factors)
+    grid = np.zeros(grid_shape + (echoes.shape[-1] + 1,), dtype=np.float32)
+    grid_mask = np.zeros(grid_shape, dtype=bool)
+    box = _brain_box(mask, k)
+    step = SLAB_BLOCKS * k[0]
+    for z in range(box[0].start, box[0].stop, step):
+        sub = (slice(z, min(z + step, box[0].stop)),) + box[1:]
+        part, part_mask = to_model_grid(volume_features(echoes[sub], qsm[sub], mask[sub], qsm_scale), mask[sub],
+                                        factors)
+        at = tuple(slice(s.start // f, s.start // f + n) for s, f, n in zip(sub, k, part_mask.shape))
+        grid[at], grid_mask[at] = part, part_mask
+    return grid, grid_mask
+
+
 def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
                    predict=None, check_cancel=None, progress=None) -> dict[str, np.ndarray]:
     """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
@@ -283,9 +399,8 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     model_mm = float(info["voxel_size_mm"])
     report = progress or (lambda fraction, message: None)
     factors = resampling_factors(spacing_zyx, model_mm)
-    features = volume_features(echoes, qsm, mask, bundle.qsm_scale)
     report(0.08, "Resampling to the model grid" if np.any(factors != 1.0) else "Preparing the volume")
-    grid_features, grid_mask = to_model_grid(features, mask, factors)
+    grid_features, grid_mask = _model_grid_inputs(echoes, qsm, mask, factors, bundle.qsm_scale)
     if check_cancel:
         check_cancel()
     if not grid_mask.any():  # a mask thinner than one model voxel: keep what there is
@@ -295,10 +410,9 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     raw = run_network(predict, grid_features, grid_mask, divisor(card["model"]), check_cancel=check_cancel,
                       progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))
     report(0.86, "Back to the data grid")
-    idx = np.flatnonzero(mask)
-    channels = np.empty((idx.size, N_OUTPUTS), dtype=np.float32)
-    for c in range(N_OUTPUTS):
-        channels[:, c] = from_model_grid(raw[..., c], grid_mask, mask.shape).reshape(-1)[idx]
-    echo1 = echoes[..., 0].reshape(-1)[idx].astype(np.float32)
+    del grid_features
+    channels = from_model_grid(raw, grid_mask, mask, factors)
+    del raw
+    echo1 = echoes[..., 0][mask].astype(np.float32)
     return decode(channels, echo1, card["output_scaling"], float(info.get("interval_scale", 1.0)))
 
