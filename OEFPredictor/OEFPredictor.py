@@ -113,8 +113,9 @@ class OEFPredictor(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Maps the brain's <b>oxygen extraction fraction (OEF, %)</b> and the QQ-model parameters (S0, R2 in Hz,
 venous oxygen saturation Y, venous blood volume fraction v, non-blood susceptibility chi_nb in ppm) from
-a multi-echo gradient-echo (mGRE) <b>magnitude</b> series and a <b>QSM</b> map (ppm), with a spatial
-3D U-Net (the default; also a 90 % OEF interval), the paper's LSTM, a DNN, or a voxelwise QQ fit.
+a multi-echo gradient-echo (mGRE) <b>magnitude</b> series and a <b>QSM</b> map (ppm), with the spatial
+context network (the default; also a 90 % OEF interval, shown as its width), the paper's LSTM, an
+experimental 3D U-Net, a DNN, or a voxelwise QQ fit.
 <ul>
 <li><b>Echoes</b>: a sequence whose index values are the echo times, or scalar volumes ticked in echo
 order. The echo times (ms) are filled from the sequence or the DICOM attributes; check them.</li>

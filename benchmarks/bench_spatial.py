@@ -1,8 +1,9 @@
-"""Speed and memory of the spatial model (the default method) against the paper's LSTM.
+"""Speed and memory of the spatial models (the context model, the default method, and the
+experimental U-Net) against the paper's LSTM.
 
     .venv/bin/python benchmarks/bench_spatial.py [--out benchmarks/results/spatial.json] [--lstm-voxels 40000]
 
-- 1 mm: predict_maps with the bundled spatial model on a whole simulated 1 mm brain (stroke-like
+- 1 mm: predict_maps with each bundled spatial model on a whole simulated 1 mm brain (stroke-like
   patient, SNR 100), end to end (mask, features, resampling to the 2 mm model grid, network, back to
   1 mm, quality map), in a fresh process whose peak RSS is sampled (psutil).
 - 2 mm: the same end-to-end time on a whole 2 mm brain for the spatial model and for the paper's
@@ -64,10 +65,10 @@ def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | 
             "whole_brain": "measured" if n == n_brain else f"extrapolated from {n} voxels"}
 
 
-def peak_rss_child(voxel_size: float) -> dict:
-    """Peak RSS of a fresh process that predicts one whole brain with the spatial model."""
+def peak_rss_child(method: str, voxel_size: float) -> dict:
+    """Peak RSS of a fresh process that predicts one whole brain with a spatial model."""
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'OEFPredictor')!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r});"
-            f"import bench_spatial as b; print(b.time_method('unet', {voxel_size}, 1)['seconds'])")
+            f"import bench_spatial as b; print(b.time_method({method!r}, {voxel_size}, 1)['seconds'])")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     import psutil
 
@@ -79,7 +80,7 @@ def peak_rss_child(voxel_size: float) -> dict:
             break
         time.sleep(0.05)
     proc.communicate()
-    return {"voxel_size_mm": voxel_size, "peak_rss_gib": round(peak / 2 ** 30, 3),
+    return {"method": method, "voxel_size_mm": voxel_size, "peak_rss_gib": round(peak / 2 ** 30, 3),
             "note": "whole process: Python, TensorFlow, the simulated patient and its maps"}
 
 
@@ -92,13 +93,15 @@ def main() -> int:
     load = os.getloadavg()
     results = {"cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
                "python": platform.python_version(), "machine": platform.machine()}
-    results["unet_1mm"] = time_method("unet", 1.0, args.repeats)
-    results["unet_2mm"] = time_method("unet", 2.0, args.repeats)
     results["lstm_2mm"] = time_method("lstm", 2.0, 1, args.lstm_voxels)
-    results["speedup_2mm_unet_vs_lstm"] = round(results["lstm_2mm"]["seconds_per_brain"]
-                                                / results["unet_2mm"]["seconds_per_brain"], 1)
-    results["memory"] = [peak_rss_child(1.0)]
-    results["targets"] = {"unet_1mm_seconds_max": 10.0, "speedup_2mm_min": 10.0, "peak_rss_1mm_gib_max": 2.0}
+    results["memory"] = []
+    for method in ("context", "unet"):
+        results[f"{method}_1mm"] = time_method(method, 1.0, args.repeats)
+        results[f"{method}_2mm"] = time_method(method, 2.0, args.repeats)
+        results[f"speedup_2mm_{method}_vs_lstm"] = round(results["lstm_2mm"]["seconds_per_brain"]
+                                                         / results[f"{method}_2mm"]["seconds_per_brain"], 1)
+        results["memory"].append(peak_rss_child(method, 1.0))
+    results["targets"] = {"spatial_1mm_seconds_max": 10.0, "speedup_2mm_min": 10.0, "peak_rss_1mm_gib_max": 2.0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -27,7 +27,7 @@ PAPER_DNN = {"architecture": "mlp", "dense": [256, 256, 128]}
 SPATIAL_UNET = {"architecture": "unet", "filters": [16, 32, 64, 128], "convs_per_block": 2}
 # The context model (the default spatial method, spatial.py): a fixed Gaussian pyramid of the inputs
 # at sigmas_mm, then a per-voxel network (1x1x1 layers) on the pyramid.
-CONTEXT_NET = {"architecture": "context", "sigmas_mm": [2.0, 4.0, 8.0], "dense": [128, 128, 64]}
+CONTEXT_NET = {"architecture": "context", "sigmas_mm": [2.0, 4.0, 8.0], "local_noise": True, "dense": [128, 128, 64]}
 LEAKY_SLOPE = 0.01
 CARD_VERSION = 1
 
@@ -119,7 +119,9 @@ def build_context_net(spec: dict, n_features: int, n_outputs: int = 7, feature_m
 
 
 def context_feature_count(spec: dict, n_echoes: int = 8) -> int:
-    return n_echoes * (1 + len(spec["sigmas_mm"]))
+    from . import spatial
+
+    return n_echoes * (1 + len(spec["sigmas_mm"])) + (len(spatial.LOCAL_NOISE_CHANNELS) if spec.get("local_noise") else 0)
 
 
 # --- Output scaling ---------------------------------------------------------------------------

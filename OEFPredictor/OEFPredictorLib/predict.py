@@ -317,8 +317,8 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     """OEF and QQ parameter maps of one volume (see the module doc for the steps).
 
     model: None (the bundled model of `method`), a .keras path, or a models.ModelBundle.
-    method: a name of methods.METHODS (None: the model's own method, else the default 'unet'); its
-    kind picks the runner (RUNNERS): 'unet' runs the spatial
+    method: a name of methods.METHODS (None: the model's own method, else methods.DEFAULT_METHOD); its
+    kind picks the runner (RUNNERS): 'context' / 'unet' run a spatial
     model on the whole volume, 'lstm' / 'dnn' a voxelwise Keras bundle, 'nlls' / 'cat' / 'ccm'
     baselines.predict_voxels. progress(fraction, message) is called from the running thread;
     cancel_event set -> CancelledError between batches, nothing is returned.

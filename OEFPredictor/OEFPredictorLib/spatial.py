@@ -47,6 +47,8 @@ SLAB_BLOCKS = 8  # model voxels per z slab when averaging blocks: bounds the dat
 # stray voxel (vessel, artefact, bad mask edge) cannot dominate its neighbourhood in the network.
 ECHO_RATIO_RANGE = (0.0, 1.5)
 QSM_RANGE_PPM = (-0.5, 0.5)
+# The context model's local-noise channels: of the base channels, the last echo ratio and QSM.
+LOCAL_NOISE_CHANNELS = (-2, -1)
 
 
 def divisor(spec: dict) -> int:
@@ -71,11 +73,16 @@ def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_s
     return features
 
 
-def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox) -> np.ndarray:
-    """The context model's inputs: (z, y, x, 8 (1 + len(sigmas))) float32 from volume_features.
+def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox, local_noise: bool = False) -> np.ndarray:
+    """The context model's inputs: (z, y, x, 8 (1 + len(sigmas)) [+ 2]) float32 from volume_features.
 
     Base channels: log(S_j / S_1) for echoes 2..E and the scaled QSM; then the same channels averaged
-    inside the mask with a Gaussian of each sigma (voxels), mask-normalised. 0 outside the mask.
+    inside the mask with a Gaussian of each sigma (voxels), mask-normalised (mode "constant": the
+    values do not depend on how much background surrounds the brain). With `local_noise`, two more:
+    the log of the local RMS of the last echo ratio's and of QSM's fine-scale residual (the channel
+    minus its first-sigma average), averaged over the largest sigma. They tell the network how far
+    to trust the finer scales where the signal is low, so noise is not read as a lesion. 0 outside
+    the mask.
     """
     from scipy import ndimage
 
@@ -85,23 +92,33 @@ def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox) -> np.n
     base[..., n_echo - 1] = features[..., n_echo]
     base *= mask[..., None]
     m = mask.astype(np.float32)
-    out = np.zeros(features.shape[:3] + (n_echo * (1 + len(sigmas_vox)),), dtype=np.float32)
+    n_out = n_echo * (1 + len(sigmas_vox)) + (len(LOCAL_NOISE_CHANNELS) if local_noise else 0)
+    out = np.zeros(features.shape[:3] + (n_out,), dtype=np.float32)
     out[..., :n_echo] = base
-    for k, sigma in enumerate(sigmas_vox, start=1):
+
+    def average(values, sigma):  # inside the mask only
         weight = np.maximum(ndimage.gaussian_filter(m, sigma, mode="constant"), 1e-3)
+        return ndimage.gaussian_filter(values * m, sigma, mode="constant") / weight
+
+    for k, sigma in enumerate(sigmas_vox, start=1):
         for c in range(n_echo):
-            out[..., k * n_echo + c] = ndimage.gaussian_filter(base[..., c], sigma, mode="constant") / weight
+            out[..., k * n_echo + c] = average(base[..., c], sigma)
+    if local_noise:
+        start = n_echo * (1 + len(sigmas_vox))
+        for k, c in enumerate(LOCAL_NOISE_CHANNELS):
+            residual = base[..., c] - out[..., n_echo + c]
+            out[..., start + k] = 0.5 * np.log(average(residual ** 2, sigmas_vox[-1]) + 1e-8)
     out *= mask[..., None]
     return out
 
 
 def network_inputs(features: np.ndarray, mask: np.ndarray, card: dict) -> np.ndarray:
     """volume_features on the model grid -> what the card's network takes."""
-    sigmas_mm = card["model"].get("sigmas_mm")
-    if not sigmas_mm:
+    spec = card["model"]
+    if not spec.get("sigmas_mm"):
         return features
     voxel = float(card["spatial"]["voxel_size_mm"])
-    return context_features(features, mask, [s / voxel for s in sigmas_mm])
+    return context_features(features, mask, [s / voxel for s in spec["sigmas_mm"]], bool(spec.get("local_noise")))
 
 
 # --- Loss (training) ----------------------------------------------------------------------------

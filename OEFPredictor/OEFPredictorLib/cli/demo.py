@@ -1,7 +1,8 @@
 """`oefpredictor demo`: the README's main job on the bundled demo patient.
 
 Simulates the deterministic demo patient (stroke-like: lesions of both kinds), predicts its maps with
-the default method (the paper's LSTM; --method unet for the spatial model and its 90 % interval)
+the default method (the spatial context network, with its 90 % OEF interval; --method lstm for the
+paper's LSTM)
 and writes the `predict` outputs (DIR/oef.nii.gz, S0, R2, Y, v, chi_nb, quality, prediction.json),
 DIR/demo_figure.png, DIR/roi_stats.csv and DIR/patient/P03/ (the inputs and the truth), then
 prints the OEF error against the truth.
@@ -17,7 +18,7 @@ import numpy as np
 from .. import methods
 
 # The demo patient: deterministic, 2 mm (about 250 000 brain voxels: about a minute with the paper's
-# LSTM on 2 CPU cores, seconds with the spatial model), a stroke-like patient with lesions.
+# LSTM on 2 CPU cores, seconds with the spatial models), a stroke-like patient with lesions.
 DEMO_SEED = 2024
 DEMO_VOXEL_SIZE = 2.0
 DEMO_SNR = 100.0

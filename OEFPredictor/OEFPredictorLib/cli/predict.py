@@ -2,7 +2,8 @@
 
 Output names are a contract other tools rely on: DIR/oef.nii.gz (percent), S0, R2 (Hz), Y, v,
 chi_nb (ppm), quality, cmro2 (with --cbf), mask (the voxels predicted; every map is 0 outside it),
-and prediction.json (provenance). Methods with an interval (the spatial model, --method unet) add
+and prediction.json (provenance). Methods with an interval (the spatial models: context, the default,
+and unet) add
 oef_p05.nii.gz and oef_p95.nii.gz: the bounds of the 90 % interval of OEF (percent), calibrated to
 hold 90 % of the true values of held-out virtual patients (see the model card's calibration).
 """
@@ -28,9 +29,9 @@ def register(sub):
     p = sub.add_parser(
         "predict", help="predict OEF maps from mGRE echoes + QSM",
         description="Predict OEF (percent), S0, R2, Y, v, chi_nb and a quality map (and CMRO2 with --cbf) "
-                    "from multi-echo GRE magnitude images and a QSM map, with the paper's LSTM (default), the "
-                    "experimental spatial model (--method unet; also the 90 % OEF interval, oef_p05/oef_p95), "
-                    "or your model. Outputs have the geometry of the inputs; 0 outside mask.nii.gz, the "
+                    "from multi-echo GRE magnitude images and a QSM map, with the spatial context network "
+                    "(default; also the 90 % OEF interval, oef_p05/oef_p95), the paper's LSTM (--method lstm), "
+                    "another method, or your model. Outputs have the geometry of the inputs; 0 outside mask.nii.gz, the "
                     "voxels predicted.")
     p.add_argument("--echoes", nargs="+", required=True, metavar="FILE",
                    help="one 4D image (echo on the 4th axis), several 3D images in echo order, or a DICOM "
