@@ -49,6 +49,26 @@ def test_the_pyramid_does_not_depend_on_how_much_background_surrounds_the_brain(
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_the_local_noise_channels_follow_the_noise_level():
+    """Noisier data -> larger local-noise channels, so the network can tell noise from a lesion."""
+    rng = np.random.default_rng(3)
+    shape = (16, 16, 16)
+    mask = np.zeros(shape, bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    decay = np.exp(-np.arange(8) * 0.08)
+    levels = []
+    for sigma in (0.005, 0.02):
+        echoes = np.abs(decay + sigma * rng.standard_normal(shape + (8,))).astype(np.float32) * mask[..., None]
+        qsm = (sigma * rng.standard_normal(shape)).astype(np.float32) * mask
+        x = spatial.context_features(spatial.volume_features(echoes, qsm, mask, 10.0), mask, [1.0, 2.0], local_noise=True)
+        assert x.shape[-1] == 8 * 3 + len(spatial.LOCAL_NOISE_CHANNELS)
+        levels.append(x[..., -2:][mask].mean(axis=0))
+    # 4x the noise: log RMS larger by about log 4 = 1.4 in both channels
+    assert np.all(levels[1] - levels[0] > 1.0)
+    without = spatial.context_features(spatial.volume_features(echoes, qsm, mask, 10.0), mask, [1.0, 2.0])
+    np.testing.assert_array_equal(without, x[..., :24])
+
+
 def test_the_network_works_voxel_by_voxel_on_any_volume_and_loads_in_safe_mode(tmp_path):
     import keras
 
@@ -80,6 +100,7 @@ def trained(tmp_path_factory):
 def test_training_writes_a_calibrated_bundle_with_its_lesion_log_and_resumes(trained):
     out, card = trained
     assert card["model"]["architecture"] == "context" and card["model"]["sigmas_mm"] == [2.0, 4.0, 8.0]
+    assert card["model"]["local_noise"] and card["training"]["snr_range"] == [25.0, 250.0]
     assert card["spatial"]["interval_scale"] > 0 and card["spatial"]["calibration"]["priors"].startswith("population")
     assert card["training"]["lesion_weight"] == 4.0 and card["training"]["epochs_run"] == 1
     history = out.with_name("c.history.csv").read_text().splitlines()

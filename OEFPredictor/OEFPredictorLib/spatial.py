@@ -105,8 +105,8 @@ def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox, local_n
             out[..., k * n_echo + c] = average(base[..., c], sigma)
     if local_noise:
         start = n_echo * (1 + len(sigmas_vox))
-        for k, c in enumerate(LOCAL_NOISE_CHANNELS):
-            residual = base[..., c] - out[..., n_echo + c]
+        for k, c in enumerate(c % n_echo for c in LOCAL_NOISE_CHANNELS):
+            residual = base[..., c] - out[..., n_echo + c]  # the channel minus its first-sigma average
             out[..., start + k] = 0.5 * np.log(average(residual ** 2, sigmas_vox[-1]) + 1e-8)
     out *= mask[..., None]
     return out
