@@ -376,7 +376,8 @@ def test_quality_and_interval_maps_reach_the_outputs(case, env):
     inputs, method = seen[0]
     from OEFPredictorLib import methods
 
-    assert method == methods.DEFAULT_METHOD
+    # no method chosen: the engine resolves it (a model file's card, else the default)
+    assert predict.resolve_method(method, None)[0].name == methods.DEFAULT_METHOD
     assert inputs.spacing == pytest.approx(echoes[0].GetSpacing())  # the spatial model resamples with it
     assert set(outputs) == set(predict.MAP_NAMES) | set(extra) and "quality" in outputs
     assert outputs["OEF_width"].GetAttribute("OEFPredictor.Unit") == "pp"

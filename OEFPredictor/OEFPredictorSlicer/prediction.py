@@ -279,7 +279,8 @@ class PredictionLogic:
         settings = dataclasses.replace(settings or PredictionSettings(), **overrides)
         if self.activeRun is not None and not self.activeRun.done:
             raise InputError(_("A prediction is already running; wait for it to finish or cancel it first."))
-        settings.method = methods.get(settings.method).name  # InputError naming the choices
+        if settings.method is not None:  # None: the engine lets the model file's card decide
+            settings.method = methods.get(settings.method).name  # InputError naming the choices
         if settings.device not in predict.DEVICES:
             raise InputError(_("Unknown device {d!r}; choose one of {ds}.").format(
                 d=settings.device, ds=", ".join(predict.DEVICES)))
