@@ -10,7 +10,7 @@ neighbouring voxels, as QQ-NET (Cho et al., MRM 2022) does. Two architectures (m
   the brain mask with Gaussians of `sigmas_mm` (mask-normalised, so the brain's edge is not mixed
   with the background), next to the voxel's own values. A voxel thus sees its neighbourhood at 2, 4
   and 8 mm, and a lesion's signal is pooled before the network splits it into Y and v. It trains on
-  whole virtual patients in minutes on a CPU;
+  whole virtual patients in half an hour on a 2-core CPU;
 - unet (experimental): a 3D U-Net in the QQ-NET family, learned end to end. On two CPU cores it did
   not learn lesions in an hour (README).
 
@@ -96,9 +96,12 @@ def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox, local_n
     out = np.zeros(features.shape[:3] + (n_out,), dtype=np.float32)
     out[..., :n_echo] = base
 
+    weights = {}  # the smoothed mask, once per sigma
+
     def average(values, sigma):  # inside the mask only
-        weight = np.maximum(ndimage.gaussian_filter(m, sigma, mode="constant"), 1e-3)
-        return ndimage.gaussian_filter(values * m, sigma, mode="constant") / weight
+        if sigma not in weights:
+            weights[sigma] = np.maximum(ndimage.gaussian_filter(m, sigma, mode="constant"), 1e-3)
+        return ndimage.gaussian_filter(values * m, sigma, mode="constant") / weights[sigma]
 
     for k, sigma in enumerate(sigmas_vox, start=1):
         for c in range(n_echo):

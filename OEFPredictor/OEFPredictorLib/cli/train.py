@@ -130,7 +130,7 @@ def run_spatial(args) -> int:
             bar.close()
 
     card = trainer.train(args.out, config, resume=args.resume, command=command,
-                               verbose=2 if args.quiet else 1, progress=progress)
+                         verbose=2 if args.quiet else 1, progress=progress)
     t, info = card["training"], card["spatial"]
     print(f"Wrote {args.out} (+ card .json, log .history.csv): {t['epochs_run']} epochs, best epoch "
           f"{t['best_epoch']} (val loss {t['best_val_loss']:.4f}), {t['train_patients']} training patients, "
