@@ -115,13 +115,13 @@ def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox, local_n
     return out
 
 
-def network_inputs(features: np.ndarray, mask: np.ndarray, card: dict) -> np.ndarray:
-    """volume_features on the model grid -> what the card's network takes."""
-    spec = card["model"]
+def network_inputs(features: np.ndarray, mask: np.ndarray, spec: dict, voxel_size_mm: float) -> np.ndarray:
+    """volume_features on the model grid -> what the network of `spec` (the card's "model") takes;
+    training calls this too, so the context model learns on exactly what inference gives it."""
     if not spec.get("sigmas_mm"):
         return features
-    voxel = float(card["spatial"]["voxel_size_mm"])
-    return context_features(features, mask, [s / voxel for s in spec["sigmas_mm"]], bool(spec.get("local_noise")))
+    return context_features(features, mask, [s / voxel_size_mm for s in spec["sigmas_mm"]],
+                            bool(spec.get("local_noise")))
 
 
 # --- Loss (training) ----------------------------------------------------------------------------
@@ -425,7 +425,7 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
         check_cancel()
     if not grid_mask.any():  # a mask thinner than one model voxel: keep what there is
         grid_mask = grid_features[..., 0] > 0.5
-    grid_features = network_inputs(grid_features, grid_mask, card)
+    grid_features = network_inputs(grid_features, grid_mask, card["model"], model_mm)
     predict = predict or bundle.model.predict_on_batch
     raw = run_network(predict, grid_features, grid_mask, divisor(card["model"]), check_cancel=check_cancel,
                       progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))

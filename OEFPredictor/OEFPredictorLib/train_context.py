@@ -32,7 +32,7 @@ import numpy as np
 
 from . import evaluate, models, physics, sequences, spatial, train_spatial
 from .errors import InputError
-from .train_spatial import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED
+from .train_spatial import TRAIN_SEED, VALIDATION_SEED
 
 VALIDATION_SNRS = (40.0, 100.0, 200.0)  # cycled over the validation patients
 VALIDATION_QSM_NOISE_PPB = 2.0
@@ -99,8 +99,7 @@ def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noi
     echoes, qsm, bias = train_spatial.add_noise(patient.echoes.astype(np.float32), patient.qsm, rng, config,
                                                 snr, qsm_noise_ppb)
     features = spatial.volume_features(echoes, qsm, patient.mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"])
-    x = spatial.context_features(features, patient.mask, [s / config.voxel_size_mm for s in config.sigmas_mm],
-                                 config.local_noise)
+    x = spatial.network_inputs(features, patient.mask, config.spec, config.voxel_size_mm)
     t = patient.targets.astype(np.float32)
     t[..., 0] *= bias / np.where(patient.mask, echoes[..., 0], 1.0)
     return x, t
@@ -135,8 +134,6 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
           verbose: int = 1, progress=None) -> dict:
     """Train the context model and save MODEL.keras + card. Returns the card."""
     import keras
-
-    from . import train as voxel_train
 
     out = Path(out)
     if out.suffix != ".keras":
@@ -229,36 +226,11 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
             self.x = self.y = None
 
     monitor = _lesion_monitor(x_val, validation_patients, val_voxels, scaling)
-    callbacks = [monitor] + voxel_train._callbacks(ckpt, history_csv, config, state, started)
-    callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ModelCheckpoint)]
-    callbacks += [train_spatial._save_models(ckpt, state),
-                  keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=5, min_lr=2e-5)]
-    initial_epoch = state.get("epoch", 0)
-    if initial_epoch < config.epochs:
-        model.fit(EpochVoxels(), validation_data=(x_val, y_val), batch_size=config.batch_size, epochs=config.epochs,
-                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
-    if not (ckpt / "best.weights.h5").exists():
-        raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate.")
-    model.load_weights(ckpt / "best.weights.h5")
-
-    card = models.make_card(
-        config.spec, physics.Protocol.default(), scaling, 1, "centre",
-        spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
-            "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
-            "interval_scale": 1.0},
-        window={"length": 1, "target": "centre", "order": "whole volume (Gaussian pyramid, then voxel by voxel)",
-                "padding": "zeros"})
-    report = (lambda d, t: progress(d, t, "calibrating the interval")) if progress else None
-    scores = train_spatial.calibration_scores(model, card, config, report)
-    factor = train_spatial.conformal_factor(scores)
-    wall = time.perf_counter() - started + state.get("wall_before", 0.0)
-    epochs_run = state.get("epoch", 0)
+    train_spatial.fit_keeping_best(model, EpochVoxels(), (x_val, y_val), monitor, ckpt, history_csv, config, state,
+                                   started, verbose, plateau_patience=5, min_lr=2e-5)
+    card = train_spatial.calibrated_card(model, config, scaling,
+                                         "whole volume (Gaussian pyramid, then voxel by voxel)", progress)
     best = state.get("best_epoch")
-    history = _read_history(history_csv)
-    card["spatial"].update(interval_scale=round(factor, 4), calibration={
-        "patients": config.calibration_patients, "seed": CALIBRATION_SEED, "voxels": int(len(scores)),
-        "priors": "population (physics.md)", "coverage_before": round(float(np.mean(scores <= 1.0)), 4),
-        "method": "split conformal, 90 %"})
     card["training"] = {
         "data": "stroke-like virtual patients (phantom.PatientConfig.stroke), 2 mm, whole brains, noise per epoch",
         "train_patients": config.patients, "train_seed": TRAIN_SEED, "validation_patients": config.validation_patients,
@@ -271,12 +243,9 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
         "optimizer": f"Adam(learning_rate={config.learning_rate:g}, clipnorm=1), halved on plateaus",
         "loss": "Huber on z-scored parameters (weights S0 .5, R2 .5, Y 2, v 1, chi_nb .5) + pinball 5/95 % on OEF, "
                 "per voxel, lesion voxels weighted",
-        "batch_size": config.batch_size, "epochs_run": epochs_run, "best_epoch": best,
-        "best_val_loss": state.get("best_val_loss"),
-        "best_val_lesions_and_rmse": history.get(best, {}) if best else {},
-        "stopped_by": state.get("stopped_by", "early stopping" if epochs_run < config.epochs else "epochs"),
-        "train_seconds": round(state.get("train_seconds", 0.0), 1), "wall_seconds": round(wall, 1),
-        "seed": config.seed, "history": history_csv.name, "command": command,
+        "batch_size": config.batch_size,
+        "best_val_lesions_and_rmse": _read_history(history_csv).get(best, {}) if best else {},
+        **train_spatial.run_record(config, state, started, history_csv, command),
     }
     models.save_bundle(model, card, out)
     return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))

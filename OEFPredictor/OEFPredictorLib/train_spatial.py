@@ -293,13 +293,65 @@ def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
     return float(np.quantile(scores, q))
 
 
+# --- What both spatial trainers share: fit, calibrate, record -------------------------------------------
+def fit_keeping_best(model, batches, validation, monitor, ckpt: Path, history_csv: Path, config, state: dict,
+                     started: float, verbose: int, plateau_patience: int, min_lr: float) -> None:
+    """Fit (or continue) with the voxel trainer's bookkeeping (epoch log, resume state, time budget,
+    early stopping), last/best checkpoints and a halved learning rate on plateaus; then load the
+    best epoch's weights. The lesion monitor runs first, so that its numbers reach the epoch log."""
+    import keras
+
+    from . import train as voxel_train
+
+    callbacks = [monitor] + [c for c in voxel_train._callbacks(ckpt, history_csv, config, state, started)
+                             if not isinstance(c, keras.callbacks.ModelCheckpoint)]
+    callbacks += [_save_models(ckpt, state),
+                  keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=plateau_patience, min_lr=min_lr)]
+    initial_epoch = state.get("epoch", 0)
+    if initial_epoch < config.epochs:
+        model.fit(batches, validation_data=validation, batch_size=config.batch_size, epochs=config.epochs,
+                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+    if not (ckpt / "best.weights.h5").exists():
+        raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate.")
+    model.load_weights(ckpt / "best.weights.h5")
+
+
+def calibrated_card(model, config, scaling: dict, order: str, progress=None, **spatial_extra) -> dict:
+    """The spatial model's card, its 90 % interval calibrated (split conformal) on the calibration
+    patients: the factor and how it was found go into card["spatial"]."""
+    card = models.make_card(
+        config.spec, physics.Protocol.default(), scaling, 1, "centre",
+        spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
+            "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
+            "interval_scale": 1.0, **spatial_extra},
+        window={"length": 1, "target": "centre", "order": order, "padding": "zeros"})
+    report = None
+    if progress:
+        progress(0, config.calibration_patients, "calibrating the interval")
+        report = lambda done, total: progress(done, total, "calibrating the interval")  # noqa: E731
+    scores = calibration_scores(model, card, config, report)
+    card["spatial"].update(interval_scale=round(conformal_factor(scores), 4), calibration={
+        "patients": config.calibration_patients, "seed": CALIBRATION_SEED, "voxels": int(len(scores)),
+        "priors": "population (physics.md)", "coverage_before": round(float(np.mean(scores <= 1.0)), 4),
+        "method": "split conformal, 90 %"})
+    return card
+
+
+def run_record(config, state: dict, started: float, history_csv: Path, command: str | None) -> dict:
+    """The card's account of the run itself: epochs, the best one, why it stopped, time, seed, command."""
+    epochs_run = state.get("epoch", 0)
+    return {"epochs_run": epochs_run, "best_epoch": state.get("best_epoch"), "best_val_loss": state.get("best_val_loss"),
+            "stopped_by": state.get("stopped_by", "early stopping" if epochs_run < config.epochs else "epochs"),
+            "train_seconds": round(state.get("train_seconds", 0.0), 1),
+            "wall_seconds": round(time.perf_counter() - started + state.get("wall_before", 0.0), 1),
+            "seed": config.seed, "history": history_csv.name, "command": command}
+
+
 # --- Training -------------------------------------------------------------------------------------------
 def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, command: str | None = None,
           verbose: int = 1, progress=None) -> dict:
     """Train the spatial model and save MODEL.keras + card. Returns the card."""
     import keras
-
-    from . import train as voxel_train
 
     out = Path(out)
     if out.suffix != ".keras":
@@ -368,36 +420,11 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
             rows = self.rng.integers(0, len(train_bank), config.batch_size)
             return noisy_batch(train_bank, rows, self.rng, config, scaling)
 
-    # the lesion monitor runs first, so that its numbers reach the epoch log
-    callbacks = [_lesion_monitor(x_val, y_val, banks["validation"].lesion, scaling, config.batch_size)]
-    callbacks += voxel_train._callbacks(ckpt, history_csv, config, state, started)
-    callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.ModelCheckpoint)]
-    callbacks += [_save_models(ckpt, state), keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=4, min_lr=1e-5)]
-    initial_epoch = state.get("epoch", 0)
-    if initial_epoch < config.epochs:
-        model.fit(Batches(), validation_data=(x_val, y_val), batch_size=config.batch_size, epochs=config.epochs,
-                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
-    if not (ckpt / "best.weights.h5").exists():
-        raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate.")
-    model.load_weights(ckpt / "best.weights.h5")
-
-    card = models.make_card(
-        config.spec, physics.Protocol.default(), scaling, 1, "centre",
-        spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
-            "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
-            "interval_scale": 1.0, "tile_voxels": spatial.TILE_VOXELS},
-        window={"length": 1, "target": "centre", "order": "whole volume (3D convolutions)", "padding": "zeros"})
-    if progress:
-        progress(0, config.calibration_patients, "calibrating the interval")
-    scores = calibration_scores(model, card, config,
-                                (lambda d, t: progress(d, t, "calibrating the interval")) if progress else None)
-    factor = conformal_factor(scores)
-    wall = time.perf_counter() - started + state.get("wall_before", 0.0)
-    epochs_run = state.get("epoch", 0)
-    card["spatial"].update(interval_scale=round(factor, 4), calibration={
-        "patients": config.calibration_patients, "seed": CALIBRATION_SEED, "voxels": int(len(scores)),
-        "priors": "population (physics.md)",
-        "coverage_before": round(float(np.mean(scores <= 1.0)), 4), "method": "split conformal, 90 %"})
+    monitor = _lesion_monitor(x_val, y_val, banks["validation"].lesion, scaling, config.batch_size)
+    fit_keeping_best(model, Batches(), (x_val, y_val), monitor, ckpt, history_csv, config, state, started, verbose,
+                     plateau_patience=4, min_lr=1e-5)
+    card = calibrated_card(model, config, scaling, "whole volume (3D convolutions)", progress,
+                           tile_voxels=spatial.TILE_VOXELS)
     card["training"] = {
         "data": "stroke-like virtual patients made on the fly (phantom.PatientConfig.stroke), 2 mm, noise per batch",
         "lesion_patch_share": config.lesion_patch_share, "lesion_weight": config.lesion_weight,
@@ -408,11 +435,8 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
         "wide_prior_share": config.wide_prior_share, "lesion_free_share": config.lesion_free_share,
         "optimizer": f"Adam(learning_rate={config.learning_rate:g}, clipnorm=1), halved on plateaus",
         "loss": "masked Huber on z-scored parameters (weights S0 .5, R2 .5, Y 2, v 1, chi_nb .5) + pinball 5/95 % on OEF",
-        "batch_size": config.batch_size, "steps_per_epoch": config.steps_per_epoch, "epochs_run": epochs_run,
-        "best_epoch": state.get("best_epoch"), "best_val_loss": state.get("best_val_loss"),
-        "stopped_by": state.get("stopped_by", "early stopping" if epochs_run < config.epochs else "epochs"),
-        "train_seconds": round(state.get("train_seconds", 0.0), 1), "wall_seconds": round(wall, 1),
-        "seed": config.seed, "history": history_csv.name, "command": command,
+        "batch_size": config.batch_size, "steps_per_epoch": config.steps_per_epoch,
+        **run_record(config, state, started, history_csv, command),
     }
     models.save_bundle(model, card, out)
     return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
