@@ -83,7 +83,7 @@ def spatial_predictor(bundle: models.ModelBundle) -> Predict:
     def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
         bundle.check_protocol(patient.protocol)
         out = spatial.predict_volume(bundle, patient.echoes, patient.qsm, patient.mask,
-                                     tuple(patient.geometry.spacing[::-1]))
+                                     tuple(patient.geometry.spacing[::-1]), patient.protocol)
         return {k: v[targets] for k, v in out.items()}
 
     return predict

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import physics, sequences
+from . import decay, physics, sequences
 from .errors import InputError
 
 PAPER_LSTM = {"architecture": "lstm", "cell": "lstm", "units": [512, 256, 128, 64], "dense": [64, 32, 16]}
@@ -27,7 +27,10 @@ PAPER_DNN = {"architecture": "mlp", "dense": [256, 256, 128]}
 SPATIAL_UNET = {"architecture": "unet", "filters": [16, 32, 64, 128], "convs_per_block": 2}
 # The context model (the default spatial method, spatial.py): a fixed Gaussian pyramid of the inputs
 # at sigmas_mm, then a per-voxel network (1x1x1 layers) on the pyramid.
-CONTEXT_NET = {"architecture": "context", "sigmas_mm": [2.0, 4.0, 8.0], "local_noise": True, "dense": [128, 128, 64]}
+# "decay": the protocol-free inputs (decay.py) of the default model; a spec without it is the first
+# context model, bound to the paper's protocol.
+CONTEXT_NET = {"architecture": "context", "sigmas_mm": [2.0, 4.0, 8.0], "local_noise": True, "dense": [128, 128, 64],
+               "decay": decay.spec()}
 LEAKY_SLOPE = 0.01
 CARD_VERSION = 1
 
@@ -220,8 +223,22 @@ class ModelBundle:
     def output_scaling(self) -> dict:
         return self.card["output_scaling"]
 
+    @property
+    def protocol_range(self) -> "decay.ProtocolRange | None":
+        """The protocols a protocol-free model supports (None: bound to its card's protocol)."""
+        supported = self.card.get("supported_protocols")
+        return decay.ProtocolRange.from_dict(supported) if supported else None
+
+    @property
+    def expected_protocol(self) -> physics.Protocol | None:
+        """The one protocol data must have (None for a protocol-free model)."""
+        return None if self.protocol_range else self.protocol
+
     def check_protocol(self, protocol: physics.Protocol) -> None:
-        """Refuse data whose protocol differs from the model's, saying what differs and what to do."""
+        """Refuse data whose protocol the model does not support, saying what differs and what to do."""
+        if self.protocol_range:
+            self.protocol_range.check(protocol, self.path.name)
+            return
         mine = self.protocol
         if protocol.n_echoes != mine.n_echoes:
             raise InputError(f"The data have {protocol.n_echoes} echoes but the model {self.path.name} was "

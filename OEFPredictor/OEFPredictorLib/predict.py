@@ -334,7 +334,9 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     report(0.0, "Loading the model")
     spec, bundle = resolve_method(method, model)
     method = spec.name
-    warnings = inputs.validate(bundle.protocol if bundle is not None else None)
+    warnings = inputs.validate(bundle.expected_protocol if bundle is not None else None)
+    if bundle is not None:
+        bundle.check_protocol(inputs.protocol)
     dev, messages = choose_device(device) if spec.uses_model else ("cpu", [])
     warnings += messages
     check_cancel()
@@ -428,7 +430,7 @@ def _run_spatial(run: _Run):
     dev = run.device
     try:
         with _device_scope(dev):
-            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx,
+            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx, inputs.protocol,
                                             check_cancel=run.check_cancel, progress=run.report)
     except (CancelledError, KeyboardInterrupt, InputError):
         raise
@@ -438,7 +440,7 @@ def _run_spatial(run: _Run):
         run.warnings.append(f"The GPU failed ({type(exc).__name__}); continued on the CPU.")
         dev = "cpu"
         with _device_scope(dev):
-            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx,
+            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx, inputs.protocol,
                                             check_cancel=run.check_cancel, progress=run.report)
     params = {name: values[name] for name in physics.PARAMETER_NAMES}
     quality = np.empty(len(run.echo_rows), dtype=np.float32)

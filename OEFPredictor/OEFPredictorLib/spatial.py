@@ -57,8 +57,10 @@ def divisor(spec: dict) -> int:
 
 
 # --- Inputs -----------------------------------------------------------------------------------
-def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_scale: float) -> np.ndarray:
-    """(z, y, x, E + 1) float32 network inputs: echoes / echo 1 and QSM x qsm_scale inside the mask."""
+def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_scale: float,
+                    qsm_reference: float = 0.0) -> np.ndarray:
+    """(z, y, x, E + 1) float32 network inputs: echoes / echo 1 and (QSM - qsm_reference) x qsm_scale
+    inside the mask."""
     def f32(a):
         return a.astype(np.float32, copy=False)
 
@@ -69,32 +71,52 @@ def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_s
         scale = f32(np.where(inside, echo1, 1.0))
         for e in range(echoes.shape[3]):
             features[..., e] = np.where(inside, np.clip(f32(echoes[..., e]) / scale, *ECHO_RATIO_RANGE), 0.0)
-        features[..., -1] = np.where(inside, np.clip(f32(qsm), *QSM_RANGE_PPM) * qsm_scale, 0.0)
+        qsm = f32(qsm) - np.float32(qsm_reference)
+        features[..., -1] = np.where(inside, np.clip(qsm, *QSM_RANGE_PPM) * qsm_scale, 0.0)
     return features
 
 
-def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox, local_noise: bool = False) -> np.ndarray:
-    """The context model's inputs: (z, y, x, 8 (1 + len(sigmas)) [+ 2]) float32 from volume_features.
+def base_channels(features: np.ndarray, spec: dict, protocol: physics.Protocol | None = None) -> np.ndarray:
+    """The per-voxel channels the context pyramid is built of, from volume_features (E echo ratios, QSM).
 
-    Base channels: log(S_j / S_1) for echoes 2..E and the scaled QSM; then the same channels averaged
-    inside the mask with a Gaussian of each sigma (voxels), mask-normalised (mode "constant": the
-    values do not depend on how much background surrounds the brain). With `local_noise`, two more:
-    the log of the local RMS of the last echo ratio's and of QSM's fine-scale residual (the channel
-    minus its first-sigma average), averaged over the largest sigma. They tell the network how far
-    to trust the finer scales where the signal is low, so noise is not read as a lesion. 0 outside
-    the mask.
+    Protocol-free models (the card's spec has "decay"): the decay curve at the canonical 3 T-equivalent
+    times (decay.canonical_matrix), then QSM. Older context models: log(S_j / S_1) for echoes 2..E, QSM."""
+    from . import decay
+
+    n_echo = features.shape[-1] - 1
+    log_ratios = np.log(np.clip(features[..., :n_echo], 1e-3, None))
+    if spec.get("decay"):
+        if protocol is None:
+            raise ValueError("a protocol-free model needs the data's protocol")
+        decay.check_spec(spec["decay"])
+        w = decay.canonical_matrix(protocol)
+        curve = np.tensordot(log_ratios, w.T, axes=(-1, 0))
+    else:
+        curve = log_ratios[..., 1:]
+    return np.concatenate([curve.astype(np.float32), features[..., n_echo:]], axis=-1)
+
+
+def context_features(base: np.ndarray, mask: np.ndarray, sigmas_vox, local_noise: bool = False,
+                     descriptors=None) -> np.ndarray:
+    """The context model's inputs: (z, y, x, C (1 + len(sigmas)) [+ 2] [+ D]) float32 from base_channels.
+
+    The C base channels; then the same channels averaged inside the mask with a Gaussian of each sigma
+    (voxels), mask-normalised (mode "constant": the values do not depend on how much background
+    surrounds the brain). With `local_noise`, two more: the log of the local RMS of the fine-scale
+    residual (the channel minus its first-sigma average) of the last decay channel and of QSM, averaged
+    over the largest sigma. They tell the network how far to trust the finer scales where the signal is
+    low, so noise is not read as a lesion. `descriptors` (D numbers, the acquisition) are appended to
+    every voxel. 0 outside the mask.
     """
     from scipy import ndimage
 
-    n_echo = features.shape[-1] - 1
-    base = np.empty(features.shape[:3] + (n_echo,), dtype=np.float32)
-    np.log(np.clip(features[..., 1:n_echo], 1e-3, None), out=base[..., :n_echo - 1])
-    base[..., n_echo - 1] = features[..., n_echo]
-    base *= mask[..., None]
+    base = base * mask[..., None]
+    n_base = base.shape[-1]
+    descriptors = np.zeros(0, np.float32) if descriptors is None else np.asarray(descriptors, np.float32)
+    n_out = n_base * (1 + len(sigmas_vox)) + (len(LOCAL_NOISE_CHANNELS) if local_noise else 0) + len(descriptors)
+    out = np.zeros(base.shape[:3] + (n_out,), dtype=np.float32)
+    out[..., :n_base] = base
     m = mask.astype(np.float32)
-    n_out = n_echo * (1 + len(sigmas_vox)) + (len(LOCAL_NOISE_CHANNELS) if local_noise else 0)
-    out = np.zeros(features.shape[:3] + (n_out,), dtype=np.float32)
-    out[..., :n_echo] = base
 
     weights = {}  # the smoothed mask, once per sigma
 
@@ -104,24 +126,31 @@ def context_features(features: np.ndarray, mask: np.ndarray, sigmas_vox, local_n
         return ndimage.gaussian_filter(values * m, sigma, mode="constant") / weights[sigma]
 
     for k, sigma in enumerate(sigmas_vox, start=1):
-        for c in range(n_echo):
-            out[..., k * n_echo + c] = average(base[..., c], sigma)
+        for c in range(n_base):
+            out[..., k * n_base + c] = average(base[..., c], sigma)
+    start = n_base * (1 + len(sigmas_vox))
     if local_noise:
-        start = n_echo * (1 + len(sigmas_vox))
-        for k, c in enumerate(c % n_echo for c in LOCAL_NOISE_CHANNELS):
-            residual = base[..., c] - out[..., n_echo + c]  # the channel minus its first-sigma average
+        for k, c in enumerate(c % n_base for c in LOCAL_NOISE_CHANNELS):
+            residual = base[..., c] - out[..., n_base + c]  # the channel minus its first-sigma average
             out[..., start + k] = 0.5 * np.log(average(residual ** 2, sigmas_vox[-1]) + 1e-8)
+        start += len(LOCAL_NOISE_CHANNELS)
+    out[..., start:] = descriptors
     out *= mask[..., None]
     return out
 
 
-def network_inputs(features: np.ndarray, mask: np.ndarray, spec: dict, voxel_size_mm: float) -> np.ndarray:
+def network_inputs(features: np.ndarray, mask: np.ndarray, spec: dict, voxel_size_mm: float,
+                   protocol: physics.Protocol | None = None) -> np.ndarray:
     """volume_features on the model grid -> what the network of `spec` (the card's "model") takes;
     training calls this too, so the context model learns on exactly what inference gives it."""
+    from . import decay
+
     if not spec.get("sigmas_mm"):
         return features
-    return context_features(features, mask, [s / voxel_size_mm for s in spec["sigmas_mm"]],
-                            bool(spec.get("local_noise")))
+    descriptors = decay.protocol_descriptors(protocol) if spec.get("decay") else None
+    return context_features(base_channels(features, spec, protocol), mask,
+                            [s / voxel_size_mm for s in spec["sigmas_mm"]], bool(spec.get("local_noise")),
+                            descriptors)
 
 
 # --- Loss (training) ----------------------------------------------------------------------------
@@ -168,22 +197,44 @@ def softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
-def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_scale: float) -> dict:
-    """(N, 7) network outputs of in-mask voxels -> clamped parameters, OEF and its interval (percent)."""
+def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_scale=1.0,
+           r2_factor: float = 1.0) -> dict:
+    """(N, 7) network outputs of in-mask voxels -> clamped parameters, OEF and its interval (percent).
+
+    `r2_factor`: real-time R2 per predicted R2 (B0 / 3 for protocol-free models, which predict R2 in
+    3 T-equivalent time). `interval_scale`: the conformal factor(s), see interval_factors; the voxels are
+    one volume's brain (the abnormality is relative to its median)."""
     from . import models
 
     n = len(physics.PARAMETER_NAMES)
     params = models.decode_outputs(raw[:, :n], echo1, output_scaling)
+    params["R2"] = params["R2"] * r2_factor
     params = physics.clamp_to_bounds(params, s0_scale=echo1)
     oef = 100.0 * physics.oef_from_Y(params["Y"])
-    below = interval_scale * softplus(raw[:, n]) * INTERVAL_UNIT * 100.0
-    above = interval_scale * softplus(raw[:, n + 1]) * INTERVAL_UNIT * 100.0
+    half_below = softplus(raw[:, n]) * INTERVAL_UNIT * 100.0
+    half_above = softplus(raw[:, n + 1]) * INTERVAL_UNIT * 100.0
+    k = interval_factors(interval_scale, half_below, half_above, oef)
     out = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
     out["OEF"] = oef.astype(np.float32)
-    out["OEF_p05"] = np.clip(oef - below, 0.0, 100.0).astype(np.float32)
-    out["OEF_p95"] = np.clip(oef + above, 0.0, 100.0).astype(np.float32)
+    out["OEF_p05"] = np.clip(oef - k * half_below, 0.0, 100.0).astype(np.float32)
+    out["OEF_p95"] = np.clip(oef + k * half_above, 0.0, 100.0).astype(np.float32)
     out["OEF_width"] = (out["OEF_p95"] - out["OEF_p05"]).astype(np.float32)
     return out
+
+
+def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndarray, oef: np.ndarray):
+    """The conformal factor of each voxel's interval: one number for all, or Mondrian (a card's
+    {"width_edges_pp", "abnormality_edges_pp", "factors"}): voxels are calibrated among those of the same
+    bin of the network's own half-width and of predicted abnormality (|OEF - the brain's median OEF|),
+    so the interval is right where the network is unsure, and where it sees a lesion, not only on
+    average."""
+    if not isinstance(interval_scale, dict):
+        return float(interval_scale)
+    factors = np.asarray(interval_scale["factors"], dtype=np.float32)  # (abnormality bins, width bins)
+    width = np.searchsorted(np.asarray(interval_scale["width_edges_pp"]), 0.5 * (half_below + half_above))
+    abnormal = np.searchsorted(np.asarray(interval_scale["abnormality_edges_pp"]),
+                               np.abs(oef - (np.median(oef) if oef.size else 0.0)))
+    return factors[abnormal, width]
 
 
 # --- Resampling between the data's grid and the model's -----------------------------------------
@@ -387,7 +438,7 @@ def _brain_box(mask: np.ndarray, k) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale) -> tuple[np.ndarray, np.ndarray]:
+def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale, qsm_reference=0.0) -> tuple[np.ndarray, np.ndarray]:
     """The network's inputs and mask on the model grid.
 
     With whole blocks (1 mm -> 2 mm, or no resampling) only the brain's box is read, in slabs along z
@@ -395,7 +446,7 @@ def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale) -> tuple[np.ndarra
     zeros), and the data-grid features never exist for the whole volume at once."""
     k = block_factors(factors)
     if k is None:
-        return to_model_grid(volume_features(echoes, qsm, mask, qsm_scale), mask, factors)
+        return to_model_grid(volume_features(echoes, qsm, mask, qsm_scale, qsm_reference), mask, factors)
     grid_shape = _grid_shape(mask.shape, factors)
     grid = np.zeros(grid_shape + (echoes.shape[-1] + 1,), dtype=np.float32)
     grid_mask = np.zeros(grid_shape, dtype=bool)
@@ -403,36 +454,43 @@ def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale) -> tuple[np.ndarra
     step = SLAB_BLOCKS * k[0]
     for z in range(box[0].start, box[0].stop, step):
         sub = (slice(z, min(z + step, box[0].stop)),) + box[1:]
-        part, part_mask = to_model_grid(volume_features(echoes[sub], qsm[sub], mask[sub], qsm_scale), mask[sub],
-                                        factors)
+        part, part_mask = to_model_grid(volume_features(echoes[sub], qsm[sub], mask[sub], qsm_scale, qsm_reference),
+                                        mask[sub], factors)
         at = tuple(slice(s.start // f, s.start // f + n) for s, f, n in zip(sub, k, part_mask.shape))
         grid[at], grid_mask[at] = part, part_mask
     return grid, grid_mask
 
 
 def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
-                   predict=None, check_cancel=None, progress=None) -> dict[str, np.ndarray]:
+                   protocol: physics.Protocol | None = None, predict=None, check_cancel=None,
+                   progress=None) -> dict[str, np.ndarray]:
     """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
-    (C order), like the voxelwise engine."""
+    (C order), like the voxelwise engine. `protocol`: the data's (protocol-free models need it; None:
+    the model card's)."""
+    from . import decay
+
     card = bundle.card
     info = card["spatial"]
+    spec = card["model"]
+    protocol = protocol or bundle.protocol
     model_mm = float(info["voxel_size_mm"])
     report = progress or (lambda fraction, message: None)
     factors = resampling_factors(spacing_zyx, model_mm)
     report(0.08, "Resampling to the model grid" if np.any(factors != 1.0) else "Preparing the volume")
-    grid_features, grid_mask = _model_grid_inputs(echoes, qsm, mask, factors, bundle.qsm_scale)
+    reference = float(np.median(qsm[mask])) if spec.get("decay") else 0.0
+    grid_features, grid_mask = _model_grid_inputs(echoes, qsm, mask, factors, bundle.qsm_scale, reference)
     if check_cancel:
         check_cancel()
     if not grid_mask.any():  # a mask thinner than one model voxel: keep what there is
         grid_mask = grid_features[..., 0] > 0.5
-    grid_features = network_inputs(grid_features, grid_mask, card["model"], model_mm)
+    grid_features = network_inputs(grid_features, grid_mask, spec, model_mm, protocol)
     predict = predict or bundle.model.predict_on_batch
-    raw = run_network(predict, grid_features, grid_mask, divisor(card["model"]), check_cancel=check_cancel,
+    raw = run_network(predict, grid_features, grid_mask, divisor(spec), check_cancel=check_cancel,
                       progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))
     report(0.86, "Back to the data grid")
     del grid_features
     channels = from_model_grid(raw, grid_mask, mask, factors)
     del raw
     echo1 = echoes[..., 0][mask].astype(np.float32)
-    return decode(channels, echo1, card["output_scaling"], float(info.get("interval_scale", 1.0)))
-
+    r2_factor = 1.0 / decay.r2_3t_equivalent_factor(protocol) if spec.get("decay") else 1.0
+    return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluate, models, physics, sequences, spatial, train_spatial
+from . import decay, evaluate, models, phantom, physics, sequences, spatial, train_spatial
 from .errors import InputError
 from .train_spatial import TRAIN_SEED, VALIDATION_SEED
 
@@ -44,7 +44,7 @@ class ContextTrainConfig:
 
     patients: int = 64
     validation_patients: int = 6
-    calibration_patients: int = 8
+    calibration_patients: int = 16
     patients_per_epoch: int = 12
     voxels_per_patient: int = 40000
     batch_size: int = 1024
@@ -54,11 +54,14 @@ class ContextTrainConfig:
     time_limit_min: float | None = 30.0  # plus ~2 min making the patients
     seed: int = 0  # weights, noise and voxel draws; the patients come from the fixed seeds
     voxel_size_mm: float = spatial.VOXEL_SIZE_MM
-    snr_range: tuple[float, float] = (25.0, 250.0)  # SNR 40 well inside, not at the edge
+    snr_range: tuple[float, float] = (18.0, 250.0)  # SNR 20 inside, not at the edge
     qsm_noise_ppb_range: tuple[float, float] = (1.0, 4.0)
+    qsm_offset_ppm: float = 0.06  # QSM references differ by a constant: drawn uniformly within +-this
+    paper_protocol_share: float = 0.15  # epochs' patients at the paper's 3 T protocol; the rest random
+    r2_field_exponent: tuple[float, float] = (0.5, 1.0)  # R2 grows as B0^p with p drawn in this range
     wide_prior_share: float = 0.75
-    lesion_free_share: float = 0.15
-    lesion_weight: float = 4.0
+    lesion_free_share: float = 0.3
+    lesion_weight: float = 3.0
     sigmas_mm: tuple[float, ...] = tuple(models.CONTEXT_NET["sigmas_mm"])
     local_noise: bool = models.CONTEXT_NET["local_noise"]
     dense: tuple[int, ...] = tuple(models.CONTEXT_NET["dense"])
@@ -68,39 +71,86 @@ class ContextTrainConfig:
         return dict(models.CONTEXT_NET, sigmas_mm=list(self.sigmas_mm), local_noise=self.local_noise,
                     dense=list(self.dense))
 
+    @property
+    def protocols(self) -> decay.ProtocolRange:
+        return decay.SUPPORTED
+
 
 @dataclasses.dataclass
 class Patient:
-    """One noise-free patient cropped to its brain: echoes relative to the mean brain echo 1 and
-    targets (S0 in the same units, R2, Y, v, chi_nb) as float16, QSM (ppm) as float32."""
+    """One noise-free patient cropped to its brain: the truth (S0 relative to the mean brain S0, R2 at
+    3 T, Y, v, chi_nb) as float16; the echoes are made for each draw's protocol (`signals`)."""
 
-    echoes: np.ndarray
-    qsm: np.ndarray
-    targets: np.ndarray
+    params: np.ndarray  # (z, y, x, 5)
     mask: np.ndarray
     metric: np.ndarray
     lesion_map: np.ndarray  # phantom.LESION_MAP_LABELS (lesions and their mirror regions)
 
 
-def make_patient(seed: int, index: int, config: ContextTrainConfig, wide: bool | None = None) -> Patient:
-    patient, echoes, qsm = train_spatial.stroke_patient(np.random.SeedSequence([seed, index]), config, index, wide)
+def make_patient(seed: int, index: int, config: ContextTrainConfig, wide: bool | None = None,
+                 lesions: bool | None = None) -> Patient:
+    ss = np.random.SeedSequence([seed, index])
+    rng = np.random.default_rng(ss.spawn(1)[0])
+    wide = rng.random() < config.wide_prior_share if wide is None else wide
+    lesions = rng.random() >= config.lesion_free_share if lesions is None else lesions
+    patient = phantom.make_patient(ss, phantom.PatientConfig.stroke(config.voxel_size_mm, wide, lesions))
     inside = np.argwhere(patient.mask)
     box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(inside.min(axis=0), inside.max(axis=0)))
+    params = np.stack([patient.params[n][box] for n in physics.PARAMETER_NAMES], axis=-1)
+    params[..., 0] /= float(params[..., 0][patient.mask[box]].mean())
+    return Patient(params.astype(np.float16), patient.mask[box], patient.metric_mask[box], patient.lesion_map[box])
+
+
+def random_protocol(rng: np.random.Generator, supported: decay.ProtocolRange, margin: float = 0.1) -> physics.Protocol:
+    """An mGRE protocol drawn over (a little beyond) the supported range: echo count, first echo, spacing
+    (uniform, or varying from echo to echo in a third of draws) and field strength (log-uniform)."""
+    def widened(lo_hi):
+        return lo_hi[0] * (1 - margin), lo_hi[1] * (1 + margin)
+
+    while True:
+        n = int(rng.integers(supported.echoes[0], supported.echoes[1] + 1))
+        first = rng.uniform(*widened(supported.first_echo_ms))
+        spacing = np.full(n - 1, rng.uniform(*widened(supported.spacing_ms)))
+        if rng.random() < 1 / 3:
+            spacing *= rng.uniform(0.75, 1.33, n - 1)
+        te = first + np.concatenate([[0.0], np.cumsum(spacing)])
+        lo, hi = widened(supported.last_echo_ms)
+        if lo <= te[-1] <= hi:
+            break
+    b0 = math.exp(rng.uniform(*(math.log(b) for b in widened(supported.field_strength_T))))
+    return physics.Protocol.from_milliseconds(te, b0)
+
+
+def signals(patient: Patient, protocol: physics.Protocol, r2_exponent: float):
+    """Noise-free echoes (relative to the mean brain echo 1), QSM (ppm) and the targets (S0, R2 in 3 T-
+    equivalent time, Y, v, chi_nb) of the patient at this protocol; R2 scales with the field as B0^p."""
+    p = {n: patient.params[..., i][patient.mask].astype(np.float64) for i, n in enumerate(physics.PARAMETER_NAMES)}
+    r2 = np.clip(p["R2"] * (protocol.field_strength / decay.REFERENCE_FIELD_T) ** r2_exponent,
+                 *physics.BOUNDS["R2"])
+    echoes = np.zeros(patient.mask.shape + (protocol.n_echoes,), np.float32)
+    echoes[patient.mask] = physics.qbold_signal(p["S0"], r2, p["Y"], p["v"], p["chi_nb"], protocol)
     reference = float(echoes[..., 0][patient.mask].mean())
-    targets = np.stack([patient.params[n][box] for n in physics.PARAMETER_NAMES], axis=-1)
-    targets[..., 0] /= reference
-    return Patient((echoes[box] / reference).astype(np.float16), qsm[box].astype(np.float32),
-                   targets.astype(np.float16), patient.mask[box], patient.metric_mask[box], patient.lesion_map[box])
+    echoes /= reference
+    qsm = np.zeros(patient.mask.shape, np.float32)
+    qsm[patient.mask] = physics.qsm_value(p["Y"], p["v"], p["chi_nb"])
+    targets = patient.params.astype(np.float32)
+    targets[..., 0] /= reference  # S0 in the echoes' units
+    targets[..., 1][patient.mask] = r2 * decay.r2_3t_equivalent_factor(protocol)
+    return echoes, qsm, targets
 
 
-def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noise_ppb=None):
-    """A noisy copy of the patient -> (network inputs (z, y, x, F), targets with S0 relative to the noisy
-    echo 1 (z, y, x, 5))."""
-    echoes, qsm, bias = train_spatial.add_noise(patient.echoes.astype(np.float32), patient.qsm, rng, config,
-                                                snr, qsm_noise_ppb)
-    features = spatial.volume_features(echoes, qsm, patient.mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"])
-    x = spatial.network_inputs(features, patient.mask, config.spec, config.voxel_size_mm)
-    t = patient.targets.astype(np.float32)
+def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noise_ppb=None, protocol=None):
+    """A noisy copy of the patient at `protocol` (None: drawn) -> (network inputs (z, y, x, F), targets
+    with S0 relative to the noisy echo 1 (z, y, x, 5))."""
+    if protocol is None:
+        protocol = (physics.Protocol.default() if rng.random() < config.paper_protocol_share
+                    else random_protocol(rng, config.protocols))
+    echoes, qsm, t = signals(patient, protocol, rng.uniform(*config.r2_field_exponent))
+    echoes, qsm, bias = train_spatial.add_noise(echoes, qsm, rng, config, snr, qsm_noise_ppb)
+    qsm = np.where(patient.mask, qsm + np.float32(rng.uniform(-1, 1) * config.qsm_offset_ppm), 0.0)
+    features = spatial.volume_features(echoes, qsm, patient.mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"],
+                                       float(np.median(qsm[patient.mask])))
+    x = spatial.network_inputs(features, patient.mask, config.spec, config.voxel_size_mm, protocol)
     t[..., 0] *= bias / np.where(patient.mask, echoes[..., 0], 1.0)
     return x, t
 
@@ -120,11 +170,13 @@ def voxel_rows(x, t, patient: Patient, where: np.ndarray, scaling: dict, lesion_
 
 
 def fit_scaling(patients: list[Patient]) -> dict:
-    """z-scoring of the targets (S0 relative to echo 1 approximated by the noise-free echo 1)."""
+    """z-scoring of the targets, from the noise-free patients at the paper's protocol."""
+    protocol = physics.Protocol.default()
     rows = []
     for p in patients:
-        t = p.targets[p.metric].astype(np.float32)
-        t[:, 0] /= np.maximum(p.echoes[..., 0][p.metric].astype(np.float32), 1e-3)
+        echoes, _, t = signals(p, protocol, 1.0)
+        t = t[p.metric]
+        t[:, 0] /= np.maximum(echoes[..., 0][p.metric], 1e-3)
         rows.append(t)
     return models.fit_output_scaling(np.concatenate(rows))
 
@@ -171,7 +223,10 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     x_val, y_val, val_voxels = [], [], []
     val_rng = np.random.default_rng([VALIDATION_SEED, 1])
     for i, p in enumerate(validation_patients):
-        x, t = pyramid(p, val_rng, config, VALIDATION_SNRS[i % len(VALIDATION_SNRS)], VALIDATION_QSM_NOISE_PPB)
+        # the paper's protocol for every other patient, a drawn one for the rest
+        protocol = physics.Protocol.default() if i % 2 == 0 else random_protocol(val_rng, config.protocols)
+        x, t = pyramid(p, val_rng, config, VALIDATION_SNRS[i % len(VALIDATION_SNRS)], VALIDATION_QSM_NOISE_PPB,
+                       protocol)
         where = np.flatnonzero(p.metric)
         xv, yv = voxel_rows(x, t, p, where, scaling, config.lesion_weight)
         x_val.append(xv)
@@ -228,8 +283,15 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     monitor = _lesion_monitor(x_val, validation_patients, val_voxels, scaling)
     train_spatial.fit_keeping_best(model, EpochVoxels(), (x_val, y_val), monitor, ckpt, history_csv, config, state,
                                    started, verbose, plateau_patience=5, min_lr=2e-5)
-    card = train_spatial.calibrated_card(model, config, scaling,
-                                         "whole volume (Gaussian pyramid, then voxel by voxel)", progress)
+    card = models.make_card(
+        config.spec, physics.Protocol.default(), scaling, 1, "centre",
+        spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
+            "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
+            "interval_scale": 1.0},
+        window={"length": 1, "target": "centre", "order": "whole volume (Gaussian pyramid, then voxel by voxel)",
+                "padding": "zeros"})
+    card["supported_protocols"] = config.protocols.to_dict()
+    card["spatial"].update(calibrate(model, config, scaling, progress))
     best = state.get("best_epoch")
     card["training"] = {
         "data": "stroke-like virtual patients (phantom.PatientConfig.stroke), 2 mm, whole brains, noise per epoch",
@@ -251,6 +313,60 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
 
 
+# --- Calibration of the interval ---------------------------------------------------------------------------
+WIDTH_BINS = 5  # quantile bins of the network's half-width
+ABNORMALITY_EDGES_PP = (5.0, 10.0)  # |OEF - brain median|: normal, unusual, lesion-like
+MIN_BIN_VOXELS = 200
+
+
+def calibrate(model, config: ContextTrainConfig, scaling: dict, progress=None) -> dict:
+    """Mondrian split-conformal calibration of the 90 % interval on population-prior patients (their own
+    seed), each at a drawn protocol, SNR and QSM noise: one factor per bin of half-width x abnormality
+    (spatial.interval_factors). Returns the card's "interval_scale" and "calibration" entries."""
+    n = len(physics.PARAMETER_NAMES)
+    scores, widths, abnormal = [], [], []
+    for i in range(config.calibration_patients):
+        p = make_patient(train_spatial.CALIBRATION_SEED, i, config, wide=False)
+        rng = np.random.default_rng([train_spatial.CALIBRATION_SEED, i, 9])
+        x, t = pyramid(p, rng, config)
+        raw = np.asarray(model.predict_on_batch(x[None]))[0][p.mask]
+        out = spatial.decode(raw, np.ones(len(raw), np.float32), scaling, 1.0)
+        oef = out["OEF"]
+        below, above = np.maximum(oef - out["OEF_p05"], 1e-3), np.maximum(out["OEF_p95"] - oef, 1e-3)
+        truth = 100.0 * physics.oef_from_Y(t[..., 2][p.mask])
+        keep = p.metric[p.mask]
+        scores.append(np.where(truth < oef, (oef - truth) / below, (truth - oef) / above)[keep])
+        half_below = spatial.softplus(raw[:, n]) * spatial.INTERVAL_UNIT * 100.0
+        half_above = spatial.softplus(raw[:, n + 1]) * spatial.INTERVAL_UNIT * 100.0
+        widths.append((0.5 * (half_below + half_above))[keep])
+        abnormal.append(np.abs(oef - np.median(oef))[keep])
+        if progress:
+            progress(i + 1, config.calibration_patients, "calibrating the interval")
+    scores, widths, abnormal = (np.concatenate(a) for a in (scores, widths, abnormal))
+    width_edges = np.quantile(widths, np.linspace(0, 1, WIDTH_BINS + 1)[1:-1])
+    w_bin = np.searchsorted(width_edges, widths)
+    a_bin = np.searchsorted(ABNORMALITY_EDGES_PP, abnormal)
+    overall = train_spatial.conformal_factor(scores)
+    factors = np.full((len(ABNORMALITY_EDGES_PP) + 1, WIDTH_BINS), overall)
+    counts = np.zeros(factors.shape, int)
+    for a in range(factors.shape[0]):
+        for w in range(WIDTH_BINS):
+            inside = (a_bin == a) & (w_bin == w)
+            counts[a, w] = int(inside.sum())
+            if counts[a, w] >= MIN_BIN_VOXELS:
+                factors[a, w] = train_spatial.conformal_factor(scores[inside])
+    return {"interval_scale": {"width_edges_pp": [round(float(e), 4) for e in width_edges],
+                               "abnormality_edges_pp": list(ABNORMALITY_EDGES_PP),
+                               "factors": [[round(float(f), 4) for f in row] for row in factors]},
+            "calibration": {"patients": config.calibration_patients, "seed": train_spatial.CALIBRATION_SEED,
+                            "voxels": int(len(scores)), "voxels_per_bin": counts.tolist(),
+                            "priors": "population (tissue priors of the design notes), stroke-like lesions",
+                            "noise": f"SNR {config.snr_range[0]:g}-{config.snr_range[1]:g}, drawn protocols",
+                            "coverage_before": round(float(np.mean(scores <= 1.0)), 4),
+                            "single_factor": round(overall, 4),
+                            "method": "Mondrian split conformal, 90 %, by half-width x abnormality"}}
+
+
 def _lesion_monitor(x_val, patients: list[Patient], voxels: list[np.ndarray], scaling: dict):
     """A callback: val_penumbra and val_core, the lesion contrast recovered on the validation patients,
     and val_oef_rmse (pp, every brain voxel without CSF, unweighted)."""
@@ -268,7 +384,7 @@ def _lesion_monitor(x_val, patients: list[Patient], voxels: list[np.ndarray], sc
                 pred = np.zeros(p.mask.shape, np.float32)
                 pred.reshape(-1)[where] = oef[start:start + len(where)]
                 start += len(where)
-                truth = 100.0 * (1.0 - p.targets[..., 2].astype(np.float32) / physics.YA)
+                truth = 100.0 * (1.0 - p.params[..., 2].astype(np.float32) / physics.YA)
                 squared.append((pred.reshape(-1)[where] - truth.reshape(-1)[where]) ** 2)
                 labels = np.where(p.metric, p.lesion_map, 0)
                 for row in evaluate.lesion_contrast(pred, truth, labels):
