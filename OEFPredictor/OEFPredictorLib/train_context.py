@@ -58,7 +58,7 @@ class ContextTrainConfig:
     qsm_noise_ppb_range: tuple[float, float] = (1.0, 4.0)
     qsm_offset_ppm: float = 0.06  # QSM references differ by a constant: drawn uniformly within +-this
     paper_protocol_share: float = 0.15  # epochs' patients at the paper's 3 T protocol; the rest random
-    r2_field_exponent: tuple[float, float] = (0.5, 1.0)  # R2 grows as B0^p with p drawn in this range
+    r2_field_exponent: tuple[float, float] = (0.0, 1.0)  # R2 grows as B0^p (0.5-1 in tissue; 0: a simulator that keeps it)
     wide_prior_share: float = 0.75
     lesion_free_share: float = 0.3
     lesion_weight: float = 3.0
