@@ -12,7 +12,8 @@ from OEFPredictorLib import methods, models, predict, spatial, train_context
 from OEFPredictorLib.errors import InputError
 
 TINY = train_context.ContextTrainConfig(
-    patients=2, validation_patients=1, calibration_patients=1, patients_per_epoch=2, voxels_per_patient=400,
+    patients=2, validation_patients=1, calibration_patients=1, pool_draws=3, voxels_per_draw=400, patients_per_epoch=1,
+    voxels_per_epoch=800,
     batch_size=100, epochs=1, time_limit_min=None, voxel_size_mm=4.0, dense=(8, 8))
 
 
@@ -26,9 +27,14 @@ def _volume(shape=(14, 16, 12), seed=0):
     return spatial.volume_features(echoes * mask[..., None], qsm * mask, mask, 10.0), mask
 
 
+def _ratios(features):
+    """The first context model's base channels: log(S_j / S_1), j = 2..8, and QSM."""
+    return spatial.base_channels(features, {})
+
+
 def test_the_pyramid_holds_log_echo_ratios_and_mask_normalised_averages():
     features, mask = _volume()
-    x = spatial.context_features(features, mask, [1.0, 2.0])
+    x = spatial.context_features(_ratios(features), mask, [1.0, 2.0])
     assert x.shape == mask.shape + (8 * 3,) and np.all(x[~mask] == 0)
     # base channels: log(S_j / S_1) = -0.1 (j - 1) here, and QSM x 10
     np.testing.assert_allclose(x[mask][:, :7], np.broadcast_to(-0.1 * np.arange(1, 8), (mask.sum(), 7)), atol=1e-5)
@@ -44,8 +50,8 @@ def test_the_pyramid_does_not_depend_on_how_much_background_surrounds_the_brain(
     features, mask = _volume()
     padded = np.pad(features, [(5, 3), (0, 4), (2, 2), (0, 0)])
     padded_mask = np.pad(mask, [(5, 3), (0, 4), (2, 2)])
-    a = spatial.context_features(features, mask, [1.5, 3.0])
-    b = spatial.context_features(padded, padded_mask, [1.5, 3.0])[5:-3, :-4, 2:-2]
+    a = spatial.context_features(_ratios(features), mask, [1.5, 3.0])
+    b = spatial.context_features(_ratios(padded), padded_mask, [1.5, 3.0])[5:-3, :-4, 2:-2]
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -60,12 +66,13 @@ def test_the_local_noise_channels_follow_the_noise_level():
     for sigma in (0.005, 0.02):
         echoes = np.abs(decay + sigma * rng.standard_normal(shape + (8,))).astype(np.float32) * mask[..., None]
         qsm = (sigma * rng.standard_normal(shape)).astype(np.float32) * mask
-        x = spatial.context_features(spatial.volume_features(echoes, qsm, mask, 10.0), mask, [1.0, 2.0], local_noise=True)
+        x = spatial.context_features(_ratios(spatial.volume_features(echoes, qsm, mask, 10.0)), mask, [1.0, 2.0],
+                                     local_noise=True)
         assert x.shape[-1] == 8 * 3 + len(spatial.LOCAL_NOISE_CHANNELS)
         levels.append(x[..., -2:][mask].mean(axis=0))
     # 4x the noise: log RMS larger by about log 4 = 1.4 in both channels
     assert np.all(levels[1] - levels[0] > 1.0)
-    without = spatial.context_features(spatial.volume_features(echoes, qsm, mask, 10.0), mask, [1.0, 2.0])
+    without = spatial.context_features(_ratios(spatial.volume_features(echoes, qsm, mask, 10.0)), mask, [1.0, 2.0])
     np.testing.assert_array_equal(without, x[..., :24])
 
 
@@ -100,9 +107,12 @@ def trained(tmp_path_factory):
 def test_training_writes_a_calibrated_bundle_with_its_lesion_log_and_resumes(trained):
     out, card = trained
     assert card["model"]["architecture"] == "context" and card["model"]["sigmas_mm"] == [2.0, 4.0, 8.0]
-    assert card["model"]["local_noise"] and card["training"]["snr_range"] == [25.0, 250.0]
-    assert card["spatial"]["interval_scale"] > 0 and card["spatial"]["calibration"]["priors"].startswith("population")
-    assert card["training"]["lesion_weight"] == 4.0 and card["training"]["epochs_run"] == 1
+    assert card["model"]["local_noise"] and card["training"]["snr_range"] == [18.0, 250.0]
+    factors = np.asarray(card["spatial"]["interval_scale"]["factors"])
+    assert factors.shape == (len(train_context.ABNORMALITY_EDGES_PP) + 1, train_context.WIDTH_BINS) and np.all(factors > 0)
+    assert card["spatial"]["calibration"]["priors"].startswith("population")
+    assert card["supported_protocols"]["field_strength_T"] == [1.5, 7.0]
+    assert card["training"]["lesion_weight"] == 3.0 and card["training"]["epochs_run"] == 1
     history = out.with_name("c.history.csv").read_text().splitlines()
     assert "val_penumbra" in history[0] and "val_core" in history[0] and len(history) == 2
     bundle = models.load_bundle(out)  # checksum + safe mode

@@ -36,6 +36,7 @@ REFERENCE_FIELD_T = 3.0
 OMEGAS = (50.0, 100.0, 200.0)  # rad/s in 3 T-equivalent time: dw spans ~30-250 rad/s at 3 T
 RIDGE = 1e-3  # on the fs columns (normalised), so short spans stay well-posed
 CANONICAL_MS = (3.0, 6.0, 9.0, 13.0, 18.0, 24.0, 31.0, 40.0, 52.0, 70.0)  # 3 T-equivalent
+N_DESCRIPTORS = 3  # protocol_descriptors
 
 
 @dataclasses.dataclass(frozen=True)

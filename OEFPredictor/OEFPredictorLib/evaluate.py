@@ -42,6 +42,7 @@ LOW_SIGNAL_QUANTILE = 0.2  # "low-SNR regions": the brain's darkest fifth on ech
 METRIC_NAMES = ("S0", "R2", "Y", "v", "chi_nb", "OEF")
 METRIC_UNITS = {"S0": "rel. echo 1", "R2": "Hz", "Y": "", "v": "", "chi_nb": "ppm", "OEF": "pp"}
 PREDICT_BATCH = 8192
+LESION_CODES = (1, 2)  # phantom.LESION_MAP_LABELS: the lesions themselves (3, 4 are their mirror regions)
 
 
 @dataclasses.dataclass
@@ -379,7 +380,8 @@ def evaluate(dataset: str | Path, methods: list[str], context: MethodContext | N
                    "seconds": seconds, "seconds_per_brain": seconds * n_brain / len(targets)}
             row.update({f"rmse_{k}": rmse(err[k][in_metric]) for k in METRIC_NAMES})
             row.update({f"bias_{k}": float(err[k][in_metric].mean()) for k in METRIC_NAMES})
-            row.update(interval_metrics(pred, np.asarray(truth["OEF"], np.float64), in_metric, lesion_labels > 0))
+            row.update(interval_metrics(pred, np.asarray(truth["OEF"], np.float64), in_metric,
+                                        np.isin(lesion_labels, LESION_CODES)))
             if whole_brain and not (lesion_labels > 0).any():
                 volume = np.zeros(patient.mask.shape)
                 volume[patient.mask] = np.nan

@@ -122,9 +122,13 @@ def build_context_net(spec: dict, n_features: int, n_outputs: int = 7, feature_m
 
 
 def context_feature_count(spec: dict, n_echoes: int = 8) -> int:
+    """Inputs of the context network of `spec` (spatial.network_inputs): the base channels at each scale,
+    the local-noise channels and, for protocol-free models, the protocol descriptors."""
     from . import spatial
 
-    return n_echoes * (1 + len(spec["sigmas_mm"])) + (len(spatial.LOCAL_NOISE_CHANNELS) if spec.get("local_noise") else 0)
+    n_base = (len(decay.CANONICAL_MS) if spec.get("decay") else n_echoes - 1) + 1
+    return (n_base * (1 + len(spec["sigmas_mm"])) + (len(spatial.LOCAL_NOISE_CHANNELS) if spec.get("local_noise") else 0)
+            + (decay.N_DESCRIPTORS if spec.get("decay") else 0))
 
 
 # --- Output scaling ---------------------------------------------------------------------------

@@ -101,6 +101,7 @@ class PatientConfig:
     lesion_shapes: tuple[str, ...] = ("sphere", "blob")
     lesion_size_mm: tuple[float, float] = (10.0, 30.0)  # extent (diameter) range
     wide_priors: bool = False  # tissue means, spreads and field smoothness drawn per patient
+    tissue_priors: dict | None = None  # replaces TISSUE_PRIORS (held-out tests of other priors)
 
     @classmethod
     def stroke(cls, voxel_size: float = 2.0, wide_priors: bool = False, lesions: bool | None = True,
@@ -285,7 +286,7 @@ def make_patient(seed: int | np.random.SeedSequence, config: PatientConfig | Non
     # Parameters per tissue (smooth fields), blended by tissue fraction.
     corr_mm = rng.uniform(6.0, 30.0) if config.wide_priors else config.field_correlation_mm
     corr_vox = corr_mm / vs
-    priors = _patient_priors(rng) if config.wide_priors else TISSUE_PRIORS
+    priors = _patient_priors(rng) if config.wide_priors else (config.tissue_priors or TISSUE_PRIORS)
     # One smooth field per parameter, scaled by each tissue's SD around each tissue's mean (tissues
     # occupy different places, so sharing the field costs no realism and saves most of the time).
     params = {name: np.zeros(out_shape, dtype=np.float64) for name in physics.PARAMETER_NAMES}

@@ -214,7 +214,8 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
                      protocol: physics.Protocol | None = None, noise: NoiseModel | None = None,
                      voxel_size: float = 1.0, independent_fraction: float | None = None,
                      lesions: bool | None = None, overwrite: bool = False, progress=None,
-                     first_index: int = 1, cohort: str = "paper") -> list[Path]:
+                     first_index: int = 1, cohort: str = "paper", r2_field_exponent: float = 0.0,
+                     patient_overrides: dict | None = None) -> list[Path]:
     """Simulate and write virtual patients P01..Pnn into `out`.
 
     Each patient folder is built under a temporary name and moved into place only when complete.
@@ -222,7 +223,9 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
     their voxels tissue-independent (physics.md), the test patients none (plausible brains).
     `progress(done, total, message)` is called after each patient. cohort 'stroke' makes stroke-like
     patients (2-6 lesions of all shapes; `lesions=False` for lesion-free ones) with the population
-    priors, no tissue-independent voxels.
+    priors, no tissue-independent voxels. `r2_field_exponent` p: R2 is the 3 T value x (B0 / 3)^p (tissue
+    R2 grows with the field, roughly p = 0.5-1; 0 keeps the 3 T values). `patient_overrides`: fields of
+    phantom.PatientConfig (e.g. other tissue priors or lesion shapes, for held-out tests).
     """
     if cohort not in COHORTS:
         raise InputError(f"Unknown cohort {cohort!r}; use one of {', '.join(COHORTS)}.")
@@ -238,12 +241,16 @@ def simulate_dataset(out: str | Path, n_patients: int = N_PATIENTS, seed: int = 
         fraction = independent_fraction
         if fraction is None:
             fraction = TRAINING_INDEPENDENT_FRACTION if split_of(pid, cohort) == "train" else 0.0
+        overrides = dict(patient_overrides or {}, independent_fraction=fraction)
         if cohort == "stroke":
-            config = phantom.PatientConfig.stroke(voxel_size, lesions=True if lesions is None else lesions,
-                                                  independent_fraction=fraction)
+            config = phantom.PatientConfig.stroke(voxel_size, lesions=True if lesions is None else lesions, **overrides)
         else:
-            config = phantom.PatientConfig(voxel_size=voxel_size, independent_fraction=fraction, lesions=lesions)
+            config = phantom.PatientConfig(voxel_size=voxel_size, lesions=lesions, **overrides)
         patient = phantom.make_patient(anatomy_seed, config)
+        if r2_field_exponent:
+            r2 = patient.params["R2"] * (protocol.field_strength / 3.0) ** r2_field_exponent
+            r2 = np.where(patient.mask, np.clip(r2, *physics.BOUNDS["R2"]), 0.0)
+            patient = dataclasses.replace(patient, params=dict(patient.params, R2=r2))
         echoes, qsm, sigma = synthesize(patient.params, patient.mask, protocol, noise,
                                         np.random.default_rng(noise_seed))
         info = {"DatasetSeed": seed, "PatientIndex": index, "VoxelSizeMM": voxel_size, "Cohort": cohort,

@@ -1,23 +1,27 @@
-"""Training the context model (the default spatial method; spatial.py, models.CONTEXT_NET) on whole
-stroke-like virtual patients.
+"""Training the context model (the default method; spatial.py, decay.py, models.CONTEXT_NET) on whole
+stroke-like virtual patients, for any common mGRE protocol and field strength.
 
 Data: `patients` noise-free stroke-like patients (phantom.PatientConfig.stroke; most with tissue priors
-drawn per patient from wide ranges, some lesion-free) at 2 mm, kept in memory cropped to the brain.
-Each epoch draws `patients_per_epoch` of them and gives each new noise (train_spatial.add_noise: SNR
-25-250, QSM noise 1-4 ppb white or correlated, a smooth bias), computes the Gaussian pyramid exactly
-as inference does (spatial.volume_features, spatial.context_features), and samples
-`voxels_per_patient` brain voxels (no CSF). Lesion voxels count `lesion_weight` times in the loss
-(lesions are a few per cent of the brain, and a plain loss lets the network shrink them to the
-tissue around them).
+drawn per patient from wide ranges, `lesion_free_share` without lesions) at 2 mm, kept in memory as
+truth maps cropped to the brain. Each epoch draws `patients_per_epoch` of them and makes each anew:
+- an echo protocol (the paper's for `paper_protocol_share`, else drawn over the supported range: 5-16
+  echoes, first echo, spacing, last echo, 1.5-7 T; `random_protocol`), with R2 grown as B0^p;
+- noise (train_spatial.add_noise: SNR 18-250 log-uniform, QSM noise 1-4 ppb white or correlated, a
+  smooth bias) and a constant QSM offset (another QSM reference);
+- the network's inputs exactly as inference makes them (spatial.volume_features, spatial.network_inputs),
+and the epoch samples `voxels_per_epoch` brain voxels (no CSF) from a pool of such draws (`VoxelPool`, of which
+each epoch remakes a dozen). Lesion voxels count `lesion_weight` times in
+the loss (lesions are a few per cent of the brain; lesion-free patients keep the model from seeing
+lesions in noise).
 
-Validation: whole validation patients (their own seed) at SNR 50, 100 and 200, QSM noise 2 ppb; the
-epoch with the lowest validation loss is kept, and each epoch logs the lesion contrast recovered on
-them (val_penumbra, val_core: lesion vs contralateral mirror, as evaluate reports it). Then split
-conformal calibration of the interval on population-prior calibration patients
-(train_spatial.calibration_scores). No test patient is ever simulated here.
+Validation: whole validation patients (their own seed; every other one at the paper's protocol, the rest
+at drawn protocols) at SNR 40, 100 and 200, QSM noise 2 ppb; the epoch with the lowest validation loss
+is kept, and each epoch logs the lesion contrast recovered on them (val_penumbra, val_core: lesion vs
+contralateral mirror, as evaluate reports it). Then Mondrian split-conformal calibration of the interval
+on population-prior calibration patients (`calibrate`). No test patient is ever simulated here.
 
-Outputs next to MODEL.keras: the card MODEL.json, the per-epoch log MODEL.history.csv, and the
-checkpoint folder MODEL.ckpt/ (last and best model, resume state).
+Outputs next to MODEL.keras: the card MODEL.json (with the supported protocol range), the per-epoch log
+MODEL.history.csv, and the checkpoint folder MODEL.ckpt/ (last and best model, resume state).
 """
 from __future__ import annotations
 
@@ -45,8 +49,10 @@ class ContextTrainConfig:
     patients: int = 64
     validation_patients: int = 6
     calibration_patients: int = 16
-    patients_per_epoch: int = 12
-    voxels_per_patient: int = 40000
+    pool_draws: int = 96  # (patient, protocol, noise) draws whose voxels the epochs sample
+    voxels_per_draw: int = 8000
+    patients_per_epoch: int = 12  # draws of the pool made anew each epoch
+    voxels_per_epoch: int = 480_000
     batch_size: int = 1024
     epochs: int = 300
     learning_rate: float = 1e-3
@@ -181,6 +187,46 @@ def fit_scaling(patients: list[Patient]) -> dict:
     return models.fit_output_scaling(np.concatenate(rows))
 
 
+class VoxelPool:
+    """Training voxels of `pool_draws` draws (a patient at a drawn protocol, noise and QSM offset), of which
+    each epoch remakes `patients_per_epoch`: every epoch's batches then span many protocols and noise
+    levels (with only an epoch's own dozen draws, the fit swung from epoch to epoch)."""
+
+    def __init__(self, patients: list[Patient], config: ContextTrainConfig, scaling: dict, epoch: int = 0,
+                 progress=None):
+        self.patients, self.config, self.scaling = patients, config, scaling
+        self.rng = np.random.default_rng([config.seed, epoch, 5])
+        self.x = self.y = None
+        for slot in range(config.pool_draws):
+            self._make(slot)
+            if progress:
+                progress(slot + 1, config.pool_draws, "training draws")
+
+    def _make(self, slot: int) -> None:
+        p = self.patients[self.rng.integers(len(self.patients))]
+        x, t = pyramid(p, self.rng, self.config)
+        inside = np.flatnonzero(p.metric)
+        n = self.config.voxels_per_draw
+        where = self.rng.choice(inside, n, replace=len(inside) < n)
+        xv, yv = voxel_rows(x, t, p, where, self.scaling, self.config.lesion_weight)
+        if self.x is None:
+            self.x = np.zeros((self.config.pool_draws,) + xv.shape[:1] + xv.shape[-1:], np.float32)
+            self.y = np.zeros((self.config.pool_draws,) + yv.shape[:1] + yv.shape[-1:], np.float32)
+        self.x[slot], self.y[slot] = xv[:, 0, 0, 0], yv[:, 0, 0, 0]
+
+    def refresh(self, n: int) -> None:
+        for slot in self.rng.choice(self.config.pool_draws, min(n, self.config.pool_draws), replace=False):
+            self._make(int(slot))
+
+    def sample(self, n: int):
+        """n voxels of the pool, shuffled, as (n, 1, 1, 1, F) inputs and y_true."""
+        rows = self.rng.choice(self.x.shape[0] * self.x.shape[1], min(n, self.x.shape[0] * self.x.shape[1]),
+                               replace=False)
+        x = self.x.reshape(-1, self.x.shape[-1])[rows]
+        y = self.y.reshape(-1, self.y.shape[-1])[rows]
+        return x[:, None, None, None, :], y[:, None, None, None, :]
+
+
 # --- Training -------------------------------------------------------------------------------------------
 def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, command: str | None = None,
           verbose: int = 1, progress=None) -> dict:
@@ -234,51 +280,34 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
         val_voxels.append(where)
     x_val, y_val = np.concatenate(x_val), np.concatenate(y_val)
     loss = spatial.make_loss(scaling, per_voxel=True)
+    pool = VoxelPool(train_patients, config, scaling, state.get("epoch", 0), progress)
     if resume:
         model = keras.saving.load_model(ckpt / "last.keras", custom_objects={loss.__name__: loss}, safe_mode=True)
     else:
-        # the pyramid's scale comes from one noisy draw of the first training patients
-        sample_rng = np.random.default_rng([config.seed, 99])
-        sample = np.concatenate([pyramid(p, sample_rng, config)[0][p.metric] for p in train_patients[:8]])
+        sample = pool.x.reshape(-1, pool.x.shape[-1])[::7]  # the inputs' scale, from the first pool
         model = models.build_context_net(config.spec, x_val.shape[-1], spatial.N_OUTPUTS,
                                          sample.mean(axis=0), sample.std(axis=0) + 1e-6)
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=1.0), loss=loss)
 
     class EpochVoxels(keras.utils.PyDataset):
-        """Each epoch: new noise on `patients_per_epoch` patients, `voxels_per_patient` voxels of each."""
+        """Each epoch: `patients_per_epoch` draws of the pool made anew, then `voxels_per_epoch` voxels of it."""
 
         def __init__(self):
             super().__init__()
-            self.draws = state.get("epoch", 0)
             self.x = self.y = None
 
         def __len__(self):
-            return config.patients_per_epoch * config.voxels_per_patient // config.batch_size
-
-        def _draw(self):
-            rng = np.random.default_rng([config.seed, self.draws, 5])
-            self.draws += 1
-            xs, ys = [], []
-            for k in rng.choice(len(train_patients), config.patients_per_epoch,
-                                replace=config.patients_per_epoch > len(train_patients)):
-                p = train_patients[k]
-                x, t = pyramid(p, rng, config)
-                inside = np.flatnonzero(p.metric)
-                where = rng.choice(inside, min(len(inside), config.voxels_per_patient), replace=False)
-                xv, yv = voxel_rows(x, t, p, where, scaling, config.lesion_weight)
-                xs.append(xv)
-                ys.append(yv)
-            order = rng.permutation(sum(len(x) for x in xs))
-            self.x, self.y = np.concatenate(xs)[order], np.concatenate(ys)[order]
+            return config.voxels_per_epoch // config.batch_size
 
         def __getitem__(self, i):
             if self.x is None:  # Keras may peek at batch 0 before the first epoch: that draw serves it
-                self._draw()
+                self.x, self.y = pool.sample(config.voxels_per_epoch)
             rows = slice(i * config.batch_size, (i + 1) * config.batch_size)
             return self.x[rows], self.y[rows]
 
         def on_epoch_end(self):
             self.x = self.y = None
+            pool.refresh(config.patients_per_epoch)
 
     monitor = _lesion_monitor(x_val, validation_patients, val_voxels, scaling)
     train_spatial.fit_keeping_best(model, EpochVoxels(), (x_val, y_val), monitor, ckpt, history_csv, config, state,
@@ -298,10 +327,14 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
         "train_patients": config.patients, "train_seed": TRAIN_SEED, "validation_patients": config.validation_patients,
         "validation_seed": VALIDATION_SEED, "validation_noise": f"SNR {', '.join(f'{s:g}' for s in VALIDATION_SNRS)}, "
                                                                f"QSM {VALIDATION_QSM_NOISE_PPB:g} ppb",
-        "patients_per_epoch": config.patients_per_epoch, "voxels_per_patient": config.voxels_per_patient,
+        "pool_draws": config.pool_draws, "voxels_per_draw": config.voxels_per_draw,
+        "draws_remade_per_epoch": config.patients_per_epoch, "voxels_per_epoch": config.voxels_per_epoch,
         "snr_range": list(config.snr_range), "qsm_noise_ppb_range": list(config.qsm_noise_ppb_range),
         "wide_prior_share": config.wide_prior_share, "lesion_free_share": config.lesion_free_share,
         "lesion_weight": config.lesion_weight,
+        "protocols": f"the paper's 3 T protocol for {config.paper_protocol_share:.0%} of draws, else drawn over the "
+                     f"supported range widened by 10 % ({config.protocols.describe()})",
+        "r2_field_exponent": list(config.r2_field_exponent), "qsm_offset_ppm": config.qsm_offset_ppm,
         "optimizer": f"Adam(learning_rate={config.learning_rate:g}, clipnorm=1), halved on plateaus",
         "loss": "Huber on z-scored parameters (weights S0 .5, R2 .5, Y 2, v 1, chi_nb .5) + pinball 5/95 % on OEF, "
                 "per voxel, lesion voxels weighted",
