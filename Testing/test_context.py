@@ -160,3 +160,23 @@ def test_the_command_line_refuses_u_net_options_for_the_context_model(tmp_path, 
     rc = main(["train", "--arch", "context", "--out", str(tmp_path / "c.keras"), "--init-from", "x.keras"])
     assert rc == 2 and "--init-from is an option of --arch unet" in capsys.readouterr().err
     assert not Path(tmp_path / "c.keras").exists()
+
+
+def test_the_engine_runs_any_supported_protocol_and_refuses_others_in_one_line(trained, tmp_path):
+    """A 7 T, 10-echo acquisition runs (R2 comes back in real time); 20 echoes are refused by name."""
+    from OEFPredictorLib import physics, simulate
+
+    out, _ = trained
+    seven = physics.Protocol.from_milliseconds([2.5 + 2.1 * i for i in range(10)], 7.0)
+    folder = simulate.simulate_dataset(tmp_path / "d7", 1, seed=5, protocol=seven, voxel_size=4.0,
+                                       noise=simulate.NoiseModel(100.0, 2.0), r2_field_exponent=0.75)[0]
+    data = simulate.load_patient(folder)
+    assert data.protocol.matches(seven)
+    inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, data.mask, spacing=data.geometry.spacing)
+    result = predict.predict_maps(inputs, model=str(out), device="cpu")
+    m = result.mask
+    assert np.isfinite(result.maps["OEF"][m]).all() and np.all(result.maps["R2"][m] >= physics.BOUNDS["R2"][0])
+    twenty = physics.Protocol.from_milliseconds([2.0 + 2.0 * i for i in range(20)], 3.0)
+    echoes = data.echoes[..., :1] * np.exp(-0.03 * np.arange(20, dtype=np.float32))
+    with pytest.raises(InputError, match=r"20 echoes.*--method cat"):
+        predict.predict_maps(predict.PredictionInputs(echoes, data.qsm, twenty, data.mask), model=str(out), device="cpu")

@@ -334,9 +334,9 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     report(0.0, "Loading the model")
     spec, bundle = resolve_method(method, model)
     method = spec.name
-    warnings = inputs.validate(bundle.expected_protocol if bundle is not None else None)
-    if bundle is not None:
+    if bundle is not None and bundle.protocol_range:  # first: no other check matters for a refused protocol
         bundle.check_protocol(inputs.protocol)
+    warnings = inputs.validate(bundle.expected_protocol if bundle is not None else None)
     dev, messages = choose_device(device) if spec.uses_model else ("cpu", [])
     warnings += messages
     check_cancel()

@@ -169,10 +169,10 @@ def run(args) -> int:
     method, args.model_bundle = predict.resolve_method(args.method, args.model)  # a bad model fails before any work
     args.method = method.name
     inputs, geometry = load_inputs(args)
-    expected = args.model_bundle.expected_protocol if args.model_bundle is not None else None
-    inputs.validate(expected)
-    if args.model_bundle is not None:
-        args.model_bundle.check_protocol(inputs.protocol)
+    bundle = args.model_bundle
+    if bundle is not None and bundle.protocol_range:
+        bundle.check_protocol(inputs.protocol)
+    inputs.validate(bundle.expected_protocol if bundle is not None else None)
     with io.atomic_directory(out, overwrite=args.overwrite, inputs=inputs_given, command="predict") as tmp:
         result = run_prediction(inputs, args)
         result.warnings[:0] = args.load_warnings

@@ -1,0 +1,132 @@
+"""The protocol-free inputs of the default model (decay.py): any echo protocol and field strength gives
+the same numbers for the same tissue, a QSM reference offset changes nothing, and protocols outside the
+supported range are refused in one line (real physics, no network needed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from OEFPredictorLib import decay, models, physics, spatial, train_context
+from OEFPredictorLib.errors import InputError
+
+# GM, WM, a misery-perfusion and an infarct-core voxel (S0, R2 at 3 T, Y, v, chi_nb)
+TISSUES = np.array([[1.0, 14.0, 0.58, 0.035, -0.03], [1.0, 17.0, 0.58, 0.025, -0.04],
+                    [1.0, 14.0, 0.30, 0.045, -0.03], [1.0, 12.0, 0.85, 0.02, -0.02]])
+
+
+def canonical(protocol, r2):
+    s = physics.qbold_signal(TISSUES[:, 0], r2, TISSUES[:, 2], TISSUES[:, 3], TISSUES[:, 4], protocol)
+    return np.log(s) @ decay.canonical_matrix(protocol).T
+
+
+def test_a_field_strength_is_its_3t_equivalent_echo_times():
+    """7 T at t * 3/7 dephases as 3 T at t: with R2 in 3 T-equivalent time the inputs are identical."""
+    paper = physics.Protocol.default()
+    seven = physics.Protocol(tuple(paper.te * 3.0 / 7.0), 7.0)
+    np.testing.assert_allclose(decay.equivalent_times(seven), paper.te, rtol=1e-12)
+    r2_seven = TISSUES[:, 1] / decay.r2_3t_equivalent_factor(seven)
+    np.testing.assert_allclose(canonical(seven, r2_seven), canonical(paper, TISSUES[:, 1]), atol=1e-5)
+    # read as 3 T, the same data would look like another tissue
+    wrong = physics.Protocol(seven.echo_times, 3.0)
+    assert np.abs(canonical(wrong, r2_seven) - canonical(paper, TISSUES[:, 1])).max() > 0.05
+
+
+@pytest.mark.parametrize("te_ms", [[3.5 + 4.1 * i for i in range(12)], [2.8, 5.1, 8.9, 12.2, 17.0, 21.1, 26.9, 31.0],
+                                   [3.0 + 6.2 * i for i in range(7)]])
+def test_other_echo_trains_give_the_same_curve_where_both_measured(te_ms):
+    paper = physics.Protocol.default()
+    other = physics.Protocol.from_milliseconds(te_ms, 3.0)
+    a, b = canonical(paper, TISSUES[:, 1]), canonical(other, TISSUES[:, 1])
+    times = np.asarray(decay.CANONICAL_MS)
+    both = (times >= max(paper.echo_times_ms[0], te_ms[0])) & (times <= min(paper.echo_times_ms[-1], te_ms[-1]))
+    assert both.sum() >= 4
+    # the curves' shapes (relative to a shared canonical time) agree within a fraction of the tissue contrast
+    first = np.flatnonzero(both)[0]
+    shape_a, shape_b = (x[:, both] - x[:, [first]] for x in (a, b))
+    np.testing.assert_allclose(shape_a, shape_b, atol=0.01)
+    contrast = np.abs(shape_a[2] - shape_a[0]).max()  # misery perfusion vs GM
+    assert contrast > 0.05
+
+
+def test_the_inputs_ignore_a_per_voxel_scale_and_a_constant_qsm_offset():
+    rng = np.random.default_rng(0)
+    protocol = physics.Protocol.from_milliseconds([2.0 + 3.0 * i for i in range(10)], 3.0)
+    np.testing.assert_allclose(decay.canonical_matrix(protocol).sum(axis=1), 0.0, atol=1e-5)
+    shape = (10, 12, 9)
+    mask = np.zeros(shape, bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    params = TISSUES[rng.integers(0, 4, shape)]
+    echoes = physics.qbold_signal(*(params[..., i] for i in range(5)), protocol).astype(np.float32)
+    echoes *= rng.uniform(0.5, 2.0, shape)[..., None].astype(np.float32)  # receive bias
+    qsm = (physics.qsm_value(params[..., 2], params[..., 3], params[..., 4])
+           + rng.normal(0, 0.002, shape)).astype(np.float32)
+    spec = models.CONTEXT_NET
+
+    def inputs(q):
+        f = spatial.volume_features(echoes * mask[..., None], q * mask, mask, 10.0, float(np.median(q[mask])))
+        return spatial.network_inputs(f, mask, spec, 2.0, protocol)
+
+    base = inputs(qsm)
+    assert base.shape[-1] == models.context_feature_count(spec)
+    np.testing.assert_allclose(inputs(qsm + 0.05), base, atol=1e-4)
+    np.testing.assert_allclose(inputs(qsm - 0.04), base, atol=1e-4)
+    # the QSM channels do carry the voxels' differences
+    n_base = len(decay.CANONICAL_MS) + 1
+    assert base[..., n_base - 1][mask].std() > 0.05
+
+
+def test_the_supported_range_is_checked_in_one_line():
+    supported = decay.SUPPORTED
+    for te_ms, b0 in (([4.5 + 5 * i for i in range(8)], 3.0), ([1.5 + 1.5 * i for i in range(16)], 7.0),
+                      ([8.0, 16.0, 24.0, 32.0, 40.0, 48.0, 56.0], 1.5)):
+        assert supported.problems(physics.Protocol.from_milliseconds(te_ms, b0)) == []
+    for te_ms, b0, what in (([4.5 + 5 * i for i in range(8)], 9.4, "9.4 T"),
+                            ([2.0 + 2 * i for i in range(20)], 3.0, "20 echoes"),
+                            ([1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0], 3.0, "first echo 1 ms"),
+                            ([5.0, 15.0, 25.0, 35.0, 45.0, 55.0], 3.0, "echo spacing 10-10 ms"),
+                            ([3.0 + 1.5 * i for i in range(8)], 3.0, "last echo 13.5 ms")):
+        with pytest.raises(InputError) as err:
+            supported.check(physics.Protocol.from_milliseconds(te_ms, b0), "m.keras")
+        message = str(err.value)
+        assert what in message and "--method cat" in message and "1.5-7 T" in message and "\n" not in message
+
+
+def test_training_protocols_cover_the_supported_range_and_little_more():
+    rng = np.random.default_rng(1)
+    protocols = [train_context.random_protocol(rng, decay.SUPPORTED) for _ in range(400)]
+    n = np.array([p.n_echoes for p in protocols])
+    first = np.array([p.echo_times_ms[0] for p in protocols])
+    last = np.array([p.echo_times_ms[-1] for p in protocols])
+    b0 = np.array([p.field_strength for p in protocols])
+    assert n.min() == 5 and n.max() == 16
+    assert first.min() < 2.0 and first.max() > 7.5 and last.min() < 17.0 and last.max() > 58.0
+    assert b0.min() < 1.7 and b0.max() > 6.5 and 1.3 < b0.min() and b0.max() < 7.8
+    assert any(np.ptp(np.diff(p.echo_times_ms)) > 0.5 for p in protocols)  # uneven spacings too
+
+
+def test_training_targets_hold_r2_in_3t_equivalent_time():
+    config = train_context.ContextTrainConfig(voxel_size_mm=4.0)
+    patient = train_context.make_patient(train_context.TRAIN_SEED, 0, config)
+    seven = physics.Protocol.from_milliseconds([2.0 + 2.0 * i for i in range(10)], 7.0)
+    _, _, t3 = train_context.signals(patient, physics.Protocol.default(), 0.5)
+    _, _, t7 = train_context.signals(patient, seven, 0.5)
+    m = patient.metric & (t3[..., 1] * (7 / 3) ** 0.5 < physics.BOUNDS["R2"][1])
+    np.testing.assert_allclose(t7[..., 1][m], t3[..., 1][m] * (7 / 3) ** 0.5 * 3 / 7, rtol=2e-3)
+
+
+def test_decode_gives_real_time_r2_and_mondrian_interval_factors():
+    scaling = {"mean": [1.0, 15.0, 0.6, 0.03, -0.02], "std": [0.1, 5.0, 0.1, 0.01, 0.03]}
+    raw = np.zeros((6, spatial.N_OUTPUTS), np.float32)
+    raw[:, 2] = np.array([0, 0, 0, 0, -2.0, 2.0])  # two voxels far from the brain median
+    raw[:, 5] = np.array([-3.0, 0.0, 1.0, 1.0, -3.0, -3.0])  # the half-width below: 0.5, 6.9, 13 pp
+    raw[:, 6] = raw[:, 5]
+    at3 = spatial.decode(raw, np.ones(6, np.float32), scaling, 1.0)
+    at7 = spatial.decode(raw, np.ones(6, np.float32), scaling, 1.0, r2_factor=7 / 3)
+    np.testing.assert_allclose(at7["R2"], np.minimum(at3["R2"] * 7 / 3, physics.BOUNDS["R2"][1]), rtol=1e-5)
+    mondrian = {"width_edges_pp": [5.0], "abnormality_edges_pp": [10.0], "factors": [[1.0, 2.0], [3.0, 4.0]]}
+    out = spatial.decode(raw, np.ones(6, np.float32), scaling, mondrian)
+    half = at3["OEF_p95"] - at3["OEF"]
+    factor = (out["OEF_p95"] - out["OEF"]) / half
+    # normal voxels: 1 where the network's half-width is under 5 pp, else 2; far from the median: 3
+    np.testing.assert_allclose(half[:4] > 5.0, [False, True, True, True])
+    np.testing.assert_allclose(factor, [1.0, 2.0, 2.0, 2.0, 3.0, 3.0], rtol=1e-4)
