@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import methods
 from ..errors import InputError
+from . import help_literal
 
 OUTPUT_FILES = {"OEF": "oef.nii.gz", "S0": "S0.nii.gz", "R2": "R2.nii.gz", "Y": "Y.nii.gz", "v": "v.nii.gz",
                 "chi_nb": "chi_nb.nii.gz", "quality": "quality.nii.gz", "CMRO2": "cmro2.nii.gz",
@@ -46,8 +47,8 @@ def register(sub):
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto (GPU if the backend sees one, else CPU; default), cpu, or gpu")
     p.add_argument("--method", default=None, choices=list(methods.METHODS), type=str.lower,
-                   help=f"default: {methods.DEFAULT_METHOD}, or the method the --model file was trained for. "
-                        + methods.help_text())
+                   help=help_literal(f"default: {methods.DEFAULT_METHOD}, or the method the --model file was "
+                                     "trained for. " + methods.help_text()))
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
     p.set_defaults(func=run)
