@@ -241,8 +241,8 @@ class RNSTRequest:
 
 
 class RNSTResult:
-    """output: the volume; metrics: {"input": (PSNR, SSIM), "output": (PSNR, SSIM)} against the
-    reference, or None without one."""
+    """output: the volume; metrics: {"input": Quality, "output": Quality} (PSNR and SSIM over the
+    slices and inside the head, volume.quality) against the reference, or None without one."""
 
     def __init__(self, output, metrics=None):
         self.output, self.metrics = output, metrics
@@ -372,9 +372,11 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         outputNode.CopyOrientation(contentNode)
         slicer.util.updateVolumeFromArray(outputNode, result.output)
         if result.metrics is not None:
-            for key, (psnr, ssim) in result.metrics.items():
-                outputNode.SetAttribute(f"RNST.{key}.PSNR", f"{psnr:.3f}")
-                outputNode.SetAttribute(f"RNST.{key}.SSIM", f"{ssim:.4f}")
+            for key, q in result.metrics.items():
+                outputNode.SetAttribute(f"RNST.{key}.PSNR", f"{q[0]:.3f}")
+                outputNode.SetAttribute(f"RNST.{key}.SSIM", f"{q[1]:.4f}")
+                outputNode.SetAttribute(f"RNST.{key}.PSNR_head", f"{q[2]:.3f}")
+                outputNode.SetAttribute(f"RNST.{key}.SSIM_head", f"{q[3]:.4f}")
         return outputNode
 
     def process(self, contentNode, styleNode, referenceNode=None, outputNode=None, **options):
@@ -387,9 +389,11 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
     def metricsText(metrics) -> str:
         if not metrics:
             return _("Done (no reference: no PSNR/SSIM).")
-        (p0, s0), (p1, s1) = metrics["input"], metrics["output"]
-        return _("PSNR {p0:.2f} -> {p1:.2f} dB, SSIM {s0:.3f} -> {s1:.3f} (input -> output, "
-                 "against the reference)").format(p0=p0, p1=p1, s0=s0, s1=s1)
+        (p0, s0, h0, t0), (p1, s1, h1, t1) = metrics["input"], metrics["output"]
+        return _("PSNR {p0:.2f} -> {p1:.2f} dB, SSIM {s0:.3f} -> {s1:.3f} over the slices; inside "
+                 "the head PSNR {h0:.2f} -> {h1:.2f} dB, SSIM {t0:.3f} -> {t1:.3f} (input -> "
+                 "output, against the reference)").format(p0=p0, p1=p1, s0=s0, s1=s1, h0=h0,
+                                                          h1=h1, t0=t0, t1=t1)
 
     @staticmethod
     def unmetRequirements() -> list:

@@ -78,9 +78,10 @@ def test_logic_on_real_mrml(mrml):
     assert arr.shape == low.shape and out.GetSpacing() == (1.5, 1.5, 3.0)
     np.testing.assert_array_equal(arr[0], low[0])
     metrics = job.result.metrics
-    (_, s_in), (_, s_out) = metrics["input"], metrics["output"]
+    s_in, s_out = metrics["input"].ssim, metrics["output"].ssim
     assert s_out > s_in
     assert out.GetAttribute("RNST.output.SSIM") == f"{s_out:.4f}"
+    assert out.GetAttribute("RNST.output.SSIM_head") == f"{metrics['output'].ssim_head:.4f}"
     assert "SSIM" in logic.metricsText(metrics)
 
 

@@ -37,8 +37,8 @@ def test_short_run_improves_ssim(model):
     preset = rnst.get_preset("fast", outer_iterations=1, budgets=(20, 10, 10))
     calls = []
     res = rnst.rnst_slice(low, style, model, preset, on_eval=calls.append)
-    _, ssim_in = volume.quality(low, ref)
-    _, ssim_out = volume.quality(res.image, ref)
+    ssim_in = volume.quality(low, ref).ssim
+    ssim_out = volume.quality(res.image, ref).ssim
     assert ssim_out > ssim_in + 0.03, (ssim_in, ssim_out)
     assert res.image.shape == low.shape and len(res.losses) == 1
     # The chosen candidate has a lower NST loss than the input (selection never sees the ref).
@@ -81,8 +81,8 @@ def test_denoisers_reduce_noise(kind):
     if kind == "bm3d" and not rnst.bm3d_available():
         pytest.skip("bm3d not installed (optional: non-commercial licence)")
     ref, low, _ = _phantom(8)
-    _, s_in = volume.quality(low, ref)
-    _, s_out = volume.quality(rnst.denoise(low, kind), ref)
+    s_in = volume.quality(low, ref).ssim
+    s_out = volume.quality(rnst.denoise(low, kind), ref).ssim
     assert s_out > s_in + 0.1
 
 
@@ -105,3 +105,18 @@ def test_slices_of_several_sizes_share_one_model(model):
         total, ls, lc = problem.loss_terms(content)
         assert np.isfinite(total) and lc == pytest.approx(0.0, abs=1e-4)
         assert problem.run(content, (2,)).images[0].shape == shape
+
+
+def test_a_half_intensity_slice_stays_at_half(model):
+    """Slices are scaled like the volume's content target: a slice at half its neighbours'
+    intensity comes back at half (per-slice [0, 1] scaling would bring it back at full)."""
+    ref, low, style = _phantom(9)
+    content = np.stack([low, 0.5 * low, low])
+    preset = rnst.get_preset("fast", outer_iterations=1, budgets=(6, 4, 4))
+    res = volume.transfer_volume(content, np.stack([style] * 3), preset=preset, axis=0,
+                                 model=model, backbone=nst.VGG16_TORCH)
+    head = volume.head_mask(ref)
+    ratio_in = content[1][head].mean() / content[0][head].mean()
+    ratio_out = res.output[1][head].mean() / res.output[0][head].mean()
+    assert ratio_in == pytest.approx(0.5)
+    assert ratio_out == pytest.approx(0.5, abs=0.06), ratio_out

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qt_standins import child_widget_variables, dispose, load_ui, qt_shim, spin_until  # noqa: E402
 
-METRICS = {"input": (20.0, 0.5), "output": (25.0, 0.7)}
+METRICS = {"input": (20.0, 0.5, 19.0, 0.6), "output": (25.0, 0.7, 24.0, 0.8)}
 
 
 def fake_transfer(release=None):

@@ -139,10 +139,13 @@ def cmd_transfer(args) -> int:
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
     if reference is not None:
         ref = slab(reference, axis, slices)
-        p_in, s_in = quality(slab(content, axis, slices), ref)
-        p_out, s_out = quality(slab(res.output, axis, slices), ref)
-        print(f"PSNR input {p_in:.2f} dB -> output {p_out:.2f} dB ({p_out - p_in:+.2f})")
-        print(f"SSIM input {s_in:.4f} -> output {s_out:.4f} ({s_out - s_in:+.4f})")
+        q_in = quality(slab(content, axis, slices), ref)
+        q_out = quality(slab(res.output, axis, slices), ref)
+        for where, p, s in (("slices", 0, 1), ("head", 2, 3)):
+            print(f"PSNR ({where}) input {q_in[p]:.2f} dB -> output {q_out[p]:.2f} dB "
+                  f"({q_out[p] - q_in[p]:+.2f})")
+            print(f"SSIM ({where}) input {q_in[s]:.4f} -> output {q_out[s]:.4f} "
+                  f"({q_out[s] - q_in[s]:+.4f})")
     return 0
 
 

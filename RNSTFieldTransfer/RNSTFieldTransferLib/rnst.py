@@ -140,12 +140,19 @@ def rnst_slice(content: np.ndarray, style: np.ndarray, model, preset: Preset, ba
             on_eval(counter["n"])
 
     x = content.astype(np.float64)
+    # Every working image is scaled to the content's own range (the published code scales to
+    # [0, 1], which lifts a dim slice of a volume to full brightness).
+    lo, hi = float(content.min()), float(content.max())
+
+    def scaled(a):
+        return lo + (hi - lo) * minmax01(a)
+
     result = SliceResult(image=content, initial_loss=problem.loss(content))
     best_loss, best_x = np.inf, x
     for i in range(preset.outer_iterations):
-        x = minmax01(x)
+        x = scaled(x)
         start = denoise(x, preset.denoiser) if i == 0 else x
-        nst = problem.run(minmax01(start).astype(np.float32), preset.budgets, cancel=cancel,
+        nst = problem.run(scaled(start).astype(np.float32), preset.budgets, cancel=cancel,
                           on_eval=lambda n: count())
         d = nst.images[-1].astype(np.float64)
         candidates = []
@@ -153,7 +160,7 @@ def rnst_slice(content: np.ndarray, style: np.ndarray, model, preset: Preset, ba
             step = preset.mu * k
             for budget, t in zip(np.cumsum(preset.budgets), nst.images):
                 cand = x - step * ((x - t) + preset.lam * (x - d))
-                loss = problem.loss(minmax01(cand).astype(np.float32))
+                loss = problem.loss(scaled(cand).astype(np.float32))
                 count()
                 candidates.append((loss, int(budget), step, cand))
         loss, budget, step, x = min(candidates, key=lambda c: c[0])
