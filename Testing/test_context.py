@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from OEFPredictorLib import methods, models, predict, spatial, train_context
+from OEFPredictorLib import maptable, methods, models, predict, spatial, train_context
 from OEFPredictorLib.errors import InputError
 
 TINY = train_context.ContextTrainConfig(
@@ -138,7 +138,7 @@ def test_the_engine_runs_the_context_model_with_its_interval(trained, tiny_datas
     assert spec.name == "context"
     result = predict.predict_maps(inputs, model=str(out), device="cpu")
     m = result.mask
-    assert result.method == "context" and set(predict.INTERVAL_MAP_NAMES) <= set(result.maps)
+    assert result.method == "context" and set(maptable.INTERVAL) <= set(result.maps)
     assert np.all(result.maps["OEF_p05"][m] <= result.maps["OEF"][m] + 1e-4)
     assert np.all(result.maps["OEF"][m] <= result.maps["OEF_p95"][m] + 1e-4)
     assert np.all(result.maps["OEF"][~m] == 0) and np.isfinite(result.maps["OEF"][m]).all()

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import baselines, methods, models, phantom, physics, sequences, simulate, spatial
+from . import baselines, maptable, methods, models, phantom, physics, sequences, simulate, spatial
 from .errors import InputError
 
 # Specificity: an invented lesion is a cluster of at least this many voxels whose predicted OEF departs
@@ -40,7 +40,8 @@ from .errors import InputError
 INVENTED_THRESHOLD_PP, INVENTED_MIN_VOXELS = 10.0, 8
 LOW_SIGNAL_QUANTILE = 0.2  # "low-SNR regions": the brain's darkest fifth on echo 1
 METRIC_NAMES = ("S0", "R2", "Y", "v", "chi_nb", "OEF")
-METRIC_UNITS = {"S0": "rel. echo 1", "R2": "Hz", "Y": "", "v": "", "chi_nb": "ppm", "OEF": "pp"}
+# errors: S0 relative to the echo-1 magnitude, OEF as a difference of percentages
+METRIC_UNITS = {**{n: maptable.unit(n) for n in METRIC_NAMES}, "S0": "rel. echo 1", "OEF": maptable.PERCENTAGE_POINTS}
 PREDICT_BATCH = 8192
 
 

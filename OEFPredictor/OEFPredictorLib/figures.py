@@ -7,9 +7,9 @@ import numpy as np
 
 from . import phantom
 from .errors import InputError
+from .maptable import MAPS, OEF_RANGE
 
-OEF_RANGE = (0.0, 80.0)  # percent; the display range used everywhere (Slicer too)
-WIDTH_RANGE = (0.0, 40.0)  # percentage points; display range of the 90 % interval's width
+WIDTH_RANGE = MAPS["OEF_width"].display_range  # the 90 % interval's width (pp)
 
 
 def _matplotlib():

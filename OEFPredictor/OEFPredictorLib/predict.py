@@ -35,14 +35,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import methods, physics, plausibility, sequences
+from . import maptable, methods, physics, plausibility, sequences
 from .errors import CancelledError, InputError
 from .jobs import BackgroundJob, call_interruptibly
 
 log = logging.getLogger(__name__)
 
-MAP_NAMES = ("OEF", "S0", "R2", "Y", "v", "chi_nb", "quality")  # + "CMRO2" with CBF
-INTERVAL_MAP_NAMES = ("OEF_p05", "OEF_p95", "OEF_width")  # methods with an interval (methods.Method.interval)
 QSM_RESIDUAL_SCALE_PPM = 0.2  # see the quality-map definition above
 DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_BATCH = 4096  # voxels per network call: large enough to keep the call overhead small
@@ -377,18 +375,17 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
             warnings.append(f"{int((~finite).sum())} voxel(s) with NaN/Inf CBF get CMRO2 0.")
         values["CMRO2"] = np.where(finite, physics.cmro2(np.where(finite, cbf_rows, 0.0),
                                                          values["OEF"] / 100.0), 0.0)
-    maps = {}
-    extra = tuple(n for n in INTERVAL_MAP_NAMES + ("CMRO2",) if n in values)
-    for name in MAP_NAMES + extra:
+    volumes = {}
+    for name in (n for n in maptable.MAPS if n in values):  # the table's order
         volume = np.zeros(mask.size, dtype=np.float32)
         volume[idx] = values[name]
-        maps[name] = volume.reshape(mask.shape)
+        volumes[name] = volume.reshape(mask.shape)
     check_cancel()
     elapsed = time.perf_counter() - start
     report(1.0, f"Done: {n} voxels in {elapsed:.1f} s")
     for w in warnings:
         log.warning(w)
-    return PredictionResult(maps, mask, warnings, elapsed, dev, bundle.card if bundle else None, method,
+    return PredictionResult(volumes, mask, warnings, elapsed, dev, bundle.card if bundle else None, method,
                             mask_derived, n)
 
 
@@ -445,7 +442,7 @@ def _run_spatial(run: _Run):
     for start, stop in sequences.iter_chunks(len(run.echo_rows), 65536):
         quality[start:stop] = quality_map(run.echo_rows[start:stop], run.qsm_rows[start:stop],
                                           {p: params[p][start:stop] for p in params}, inputs.protocol)
-    params.update({name: values[name] for name in INTERVAL_MAP_NAMES})
+    params.update({name: values[name] for name in maptable.INTERVAL})
     return params, quality, dev
 
 
