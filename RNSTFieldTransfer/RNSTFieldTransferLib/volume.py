@@ -1,7 +1,8 @@
 """RNST over a volume, slice by slice in one of the three planes; image quality metrics.
 
-Processing is 2D, as in the paper: each slice is transferred on its own, with no coupling between
-neighbouring slices.
+Each slice is transferred on its own, as in the paper; the denoiser that starts the style transfer
+may look at the neighbouring slices ("nlm-2.5d"), and on a GPU several slices go through the
+network together.
 
 Arrays are numpy (k, j, i) as SimpleITK and Slicer give them. The plane picks the array axis whose
 direction is closest to S (axial), A (coronal) or R/L (sagittal), so oblique or flipped volumes
@@ -179,17 +180,23 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
                     backbone_name: str = "vgg16", weights_path=None,
                     style_axis: int | None = None, content_geometry: Geometry | None = None,
                     style_geometry: Geometry | None = None, progress=None,
-                    cancel: threading.Event | None = None) -> VolumeResult:
+                    cancel: threading.Event | None = None,
+                    batch: int | None = None) -> VolumeResult:
     """RNST on each slice of `content` along numpy `axis` in `slices`.
 
     The style slice for content slice s is the one nearest in space (from the geometries; without
     them both volumes are taken to share one grid), resampled to the content's pixel size; a
-    single-slice style volume serves all. `model`/`backbone` from nst.build_model, else built
-    from `backbone_name` and `weights_path`. `progress(fraction, text)` is called often; `cancel`
-    is checked at every loss evaluation (raises RNSTCancelled).
+    single-slice style volume serves all. The denoiser sees the neighbouring content slices (also
+    those outside `slices`). `model`/`backbone` from nst.build_model, else built from
+    `backbone_name` and `weights_path`. `batch`: slices run together (default: a batch on a GPU,
+    one at a time on a CPU). `progress(fraction, text)` is called often, the text with the
+    remaining time and the device; `cancel` is checked at every loss evaluation (raises
+    RNSTCancelled).
     """
-    from .nst import build_model
-    from .rnst import evaluations_per_slice, rnst_slice
+    import time
+
+    from .nst import build_model, compute_device, slices_per_batch
+    from .rnst import evaluations_per_slice, rnst_slices
 
     content = np.asarray(content)
     style = np.asarray(style)
@@ -203,43 +210,62 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
     slices = range(n) if slices is None else slices
     if len(slices) == 0:
         raise RNSTInputError("the slice range selects no slice")
-    lo, hi = float(content.min()), float(content.max())
     c01 = minmax(content).astype(np.float32)
     s01 = minmax(style).astype(np.float32)
     ns = s01.shape[style_axis]
     cg, sg = content_geometry or Geometry(), style_geometry or Geometry()
     c_mm, s_mm = in_plane_spacing(cg, axis), in_plane_spacing(sg, style_axis)
+    lo, hi = float(content.min()), float(content.max())
 
     if model is None:
         model, backbone = build_model(backbone_name, weights_path)
+    device = compute_device()
+    batch = batch or slices_per_batch()
     output = content.astype(np.float32).copy()  # slices outside the range stay bit-identical
     per_slice = evaluations_per_slice(preset)
     total = per_slice * len(slices)
     result = VolumeResult(output=content, axis=axis, slices=list(slices))
-    for done, s in enumerate(slices):
+    todo = []
+    for s in slices:
+        js = 0 if ns == 1 else style_slice_index(s, axis, cg, style_axis, sg, ns)
+        result.style_slices[int(s)] = js
+        if float(np.ptp(np.take(c01, s, axis=axis))) >= 1e-6:
+            todo.append(s)  # an empty (background) slice is left as it is
+    t0 = time.monotonic()
+    for first in range(0, len(todo), batch):
         if cancel is not None and cancel.is_set():
             raise RNSTCancelled("cancelled")
-        c2 = np.take(c01, s, axis=axis)
-        js = 0 if ns == 1 else style_slice_index(s, axis, cg, style_axis, sg, ns)
-        st2 = match_pixel_size(np.take(s01, js, axis=style_axis), s_mm, c_mm)
-        result.style_slices[int(s)] = js
-        if float(c2.max() - c2.min()) < 1e-6:
-            continue  # empty (background) slice: nothing to transfer
+        group = todo[first:first + batch]
+        c2 = [np.take(c01, s, axis=axis) for s in group]
+        st2 = [match_pixel_size(np.take(s01, result.style_slices[int(s)], axis=style_axis),
+                                s_mm, c_mm) for s in group]
+        nb = [[np.take(c01, t, axis=axis) for t in (s - 1, s + 1) if 0 <= t < n] for s in group]
 
-        def on_eval(k, done=done, s=s):
-            if progress is not None:
-                progress(min(1.0, (done * per_slice + k) / total),
-                         f"slice {s} ({done + 1}/{len(slices)})")
+        def on_eval(k, first=first, group=group):
+            if progress is None:
+                return
+            fraction = min(1.0, (first * per_slice + k * len(group)) / total)
+            elapsed = time.monotonic() - t0
+            left = "" if fraction < 0.02 else \
+                f", about {_minutes(elapsed * (1 - fraction) / fraction)} left"
+            which = f"slice {group[0]}" if len(group) == 1 else \
+                f"slices {group[0]}..{group[-1]}"
+            progress(fraction, f"{which} ({first + len(group)}/{len(todo)}){left}, {device}")
 
-        res = rnst_slice(c2, st2, model, preset, backbone, cancel=cancel, on_eval=on_eval)
-        index = [slice(None)] * 3
-        index[axis] = s
-        output[tuple(index)] = res.image.astype(np.float64) * (hi - lo) + lo
-        result.losses[int(s)] = res.losses
+        for s, res in zip(group, rnst_slices(c2, st2, model, preset, backbone, cancel=cancel,
+                                             on_eval=on_eval, neighbours=nb)):
+            index = [slice(None)] * 3
+            index[axis] = s
+            output[tuple(index)] = res.image.astype(np.float64) * (hi - lo) + lo
+            result.losses[int(s)] = res.losses
     if progress is not None:
         progress(1.0, "done")
     result.output = output.reshape(shape)
     return result
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def slab(volume: np.ndarray, axis: int, slices) -> np.ndarray:
