@@ -73,7 +73,7 @@ def test_the_network_works_voxel_by_voxel_on_any_volume_and_loads_in_safe_mode(t
     import keras
 
     spec = dict(models.CONTEXT_NET, dense=[8, 4])
-    n = models.context_feature_count(spec)
+    n = spatial.context_feature_count(spec)
     model = models.build_context_net(spec, n, spatial.N_OUTPUTS, np.full(n, 0.5), np.full(n, 2.0))
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(1, 5, 7, 3, n)).astype(np.float32)

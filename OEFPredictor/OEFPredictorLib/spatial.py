@@ -56,6 +56,11 @@ def divisor(spec: dict) -> int:
     return 2 ** (len(spec["filters"]) - 1) if spec.get("architecture") == "unet" else 1
 
 
+def context_feature_count(spec: dict, n_echoes: int = 8) -> int:
+    """Channels per voxel of the context model's pyramid (context_features)."""
+    return n_echoes * (1 + len(spec["sigmas_mm"])) + (len(LOCAL_NOISE_CHANNELS) if spec.get("local_noise") else 0)
+
+
 # --- Inputs -----------------------------------------------------------------------------------
 def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_scale: float) -> np.ndarray:
     """(z, y, x, E + 1) float32 network inputs: echoes / echo 1 and QSM x qsm_scale inside the mask."""
@@ -411,9 +416,11 @@ def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale) -> tuple[np.ndarra
 
 
 def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
-                   predict=None, check_cancel=None, progress=None) -> dict[str, np.ndarray]:
+                   protocol: physics.Protocol | None = None, predict=None, check_cancel=None,
+                   progress=None) -> dict[str, np.ndarray]:
     """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
-    (C order), like the voxelwise engine."""
+    (C order), like the voxelwise engine. `protocol`: the data's acquisition, which the engine
+    (predict.Predictor) passes to every spatial model for features that depend on it."""
     card = bundle.card
     info = card["spatial"]
     model_mm = float(info["voxel_size_mm"])

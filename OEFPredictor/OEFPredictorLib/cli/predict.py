@@ -45,7 +45,7 @@ def register(sub):
     p.set_defaults(func=run)
 
 
-def run_prediction(inputs, args, bar_label: str = "Predicting"):
+def run_prediction(inputs, predictor, device: str, bar_label: str = "Predicting"):
     """predict_maps with a progress bar on stderr."""
     from .. import predict
     from . import progress_bar
@@ -59,8 +59,7 @@ def run_prediction(inputs, args, bar_label: str = "Predicting"):
         bar.refresh()
 
     try:
-        return predict.predict_maps(inputs, model=getattr(args, "model_bundle", None) or args.model,
-                                    device=args.device, method=args.method, progress=progress)
+        return predict.predict_maps(inputs, predictor, device, progress=progress)
     finally:
         bar.close()
 
@@ -75,20 +74,20 @@ def run(args) -> int:
     inputs_given += [io.sidecar_path(p) for p in args.echoes]
     names = [m.file for m in maptable.MAPS.values() if m.file] + [maptable.MASK_FILE, maptable.PROVENANCE_FILE]
     io.check_output_dir(out, args.overwrite, inputs_given, names)  # before any work
-    method, args.model_bundle = predict.resolve_method(args.method, args.model)  # a bad model fails before any work
+    method, bundle = predict.resolve_method(args.method, args.model)  # a bad model fails before any work
     args.method = method.name
     te_ms = parse_echo_times_ms(args.te).echo_times_ms if args.te else None
     notes = []
     inputs, geometry = io.load_inputs(args.echoes, args.qsm, args.mask, args.cbf, te_ms, notes=notes)
     for note in notes:
         sys.stderr.write(f"oefpredictor predict: warning: {note}\n")
-    expected = args.model_bundle.protocol if args.model_bundle is not None else None
-    inputs.validate(expected)
+    predictor = predict.Predictor(method, bundle, inputs.protocol)  # refuses a model for another protocol
+    inputs.validate()  # unusable inputs: one line before the progress bar
     with io.atomic_directory(out, overwrite=args.overwrite, inputs=inputs_given, command="predict") as tmp:
-        result = run_prediction(inputs, args)
+        result = run_prediction(inputs, predictor, args.device)
         result.warnings[:0] = notes
         written = io.write_maps(result, geometry, tmp)
-        record = {k: v for k, v in vars(args).items() if k not in ("func", "model_bundle")}
+        record = {k: v for k, v in vars(args).items() if k != "func"}
         io.write_json(io.provenance(result, record, inputs.protocol), Path(tmp) / maptable.PROVENANCE_FILE)
     for w in result.warnings[len(notes):]:  # those of loading were printed already
         sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
