@@ -32,7 +32,7 @@ _MODULE_DIR = Path(__file__).resolve().parent
 if str(_MODULE_DIR) not in sys.path:  # Slicer adds it; plain Python (tests, scripts) may not
     sys.path.insert(0, str(_MODULE_DIR))
 
-from OEFPredictorLib import methods, physics, predict  # noqa: E402  (no Keras at import)
+from OEFPredictorLib import maptable, methods, physics, predict  # noqa: E402  (no Keras at import)
 from OEFPredictorLib.errors import CancelledError, InputError  # noqa: E402
 from OEFPredictorSlicer import display, environment  # noqa: E402
 from OEFPredictorSlicer.comparison import (  # noqa: E402  (names scripts and tests use)
@@ -674,6 +674,6 @@ class OEFPredictorTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Predicting")
             outputs = OEFPredictorLogic().process(echoNodes, qsmNode, echoTimesMs=protocol.echo_times_ms,
                                                   model=str(modelPath), device="cpu", method="lstm")
-        self.assertEqual(set(predict.MAP_NAMES), set(outputs))
+        self.assertEqual(set(maptable.BASE), set(outputs))
         self.assertEqual(outputs["OEF"].GetImageData().GetDimensions(), echoNodes[0].GetImageData().GetDimensions())
         self.delayDisplay("Test passed")

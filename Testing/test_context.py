@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from OEFPredictorLib import methods, models, predict, spatial, train_context
+from OEFPredictorLib import maptable, methods, models, predict, spatial, train_context
 from OEFPredictorLib.errors import InputError
 
 TINY = train_context.ContextTrainConfig(
@@ -80,7 +80,7 @@ def test_the_network_works_voxel_by_voxel_on_any_volume_and_loads_in_safe_mode(t
     import keras
 
     spec = dict(models.CONTEXT_NET, dense=[8, 4])
-    n = models.context_feature_count(spec)
+    n = spatial.context_feature_count(spec)
     model = models.build_context_net(spec, n, spatial.N_OUTPUTS, np.full(n, 0.5), np.full(n, 2.0))
     rng = np.random.default_rng(0)
     volume = rng.normal(size=(1, 5, 7, 3, n)).astype(np.float32)
@@ -148,7 +148,7 @@ def test_the_engine_runs_the_context_model_with_its_interval(trained, tiny_datas
     assert spec.name == "context"
     result = predict.predict_maps(inputs, model=str(out), device="cpu")
     m = result.mask
-    assert result.method == "context" and set(predict.INTERVAL_MAP_NAMES) <= set(result.maps)
+    assert result.method == "context" and set(maptable.INTERVAL) <= set(result.maps)
     assert np.all(result.maps["OEF_p05"][m] <= result.maps["OEF"][m] + 1e-4)
     assert np.all(result.maps["OEF"][m] <= result.maps["OEF_p95"][m] + 1e-4)
     assert np.all(result.maps["OEF"][~m] == 0) and np.isfinite(result.maps["OEF"][m]).all()

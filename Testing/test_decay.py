@@ -67,7 +67,7 @@ def test_the_inputs_ignore_a_per_voxel_scale_and_a_constant_qsm_offset():
         return spatial.network_inputs(f, mask, spec, 2.0, protocol)
 
     base = inputs(qsm)
-    assert base.shape[-1] == models.context_feature_count(spec)
+    assert base.shape[-1] == spatial.context_feature_count(spec)
     np.testing.assert_allclose(inputs(qsm + 0.05), base, atol=1e-4)
     np.testing.assert_allclose(inputs(qsm - 0.04), base, atol=1e-4)
     # the QSM channels do carry the voxels' differences

@@ -86,11 +86,11 @@ def test_model_for_another_protocol_is_refused_with_a_clear_message(tmp_path):
     bundle = models.load_bundle(path)
     bundle.check_protocol(physics.Protocol.default())  # its own protocol passes
     shifted = physics.Protocol.from_milliseconds([5.0 + 5.0 * i for i in range(8)], 3.0)
-    with pytest.raises(InputError, match=r"differs from the model's"):
+    with pytest.raises(InputError, match=r"differs in its echo times from the model's"):
         bundle.check_protocol(shifted)
     with pytest.raises(InputError, match=r"6 echoes"):
         bundle.check_protocol(physics.Protocol.from_milliseconds([4.5 + 5.0 * i for i in range(6)], 3.0))
-    with pytest.raises(InputError, match=r"differs"):
+    with pytest.raises(InputError, match=r"differs in its field strength"):
         bundle.check_protocol(physics.Protocol(physics.Protocol.default().echo_times, 1.5))
 
 

@@ -143,16 +143,20 @@ def test_validate_refuses_bad_arrays(patient, change, message):
     base = make_inputs(patient)
     bad = make_inputs(patient, **change(base))
     with pytest.raises(InputError, match=message):
-        bad.validate(patient.protocol)
+        bad.validate()
 
 
-def test_validate_names_the_model_protocol(patient):
-    from OEFPredictorLib import physics
+def test_a_predictor_names_the_model_protocol(patient, bundle):
+    """The one check of a protocol against a model: building the method with its acquisition."""
+    from OEFPredictorLib import methods, physics, predict
     from OEFPredictorLib.errors import InputError
 
     other = physics.Protocol.from_milliseconds([5 + 5 * i for i in range(8)])
     with pytest.raises(InputError, match=r"model's \(8 echoes at TE = \[4.5, 9.5"):
-        make_inputs(patient, protocol=other).validate(patient.protocol)
+        predict.Predictor(methods.of_card(bundle.card), bundle, other)
+    with pytest.raises(InputError, match=r"differs in its echo times"):
+        predict.predict_maps(make_inputs(patient, protocol=other), bundle)
+    assert predict.Predictor.build(patient.protocol, None, bundle).method.name == methods.of_card(bundle.card).name
 
 
 def test_device_choice(bundle, patient):

@@ -101,7 +101,7 @@ def test_short_run_with_style_of_another_size(images, capsys):
         "--reference", str(images["reference"]), "--out", str(out), "--slices", "1:2",
         "--iterations", "1", "--evaluations", "5,8,10", "--plane", "axial"])
     assert code == 0, err
-    assert "PSNR input" in stdout and "SSIM input" in stdout
+    assert "PSNR (slices) input" in stdout and "SSIM (head) input" in stdout
     res = SimpleITK.ReadImage(str(out))
     low = SimpleITK.ReadImage(str(images["content"]))
     assert res.GetSize() == low.GetSize() and res.GetSpacing() == low.GetSpacing()

@@ -21,8 +21,9 @@ def test_gram_matrix_hand_computed():
     f = np.array([[[1.0, 2.0], [3.0, 4.0]]], np.float32)
     g = np.asarray(nst.gram_matrix(f))
     np.testing.assert_allclose(g, [[2.5, 3.5], [3.5, 5.0]], rtol=1e-6)
-    # A batch axis is accepted and changes nothing.
-    np.testing.assert_allclose(np.asarray(nst.gram_matrix(f[None])), g, rtol=1e-6)
+    # A batch: one Gram per image.
+    batch = np.stack([f, 2 * f])
+    np.testing.assert_allclose(np.asarray(nst.gram_matrix(batch)), [g, 4 * g], rtol=1e-6)
 
 
 def test_losses_hand_computed():
@@ -34,6 +35,12 @@ def test_losses_hand_computed():
     targets = [np.zeros((2, 2), np.float32), np.array([[1.0]], np.float32)]
     # mean(2.5, 3.5, 3.5, 5) = 3.625, plus |4 - 1| = 3
     assert float(nst.style_loss([f1, f2], targets)) == pytest.approx(6.625)
+    # Batched (B, H, W, C): one loss per image.
+    per_image = nst.style_loss([np.stack([f1, 0 * f1]), np.stack([f2, f2])],
+                               [np.stack([t, t]) for t in targets])
+    np.testing.assert_allclose(np.asarray(per_image), [6.625, 0 + 3], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(nst.content_loss(np.stack([a, b]), np.stack([b, b]))),
+                               [2.5, 0.0], rtol=1e-6)
 
 
 def test_published_layer_choice_and_weights():
@@ -231,8 +238,37 @@ def test_parse_slices():
 
 def test_quality_metrics():
     ref = np.linspace(0, 1, 400).reshape(20, 20)
-    p, s = volume.quality(ref * 3 + 7, ref)  # min-max scaling removes gain and offset
+    p, s, _, _ = volume.quality(ref * 3 + 7, ref)  # min-max scaling removes gain and offset
     assert s == pytest.approx(1.0) and p > 100
     noisy = ref + np.random.default_rng(0).normal(0, 0.05, ref.shape)
-    p2, s2 = volume.quality(noisy, ref)
+    p2, s2, _, _ = volume.quality(noisy, ref)
     assert p2 < 40 and s2 < 0.99
+
+
+def test_metrics_inside_the_head():
+    """Inside the head the background does not count: an image right in the head and wrong
+    outside scores perfectly there and not over the slice, and the reverse."""
+    yy, xx = np.mgrid[:40, :40]
+    ref = np.where((yy - 20) ** 2 + (xx - 20) ** 2 < 150, 0.5 + 0.5 * np.sin(xx / 3) ** 2, 0.0)
+    mask = volume.head_mask(ref)
+    assert 300 < mask.sum() < 600 and not mask[0, 0]
+    noise = np.random.default_rng(1).normal(0, 0.2, ref.shape)
+    # Both images keep the reference's minimum and maximum, so min-max scaling leaves them as is.
+    good_head = ref + np.where(mask, 0, np.clip(np.abs(noise), 0, 0.4))  # wrong background only
+    good_head[0, 0] = 0
+    q = volume.quality(good_head, ref)
+    assert q.psnr_head == float("inf") and q.psnr < 30 and q.ssim_head > q.ssim + 0.1
+    good_background = np.where(mask, np.clip(ref + noise, 0.5, 1.0), ref)  # wrong head only
+    q2 = volume.quality(good_background, ref)
+    assert q2.psnr_head < q2.psnr - 1
+
+
+def test_through_plane_error():
+    ref = np.stack([np.full((20, 20), v) for v in (0.5, 0.7, 0.9)])
+    ref[:, :3] = 0  # some background
+    assert volume.through_plane_error(ref * 2 + 1, ref) == pytest.approx(0.0, abs=1e-12)
+    jitter = ref.copy()
+    jitter[1, 3:] += 0.1  # the middle slice alone too bright
+    assert volume.through_plane_error(jitter, ref) > 0.05
+    with pytest.raises(RNSTInputError):
+        volume.through_plane_error(ref[:1], ref[:1])

@@ -73,14 +73,18 @@ def test_logic_on_real_mrml(mrml):
     out = logic.finish(job)
     progress = job.poll_events()
     assert progress and progress[-1] == (1.0, "finished")
+    # What the panel's status line shows while it runs: the slice, the time left, the device.
+    assert any(text.startswith("slice 1 (1/1), about ") and "left, CPU" in text
+               for _, text in progress), progress
     assert out.GetName() == "low_RNST" and scene.GetNodeByID(out.GetID()) is out
     arr = slicer.util.arrayFromVolume(out)
     assert arr.shape == low.shape and out.GetSpacing() == (1.5, 1.5, 3.0)
     np.testing.assert_array_equal(arr[0], low[0])
     metrics = job.result.metrics
-    (_, s_in), (_, s_out) = metrics["input"], metrics["output"]
+    s_in, s_out = metrics["input"].ssim, metrics["output"].ssim
     assert s_out > s_in
     assert out.GetAttribute("RNST.output.SSIM") == f"{s_out:.4f}"
+    assert out.GetAttribute("RNST.output.SSIM_head") == f"{metrics['output'].ssim_head:.4f}"
     assert "SSIM" in logic.metricsText(metrics)
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from qt_standins import child_widget_variables, dispose, load_ui, qt_shim, spin_until  # noqa: E402
 
-METRICS = {"input": (20.0, 0.5), "output": (25.0, 0.7)}
+METRICS = {"input": (20.0, 0.5, 19.0, 0.6), "output": (25.0, 0.7, 24.0, 0.8)}
 
 
 def fake_transfer(release=None):
@@ -167,7 +167,8 @@ def test_errors_and_missing_packages_are_shown(panel, monkeypatch):
 
 def test_options_reach_the_run_and_the_estimate_comes_first(panel, monkeypatch):
     """Backbone, weights file, denoiser, iterations and evaluations go into the request; the time
-    estimate (and the plain statement that processing is 2D) is shown before Apply; a ResNet
+    estimate (denoiser included, with the device and a plain statement of what is 2D) is shown
+    before Apply; a ResNet
     without its weights file, or an unreadable evaluations field, is refused before any work."""
     ui, widget, module = panel.ui, panel.widget, panel.module
     seen = {}
@@ -182,7 +183,9 @@ def test_options_reach_the_run_and_the_estimate_comes_first(panel, monkeypatch):
     ui.styleSelector.setCurrentNode(style)
     assert [ui.backboneComboBox.itemText(i) for i in range(ui.backboneComboBox.count())] == \
         ["vgg16", "resnet50", "resnet152"]
-    assert "min on 2 idle CPU cores" in ui.estimateLabel.text() and "2D" in ui.estimateLabel.text()
+    text = ui.estimateLabel.text()
+    assert "min on 2 idle CPU cores, denoiser included" in text and "this computer: CPU" in text
+    assert "each slice is transferred on its own" in text.lower()
     ui.iterationsSpinBox.setValue(2)
     ui.evaluationsLineEdit.setText("30,30")
     ui.denoiserComboBox.setCurrentText("nlm")

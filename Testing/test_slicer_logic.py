@@ -23,10 +23,10 @@ from slicer_testing import (  # noqa: E402
 )
 
 import OEFPredictor as module  # noqa: E402
-from OEFPredictorLib import predict  # noqa: E402
+from OEFPredictorLib import maptable, predict  # noqa: E402
 from OEFPredictorLib.errors import CancelledError, InputError  # noqa: E402
 
-MAPS = predict.MAP_NAMES  # OEF, S0, R2, Y, v, chi_nb and the quality map
+MAPS = maptable.BASE  # OEF, S0, R2, Y, v, chi_nb and the quality map
 
 
 @pytest.fixture(scope="module")
@@ -379,7 +379,7 @@ def test_quality_and_interval_maps_reach_the_outputs(case, env):
     # no method chosen: the engine resolves it (a model file's card, else the default)
     assert predict.resolve_method(method, None)[0].name == methods.DEFAULT_METHOD
     assert inputs.spacing == pytest.approx(echoes[0].GetSpacing())  # the spatial model resamples with it
-    assert set(outputs) == set(predict.MAP_NAMES) | set(extra) and "quality" in outputs
+    assert set(outputs) == set(maptable.BASE) | set(extra) and "quality" in outputs
     assert outputs["OEF_width"].GetAttribute("OEFPredictor.Unit") == "pp"
     assert outputs["OEF_p95"].GetAttribute("OEFPredictor.Unit") == "%"
     for name in ("quality",) + extra:

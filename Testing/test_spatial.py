@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from OEFPredictorLib import evaluate, methods, models, phantom, physics, predict, spatial, train_spatial
+from OEFPredictorLib import evaluate, maptable, methods, models, phantom, physics, predict, spatial, train_spatial
 from OEFPredictorLib.errors import InputError
 from predict_testutils import tiny_spatial_model_path
 
@@ -264,7 +264,7 @@ def test_engine_runs_the_spatial_model_with_its_interval(tiny_dataset):
     data = simulate.load_patient(tiny_dataset / "P01")
     inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, data.mask, spacing=data.geometry.spacing)
     result = predict.predict_maps(inputs, model=str(path), method="unet", device="cpu")
-    assert set(predict.INTERVAL_MAP_NAMES) <= set(result.maps) and result.method == "unet"
+    assert set(maptable.INTERVAL) <= set(result.maps) and result.method == "unet"
     m = result.mask
     assert np.all(result.maps["OEF_p05"][m] <= result.maps["OEF"][m] + 1e-4)
     assert np.all(result.maps["OEF"][m] <= result.maps["OEF_p95"][m] + 1e-4)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from OEFPredictorLib import evaluate, models, physics, simulate, train
+from OEFPredictorLib import evaluate, methods, models, physics, simulate, train
 from OEFPredictorLib.cli import main
 from OEFPredictorLib.errors import InputError
 
@@ -127,8 +127,8 @@ def test_evaluate_refuses_a_protocol_mismatch_and_bad_options(tiny_noisy_dataset
     bundle = models.load_bundle(model)
     p = simulate.load_patient(tiny_noisy_dataset / "P03")
     other = dataclasses.replace(p, protocol=physics.Protocol.from_milliseconds([5 + 5 * i for i in range(8)], 3.0))
-    with pytest.raises(InputError, match="differs from the model's"):
-        evaluate.keras_predictor(bundle)(other, np.arange(10))
+    with pytest.raises(InputError, match="differs in its echo times from the model's"):
+        evaluate.engine_predictor(methods.of_card(bundle.card), bundle)(other, np.arange(10))
     assert main(["evaluate", "--data", str(tiny_noisy_dataset), "--model", str(model), "--methods", "cat9"]) == 2
     assert "Unknown method" in capsys.readouterr().err
     assert main(["train", "--data", str(tiny_noisy_dataset), "--out", "x.h5"]) == 2

@@ -51,11 +51,6 @@ def unit_dir(subject: str, session: str | None = None) -> Path:
     return Path(f"sub-{subject}") / (f"ses-{session}" if session else "")
 
 
-def desc_of(map_name: str) -> str:
-    """A map name as a desc- label: letters and digits only (chi_nb -> chinb, OEF_p05 -> OEFp05)."""
-    return re.sub(r"[^A-Za-z0-9]", "", map_name)
-
-
 def derivative_name(subject: str, session: str | None, desc: str, suffix: str = MAP_SUFFIX,
                     extension: str = ".nii.gz") -> str:
     return f"{unit_prefix(subject, session)}_desc-{desc}_{suffix}{extension}"
@@ -309,7 +304,7 @@ def _write_simulated_subject(folder: Path, out: Path, deriv: Path, overwrite: bo
         shutil.copyfile(files["lesions"], anat / f"sub-{pid}_desc-lesions_dseg.nii.gz")
         shutil.copyfile(files["lesions_tsv"], anat / f"sub-{pid}_desc-lesions_dseg.tsv")
         for name, key in simulate.TRUTH_FILE_KEYS.items():
-            shutil.copyfile(files[f"truth_{name}"], anat / derivative_name(pid, None, "truth" + desc_of(key)))
+            shutil.copyfile(files[f"truth_{name}"], anat / derivative_name(pid, None, "truth" + key))
 
 
 def _write_tsv(path: Path, header: list[str], rows: list[list]) -> None:

@@ -20,7 +20,6 @@ model's SHA-256, the method and the version, and whose outputs all exist, is ski
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import logging
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, bids, io, methods
+from . import __version__, bids, io, maptable, methods
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -179,14 +178,10 @@ def process_unit(unit: bids.UnitInputs, config: BatchConfig) -> dict:
 
 
 def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, out: Path, start: float) -> dict:
-    from . import physics, predict
-    from .cli import predict as cli_predict
+    from . import predict
 
-    te = ",".join(f"{t:.6g}" for t in unit.echo_times_ms) if unit.echo_times_ms else None
-    args = argparse.Namespace(echoes=unit.echoes, qsm=unit.qsm, mask=unit.mask, te=te, cbf=None)
-    inputs, geometry = cli_predict.load_inputs(args)
-    if unit.field_strength and abs(unit.field_strength - inputs.protocol.field_strength) > 1e-3:
-        inputs.protocol = physics.Protocol(inputs.protocol.echo_times, unit.field_strength)
+    inputs, geometry = io.load_inputs(unit.echoes, unit.qsm, unit.mask, echo_times_ms=unit.echo_times_ms,
+                                      field_strength=unit.field_strength)
     labels, names = None, {}
     if unit.dseg:
         labels, geom = io.read_image(unit.dseg)
@@ -209,31 +204,25 @@ def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, ou
 
 def write_unit_maps(result, geometry, folder: Path, unit: bids.UnitInputs, config: BatchConfig, protocol,
                     sources: list[str]) -> list[str]:
-    """predict's maps (cli.predict.write_maps, so its conventions hold) under BIDS derivative
-    names in anat/, each with a JSON sidecar. Returns the file names relative to `folder`."""
-    from .cli import predict as cli_predict
-
+    """predict's maps (io.write_maps, so its conventions hold) under BIDS derivative names in anat/,
+    each with a JSON sidecar. Returns the file names relative to `folder`."""
     anat = folder / "anat"
-    written = cli_predict.write_maps(result, geometry, anat)  # the mask is always written
-    units = cli_predict.provenance(result, {}, protocol)["units"]
+    written = io.write_maps(  # the maps `predict` writes, and the mask
+        result, geometry, anat, lambda m: m.file and bids.derivative_name(unit.subject, unit.session, m.desc),
+        mask_file=bids.derivative_name(unit.subject, unit.session, "brain", "mask"))
     model = {"File": Path(config.model_file).name, "SHA256": config.model_sha256} if config.model_file else None
-    common = {"Sources": sources, "Method": result.method, "Model": model,
-              "EchoTime": list(protocol.echo_times), "MagneticFieldStrength": protocol.field_strength,
+    common = {"Sources": sources, "Method": result.method, "Model": model, **protocol.to_dict(),
               "MaskDerived": bool(result.mask_derived)}
-    file_to_map = {cli_predict.OUTPUT_FILES.get(name): name for name in result.maps}
     outputs = []
-    for path in written:
-        name = file_to_map.get(path.name)
-        if name is None:  # the mask
-            target = anat / bids.derivative_name(unit.subject, unit.session, "brain", "mask")
+    for name, path in written.items():
+        if name == "mask":
             sidecar = {"Type": "Brain", "Description": "The voxels predicted (the given or derived brain mask "
                        "without voxels of unusable data)", "Sources": sources}
         else:
-            target = anat / bids.derivative_name(unit.subject, unit.session, bids.desc_of(name))
-            sidecar = {"Description": f"{name} map of oefpredictor", "Units": units.get(name, ""), **common}
-        os.replace(path, target)
-        io.write_json(sidecar, io.sidecar_path(target))
-        outputs += [f"anat/{target.name}", f"anat/{io.sidecar_path(target).name}"]
+            sidecar = {"Description": f"{maptable.MAPS[name].description} (oefpredictor)", "Units": maptable.unit(name),
+                       **common}
+        io.write_json(sidecar, io.sidecar_path(path))
+        outputs += [f"anat/{path.name}", f"anat/{io.sidecar_path(path).name}"]
     return outputs
 
 
@@ -397,18 +386,18 @@ def _column_dictionary(columns: list[str]) -> dict:
         if c in known:
             out[c] = {"Description": known[c]}
         elif c.startswith(WIDTH_MAP):
-            out[c] = {"Description": "Mean width of the OEF interval in the mask", "Units": "percentage points"}
+            out[c] = {"Description": "Mean width of the OEF interval in the mask", "Units": maptable.unit(WIDTH_MAP)}
         elif c.startswith("OEF_"):
             stat, _, tissue = c[len("OEF_"):].partition("_")
             out[c] = {"Description": f"{stat.capitalize()} OEF in " + (f"tissue label {tissue}" if tissue else
-                                                                      "the brain mask"), "Units": "%"}
+                                                                      "the brain mask"), "Units": maptable.unit("OEF")}
     return out
 
 
 def cohort_figure(rows: list[dict], path: Path) -> Path:
     """OEF per subject: boxes from the 5/25/50/75/95th percentiles in the mask; failed units
     marked in red on the axis."""
-    from .figures import OEF_RANGE, _matplotlib
+    from .figures import _matplotlib
 
     plt = _matplotlib()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(rows) + 2), 4), constrained_layout=True)
@@ -429,8 +418,8 @@ def cohort_figure(rows: list[dict], path: Path) -> Path:
         if r.get("status") != STATUS_OK:
             label.set_color("red")
     ax.set_xlim(-0.7, len(rows) - 0.3)
-    ax.set_ylim(*OEF_RANGE)
-    ax.set_ylabel("OEF (%)")
+    ax.set_ylim(*maptable.OEF_RANGE)
+    ax.set_ylabel(maptable.MAPS["OEF"].label)
     failed = sum(r.get("status") != STATUS_OK for r in rows)
     ax.set_title(f"OEF per subject in the brain mask (box 25-75 %, whiskers 5-95 %, line median, "
                  f"triangle mean); {failed} failed", fontsize=9)

@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from . import roistats
-from .figures import OEF_RANGE, _matplotlib, central_slice
+from .figures import OEF_RANGE, _matplotlib, axial_slice, central_slice
 
 MAX_SCATTER_POINTS = 20000  # display only: statistics always use every voxel
 _ROI_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -75,7 +75,7 @@ def comparison_figure(out_png: str | os.PathLike, values: np.ndarray, reference:
         focus = rois.get(focus_roi) if focus_roi else None
         focus = focus & mask_b if focus is not None and (focus & mask_b).any() else union
         slice_index = central_slice(focus if focus.any() else mask_b)
-    k = int(slice_index)
+    k = axial_slice(slice_index, mask_b.shape[0])
     if value_range is None:
         if map_name == "OEF":
             value_range = OEF_RANGE

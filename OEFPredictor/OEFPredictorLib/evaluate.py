@@ -14,8 +14,8 @@ Y, v, chi_nb for exactly those voxels. Adding a method is one line:
     evaluate.METHODS["nlls"] = lambda ctx: my_predict      # e.g. from baselines.py
 
 The factory runs once per evaluation (load models, build databases there), predict once per patient.
-Every method is given exactly the same target voxels. Built in: 'lstm' and 'dnn' (Keras models with
-cards) and 'tissue_mean' (the trivial predictor: each tissue label's mean parameters over the
+Every method is given exactly the same target voxels. Built in: the trained models of methods.METHODS
+('context', 'unet', 'lstm', 'dnn'), run through the engine users run (predict.predict_maps), and 'tissue_mean' (the trivial predictor: each tissue label's mean parameters over the
 training patients' truth; it uses the test patient's true healthy-tissue labels, lesions get the
 healthy-brain mean) and 'tissue_oracle' (each voxel gets its own patient's true tissue mean: not a
 method, the bar a method must pass to resolve anything within a tissue).
@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import baselines, methods, models, phantom, physics, sequences, simulate, spatial
+from . import baselines, maptable, methods, models, phantom, physics, simulate
 from .errors import InputError
 
 # Specificity: an invented lesion is a cluster of at least this many voxels whose predicted OEF departs
@@ -40,8 +40,8 @@ from .errors import InputError
 INVENTED_THRESHOLD_PP, INVENTED_MIN_VOXELS = 10.0, 8
 LOW_SIGNAL_QUANTILE = 0.2  # "low-SNR regions": the brain's darkest fifth on echo 1
 METRIC_NAMES = ("S0", "R2", "Y", "v", "chi_nb", "OEF")
-METRIC_UNITS = {"S0": "rel. echo 1", "R2": "Hz", "Y": "", "v": "", "chi_nb": "ppm", "OEF": "pp"}
-PREDICT_BATCH = 8192
+# errors: S0 relative to the echo-1 magnitude, OEF as a difference of percentages
+METRIC_UNITS = {**{n: maptable.unit(n) for n in METRIC_NAMES}, "S0": "rel. echo 1", "OEF": maptable.PERCENTAGE_POINTS}
 LESION_CODES = (1, 2)  # phantom.LESION_MAP_LABELS: the lesions themselves (3, 4 are their mirror regions)
 
 
@@ -59,35 +59,20 @@ Predict = Callable[[simulate.PatientData, np.ndarray], dict]
 
 
 # --- Built-in methods -------------------------------------------------------------------------
-def keras_predictor(bundle: models.ModelBundle) -> Predict:
-    """predict() for a Keras model with its card: features, windows per chunk, decode."""
+def engine_predictor(method: methods.Method, bundle: models.ModelBundle) -> Predict:
+    """predict() for a trained model: the call users run (predict.predict_maps on the whole brain:
+    the model's protocol check, the clamp to physical bounds, the OEF interval), the targets' rows out."""
+    from . import predict
 
-    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
-        bundle.check_protocol(patient.protocol)
-        feats, echo1 = sequences.voxel_features(patient.echoes[patient.mask], patient.qsm[patient.mask],
-                                                bundle.qsm_scale)
-        feats = np.nan_to_num(feats)
-        raw = []
-        for start, stop in sequences.iter_chunks(len(targets), 65536):
-            x = sequences.windows_for(feats, targets[start:stop], bundle.window_length, bundle.window_target)
-            raw.append(bundle.model.predict(x, batch_size=PREDICT_BATCH, verbose=0))
-        raw = np.concatenate(raw) if raw else np.zeros((0, 5), np.float32)
-        return models.decode_outputs(raw, echo1[targets], bundle.output_scaling)
+    def run(patient: simulate.PatientData, targets: np.ndarray) -> dict:
+        predictor = predict.Predictor(method, bundle, patient.protocol)
+        inputs = predict.PredictionInputs(patient.echoes, patient.qsm, patient.protocol, mask=patient.mask,
+                                          spacing=patient.geometry.spacing)
+        result = predict.predict_maps(inputs, predictor)
+        return {k: v[patient.mask][targets] for k, v in result.maps.items()}
 
-    return predict
-
-
-def spatial_predictor(bundle: models.ModelBundle) -> Predict:
-    """predict() for the spatial model: the whole volume through the network, the targets' rows out
-    (with the OEF interval, OEF_p05 / OEF_p95 in percent)."""
-
-    def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:
-        bundle.check_protocol(patient.protocol)
-        out = spatial.predict_volume(bundle, patient.echoes, patient.qsm, patient.mask,
-                                     tuple(patient.geometry.spacing[::-1]), patient.protocol)
-        return {k: v[targets] for k, v in out.items()}
-
-    return predict
+    run.whole_brain = True  # its time is a whole brain's, whatever the targets
+    return run
 
 
 def keras_method(name: str):
@@ -95,8 +80,7 @@ def keras_method(name: str):
         # predict's rule: the given model file, else the method's bundled one, checked against the method
         from . import predict
 
-        spec, bundle = predict.resolve_method(name, ctx.models.get(name))
-        return spatial_predictor(bundle) if spec.kind == "spatial" else keras_predictor(bundle)
+        return engine_predictor(*predict.resolve_method(name, ctx.models.get(name)))
 
     return factory
 
@@ -377,7 +361,8 @@ def evaluate(dataset: str | Path, methods: list[str], context: MethodContext | N
             seconds = time.perf_counter() - t0
             err = errors_of(pred, truth, echo1)
             row = {"method": m, "patient": patient.pid, "n_voxels": int(in_metric.sum()),
-                   "seconds": seconds, "seconds_per_brain": seconds * n_brain / len(targets)}
+                   "seconds": seconds,
+                   "seconds_per_brain": seconds if getattr(predict, "whole_brain", False) else seconds * n_brain / len(targets)}
             row.update({f"rmse_{k}": rmse(err[k][in_metric]) for k in METRIC_NAMES})
             row.update({f"bias_{k}": float(err[k][in_metric].mean()) for k in METRIC_NAMES})
             row.update(interval_metrics(pred, np.asarray(truth["OEF"], np.float64), in_metric,

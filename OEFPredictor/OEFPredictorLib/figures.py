@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 
 from . import phantom
+from .errors import InputError
+from .maptable import MAPS, OEF_RANGE
 
-OEF_RANGE = (0.0, 80.0)  # percent; the display range used everywhere (Slicer too)
-WIDTH_RANGE = (0.0, 40.0)  # percentage points; display range of the 90 % interval's width
+WIDTH_RANGE = MAPS["OEF_width"].display_range  # the 90 % interval's width (pp)
 
 
 def _matplotlib():
@@ -26,6 +27,29 @@ def central_slice(mask: np.ndarray, axis: int = 0) -> int:
     if counts.sum() == 0:
         return mask.shape[axis] // 2
     return int(round(np.average(np.arange(len(counts)), weights=counts)))
+
+
+def axial_slice(index, depth: int) -> int:
+    """A user's axial slice index, checked against the volume's `depth` (slices 0 to depth-1;
+    negative indices are refused, not counted from the end)."""
+    if not 0 <= int(index) < depth:
+        raise InputError(f"--slice {index} is out of range: the volume has {depth} axial slices, "
+                         f"numbered 0 to {depth - 1}.")
+    return int(index)
+
+
+def montage_path(out: str | Path, patient: str) -> Path:
+    """The PNG that `montage --out OUT` writes: OUT itself (.png added when it has no suffix), or
+    OUT/<patient>_montage.png when OUT is a folder (existing, or given with a trailing slash)."""
+    text = str(out)
+    out = Path(out)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        return out / f"{patient}_montage.png"
+    if out.suffix == "":
+        return out.with_name(out.name + ".png")
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out {out}: the montage is a PNG; give a file name ending in .png or a folder.")
+    return out
 
 
 def lesion_slice(lesion_map: np.ndarray | None, mask: np.ndarray) -> int:
@@ -86,7 +110,10 @@ def patient_montage(patient_dir: str | Path, out_png: str | Path, slice_index: i
 
     plt = _matplotlib()
     data = simulate.load_patient(patient_dir)
-    k = central_slice(data.lesion_map > 0 if data.lesion_map.any() else data.mask) if slice_index is None else slice_index
+    if slice_index is None:
+        k = central_slice(data.lesion_map > 0 if data.lesion_map.any() else data.mask)
+    else:
+        k = axial_slice(slice_index, data.mask.shape[0])
     flip = lambda a: a[k][::-1]  # LPS arrays: show anterior up (radiological left-right)
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.6), constrained_layout=True)
     panels = [

@@ -121,16 +121,6 @@ def build_context_net(spec: dict, n_features: int, n_outputs: int = 7, feature_m
     return keras.Model(inputs, outputs, name="context_oef")
 
 
-def context_feature_count(spec: dict, n_echoes: int = 8) -> int:
-    """Inputs of the context network of `spec` (spatial.network_inputs): the base channels at each scale,
-    the local-noise channels and, for protocol-free models, the protocol descriptors."""
-    from . import spatial
-
-    n_base = (len(decay.CANONICAL_MS) if spec.get("decay") else n_echoes - 1) + 1
-    return (n_base * (1 + len(spec["sigmas_mm"])) + (len(spatial.LOCAL_NOISE_CHANNELS) if spec.get("local_noise") else 0)
-            + (decay.N_DESCRIPTORS if spec.get("decay") else 0))
-
-
 # --- Output scaling ---------------------------------------------------------------------------
 def fit_output_scaling(targets: np.ndarray) -> dict:
     """Per-parameter z-scoring of the training targets (S0 relative to echo 1, R2, Y, v, chi_nb)."""
@@ -244,14 +234,18 @@ class ModelBundle:
             self.protocol_range.check(protocol, self.path.name)
             return
         mine = self.protocol
+        if protocol.matches(mine):
+            return
+        fix = "Give exactly those echoes (milliseconds on the command line)"
         if protocol.n_echoes != mine.n_echoes:
-            raise InputError(f"The data have {protocol.n_echoes} echoes but the model {self.path.name} was "
-                             f"trained on {mine.describe()}. Give exactly those echoes, or use a model "
-                             "trained for your protocol (oefpredictor train).")
-        if not protocol.matches(mine):
-            raise InputError(f"The data's protocol ({protocol.describe()}) differs from the model's "
-                             f"({mine.describe()}). Check the echo times (milliseconds on the command "
-                             "line), or use a model trained for your protocol (oefpredictor train).")
+            what = "number of echoes"
+        elif np.allclose(protocol.te, mine.te, rtol=1e-3, atol=1e-6):
+            what, fix = "field strength", "Check the field strength (MagneticFieldStrength in the sidecar)"
+        else:
+            what = "echo times"
+        raise InputError(f"The data's protocol ({protocol.describe()}) differs in its {what} from the model's "
+                         f"({mine.describe()}, {self.path.name}). {fix}, or use a model trained for your "
+                         "protocol (oefpredictor train).")
 
 
 def card_problem(card) -> str | None:

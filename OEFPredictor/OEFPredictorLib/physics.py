@@ -27,12 +27,7 @@ YA = 0.98  # arterial oxygen saturation
 HA = 7.377  # arterial haemoglobin concentration [H]a, umol/mL
 
 PARAMETER_NAMES = ("S0", "R2", "Y", "v", "chi_nb")
-PARAMETER_UNITS = {"S0": "a.u.", "R2": "Hz", "Y": "", "v": "", "chi_nb": "ppm", "OEF": "%"}
-# Every map the engine writes: the parameters, the quality map (a normalised residual), CMRO2, and
-# the uncertainty interval of methods that give one (its ends in %, its width in percentage points).
-MAP_UNITS = {**PARAMETER_UNITS, "quality": "", "CMRO2": "umol/100g/min", "OEF_p05": "%", "OEF_p95": "%",
-             "OEF_width": "pp"}
-
+# Their units, and every map the engine makes, are in maptable.MAPS.
 
 
 def parse_echo_times_ms(text: str) -> list[float]:

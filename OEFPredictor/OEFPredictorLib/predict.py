@@ -35,14 +35,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import methods, physics, plausibility, sequences
+from . import maptable, methods, physics, plausibility, sequences
 from .errors import CancelledError, InputError
 from .jobs import BackgroundJob, call_interruptibly
 
 log = logging.getLogger(__name__)
 
-MAP_NAMES = ("OEF", "S0", "R2", "Y", "v", "chi_nb", "quality")  # + "CMRO2" with CBF
-INTERVAL_MAP_NAMES = ("OEF_p05", "OEF_p95", "OEF_width")  # methods with an interval (methods.Method.interval)
 QSM_RESIDUAL_SCALE_PPM = 0.2  # see the quality-map definition above
 DEVICES = ("auto", "cpu", "gpu")
 DEFAULT_BATCH = 4096  # voxels per network call: large enough to keep the call overhead small
@@ -65,11 +63,9 @@ class PredictionInputs:
     cbf: np.ndarray | None = None
     spacing: tuple[float, float, float] | None = None
 
-    def validate(self, expected: physics.Protocol | None = None) -> list[str]:
-        """Raise InputError for unusable inputs; return warnings (e.g. NaN voxels left out).
-
-        `expected`: the model's protocol; the echo count and times must match it.
-        """
+    def validate(self) -> list[str]:
+        """Raise InputError for unusable inputs; return warnings (e.g. NaN voxels left out). Whether
+        a method's model suits the protocol is Predictor's check."""
         echoes, qsm = np.asarray(self.echoes), np.asarray(self.qsm)
         if echoes.ndim == 3 and qsm.ndim == 2:
             raise InputError(f"The images are 2D (echoes {echoes.shape}, QSM {qsm.shape}); OEF prediction "
@@ -88,17 +84,6 @@ class PredictionInputs:
         if echoes.shape[3] != self.protocol.n_echoes:
             raise InputError(f"The echo series has {echoes.shape[3]} echoes but {self.protocol.n_echoes} echo "
                              f"times were given ({self.protocol.describe()}).")
-        if expected is not None and not self.protocol.matches(expected):
-            fix = "Give exactly those echoes (milliseconds on the command line)"
-            if self.protocol.n_echoes != expected.n_echoes:
-                what = "echoes"
-            elif np.allclose(self.protocol.te, expected.te, rtol=1e-3, atol=1e-6):
-                what, fix = "field strength", "Check the field strength (MagneticFieldStrength in the sidecar)"
-            else:
-                what = "echo times"
-            raise InputError(f"The data's protocol ({self.protocol.describe()}) differs in its {what} from the "
-                             f"model's ({expected.describe()}). {fix}, or use a model trained for your protocol "
-                             "(oefpredictor train).")
         for name, extra in (("mask", self.mask), ("CBF", self.cbf)):
             if extra is not None and np.shape(extra) != qsm.shape:
                 raise InputError(f"The {name} {np.shape(extra)} and QSM {qsm.shape} differ in size (z, y, x).")
@@ -309,6 +294,154 @@ def chunk_size_for(bundle, n_features: int, memory_budget_mb: int) -> int:
     return int(np.clip(chunk, MIN_CHUNK, MAX_CHUNK))
 
 
+# --- A method built with its acquisition ----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A method ready for data of one acquisition, as dipy builds Model(acquisition) before
+    fit(data, mask): the registry entry, its trained model (None for the classical fits) and the
+    protocol, which is checked against the model here and nowhere else. Spatial models get the
+    protocol with the volume (their features may depend on it)."""
+
+    method: methods.Method
+    bundle: object | None  # models.ModelBundle
+    protocol: physics.Protocol
+
+    def __post_init__(self):
+        if self.bundle is not None:
+            self.bundle.check_protocol(self.protocol)
+
+    @classmethod
+    def build(cls, protocol: physics.Protocol, method: str | None = None, model=None) -> "Predictor":
+        """resolve_method (the method named, or the one the model was trained for), then the check."""
+        return cls(*resolve_method(method, model), protocol)
+
+    def fit(self, data: "_Voxels", run: "_Session") -> dict[str, np.ndarray]:
+        """The clamped parameters (and the OEF interval, where the method gives one) of the mask's voxels."""
+        return RUNNERS[self.method.kind](self, data, run)
+
+    def _fit_spatial(self, data: "_Voxels", run: "_Session") -> dict[str, np.ndarray]:
+        """The spatial model on the whole volume (it reads only the mask's voxels; no zeroed copy)."""
+        from . import spatial
+
+        inputs, bundle = data.inputs, self.bundle
+        if inputs.spacing is None:
+            spacing_zyx = (float(bundle.card["spatial"]["voxel_size_mm"]),) * 3
+            run.warnings.append(f"The voxel size is unknown; assumed the model's {spacing_zyx[0]:g} mm.")
+        else:
+            spacing_zyx = tuple(float(s) for s in inputs.spacing[::-1])
+
+        def on(device):
+            with _device_scope(device):
+                return spatial.predict_volume(bundle, np.asarray(inputs.echoes), np.asarray(inputs.qsm), data.mask,
+                                              spacing_zyx, self.protocol, check_cancel=run.check_cancel,
+                                              progress=run.report)
+        try:
+            values = on(run.device)
+        except (CancelledError, KeyboardInterrupt, InputError):
+            raise
+        except Exception as exc:
+            if run.device != "gpu" or run.requested == "gpu":
+                raise
+            run.warnings.append(f"The GPU failed ({type(exc).__name__}); continued on the CPU.")
+            run.device = "cpu"
+            values = on(run.device)
+        return {name: values[name] for name in physics.PARAMETER_NAMES + maptable.INTERVAL}
+
+    def _fit_voxelwise(self, data: "_Voxels", run: "_Session") -> dict[str, np.ndarray]:
+        """Windows chunk by chunk, the network on batches, decoded and clamped."""
+        from . import models
+
+        bundle = self.bundle
+        features, echo1 = sequences.voxel_features(data.echo_rows, data.qsm_rows, bundle.qsm_scale)
+        n = len(features)
+        chunk = run.chunk_voxels or chunk_size_for(bundle, features.shape[1], run.memory_budget_mb)
+        batch = max(1, min(run.batch_size, chunk))
+        params = {name: np.empty(n, dtype=np.float32) for name in physics.PARAMETER_NAMES}
+        done = 0
+        for start, stop in sequences.iter_chunks(n, chunk):
+            windows = sequences.make_windows(features, start, stop, bundle.window_length, bundle.window_target)
+            raw = np.empty((stop - start, len(physics.PARAMETER_NAMES)), dtype=np.float32)
+            b0 = 0
+            while b0 < len(windows):
+                run.check_cancel()
+                b1 = min(len(windows), b0 + batch)
+                try:
+                    with _device_scope(run.device):
+                        # predict_on_batch: a compiled graph function, without model.predict's per-call
+                        # overhead (data adapters, callbacks) and faster than eager model(x)
+                        raw[b0:b1] = bundle.model.predict_on_batch(windows[b0:b1])
+                except (CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:
+                    if run.device != "gpu":
+                        raise
+                    if _is_out_of_memory(exc) and batch > 256:
+                        batch //= 2  # try smaller batches on the GPU first
+                        run.warnings.append(f"GPU out of memory; batch size reduced to {batch}.")
+                        continue
+                    if run.requested == "gpu":
+                        raise InputError(f"The GPU failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                                         "use --device cpu or auto.") from None
+                    run.device = "cpu"
+                    run.warnings.append(f"The GPU failed ({type(exc).__name__}); continued on the CPU.")
+                    continue
+                done += b1 - b0
+                b0 = b1
+                run.report(0.05 + 0.9 * done / n, f"Predicting: {done}/{n} voxels")
+            decoded = models.decode_outputs(raw, echo1[start:stop], bundle.output_scaling)
+            clamped = physics.clamp_to_bounds(decoded, s0_scale=echo1[start:stop])
+            for name in physics.PARAMETER_NAMES:
+                params[name][start:stop] = clamped[name]
+        return params
+
+    def _fit_classical(self, data: "_Voxels", run: "_Session") -> dict[str, np.ndarray]:
+        from . import baselines  # imported only when a voxelwise fit is asked for
+
+        raw = baselines.predict_voxels(self.method.name, data.echo_rows, data.qsm_rows, self.protocol,
+                                       lambda fraction, message="": run.report(0.05 + 0.9 * float(fraction), message),
+                                       run.cancel_event)
+        run.check_cancel()
+        missing = [p for p in physics.PARAMETER_NAMES if p not in raw]
+        if missing:
+            raise RuntimeError(f"baselines.predict_voxels({self.method.name!r}) returned no {', '.join(missing)}.")
+        clamped = physics.clamp_to_bounds({p: np.asarray(raw[p], dtype=np.float64) for p in physics.PARAMETER_NAMES},
+                                          s0_scale=data.echo_rows[:, 0])
+        return {p: clamped[p].astype(np.float32) for p in physics.PARAMETER_NAMES}
+
+
+RUNNERS = {"spatial": Predictor._fit_spatial, "voxelwise": Predictor._fit_voxelwise,
+           "classical": Predictor._fit_classical}  # by methods.KINDS
+
+
+@dataclasses.dataclass
+class _Voxels:
+    """The data a method runs on: the inputs, the mask, and the mask's voxels as rows (C order)."""
+
+    inputs: PredictionInputs
+    mask: np.ndarray
+    echo_rows: np.ndarray
+    qsm_rows: np.ndarray
+
+
+@dataclasses.dataclass
+class _Session:
+    """How one run goes: its device (a failing GPU falls back to the CPU unless asked for), progress,
+    cancellation, memory tuning and the warnings gathered."""
+
+    device: str
+    requested: str
+    report: Progress
+    cancel_event: threading.Event | None
+    warnings: list[str]
+    chunk_voxels: int | None = None
+    memory_budget_mb: int = 1024
+    batch_size: int = DEFAULT_BATCH
+
+    def check_cancel(self):
+        if self.cancel_event is not None and self.cancel_event.is_set():
+            raise CancelledError("Prediction cancelled; nothing was produced.")
+
+
 # --- The engine --------------------------------------------------------------------------------
 def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", method: str | None = None,
                  progress: Progress | None = None, cancel_event: threading.Event | None = None,
@@ -316,30 +449,27 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
                  batch_size: int = DEFAULT_BATCH) -> PredictionResult:
     """OEF and QQ parameter maps of one volume (see the module doc for the steps).
 
-    model: None (the bundled model of `method`), a .keras path, or a models.ModelBundle.
-    method: a name of methods.METHODS (None: the model's own method, else methods.DEFAULT_METHOD); its
-    kind picks the runner (RUNNERS): 'context' / 'unet' run a spatial
-    model on the whole volume, 'lstm' / 'dnn' a voxelwise Keras bundle, 'nlls' / 'cat' / 'ccm'
-    baselines.predict_voxels. progress(fraction, message) is called from the running thread;
-    cancel_event set -> CancelledError between batches, nothing is returned.
+    model: a Predictor built for these inputs' protocol, or what Predictor.build takes: None (the
+    bundled model of `method`), a .keras path, or a models.ModelBundle. method: a name of
+    methods.METHODS (None: the model's own method, else methods.DEFAULT_METHOD); its kind picks
+    the runner (RUNNERS): 'context' / 'unet' run a spatial model on the whole volume, 'lstm' /
+    'dnn' a voxelwise Keras bundle, 'nlls' / 'cat' / 'ccm' baselines.predict_voxels.
+    progress(fraction, message) is called from the running thread; cancel_event set ->
+    CancelledError between batches, nothing is returned.
     """
     start = time.perf_counter()
     report = progress or (lambda fraction, message: None)
-
-    def check_cancel():
-        if cancel_event is not None and cancel_event.is_set():
-            raise CancelledError("Prediction cancelled; nothing was produced.")
-
-    check_cancel()
+    run = _Session("cpu", device, report, cancel_event, [], chunk_voxels, memory_budget_mb, batch_size)
+    run.check_cancel()
     report(0.0, "Loading the model")
-    spec, bundle = resolve_method(method, model)
-    method = spec.name
-    if bundle is not None and bundle.protocol_range:  # first: no other check matters for a refused protocol
-        bundle.check_protocol(inputs.protocol)
-    warnings = inputs.validate(bundle.expected_protocol if bundle is not None else None)
-    dev, messages = choose_device(device) if spec.uses_model else ("cpu", [])
-    warnings += messages
-    check_cancel()
+    predictor = model if isinstance(model, Predictor) else Predictor.build(inputs.protocol, method, model)
+    if predictor.protocol != inputs.protocol:
+        predictor = Predictor(predictor.method, predictor.bundle, inputs.protocol)
+    run.warnings += inputs.validate()
+    if predictor.method.uses_model:
+        run.device, messages = choose_device(device)
+        run.warnings += messages
+    run.check_cancel()
 
     echoes = np.asarray(inputs.echoes)
     qsm = np.asarray(inputs.qsm)
@@ -350,197 +480,46 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     # In a derived mask, zero-filled voxels (skull stripping, padding) are dropped without comment.
     n_warn = int(np.count_nonzero(bad & mask & (echoes[..., 0] != 0))) if mask_derived else 0
     if n_warn:
-        warnings.append(f"{n_warn} voxel(s) with NaN/Inf values or echo 1 < 0 were left out of the mask "
-                        "(their maps are 0).")
+        run.warnings.append(f"{n_warn} voxel(s) with NaN/Inf values or echo 1 < 0 were left out of the mask "
+                            "(their maps are 0).")
     mask = mask & ~bad
     if not mask.any():
         raise InputError("No voxel inside the mask has finite echoes and QSM with echo 1 > 0; nothing to predict.")
     idx = np.flatnonzero(mask)  # C order (z, y, x): the voxel list of sequences.py
-    n = idx.size
-    echo_rows = echoes.reshape(-1, echoes.shape[-1])[idx].astype(np.float32)
-    qsm_rows = qsm.reshape(-1)[idx].astype(np.float32)
-    check_cancel()
+    data = _Voxels(inputs, mask, echoes.reshape(-1, echoes.shape[-1])[idx].astype(np.float32),
+                   qsm.reshape(-1)[idx].astype(np.float32))
+    run.check_cancel()
 
-    run = RUNNERS[spec.kind]
-    params, quality, dev = run(_Run(method, bundle, inputs, mask, echo_rows, qsm_rows, dev, device, report,
-                                    check_cancel, cancel_event, chunk_voxels, memory_budget_mb, batch_size,
-                                    warnings))
-    check_cancel()
+    values = predictor.fit(data, run)
+    run.check_cancel()
 
     report(0.97, "Assembling the maps")
-    values = dict(params)
-    values["OEF"] = (100.0 * physics.oef_from_Y(params["Y"])).astype(np.float32)
-    values["quality"] = quality
-    warnings += plausibility.check_fit(quality)
+    values["OEF"] = (100.0 * physics.oef_from_Y(values["Y"])).astype(np.float32)
+    values["quality"] = np.empty(len(idx), dtype=np.float32)
+    for a, b in sequences.iter_chunks(len(idx), 65536):
+        values["quality"][a:b] = quality_map(data.echo_rows[a:b], data.qsm_rows[a:b],
+                                             {p: values[p][a:b] for p in physics.PARAMETER_NAMES}, inputs.protocol)
+    run.warnings += plausibility.check_fit(values["quality"])
     if inputs.cbf is not None:
         cbf_rows = np.asarray(inputs.cbf).reshape(-1)[idx].astype(np.float64)
         finite = np.isfinite(cbf_rows)
         if not finite.all():
-            warnings.append(f"{int((~finite).sum())} voxel(s) with NaN/Inf CBF get CMRO2 0.")
+            run.warnings.append(f"{int((~finite).sum())} voxel(s) with NaN/Inf CBF get CMRO2 0.")
         values["CMRO2"] = np.where(finite, physics.cmro2(np.where(finite, cbf_rows, 0.0),
                                                          values["OEF"] / 100.0), 0.0)
-    maps = {}
-    extra = tuple(n for n in INTERVAL_MAP_NAMES + ("CMRO2",) if n in values)
-    for name in MAP_NAMES + extra:
+    volumes = {}
+    for name in (n for n in maptable.MAPS if n in values):  # the table's order
         volume = np.zeros(mask.size, dtype=np.float32)
         volume[idx] = values[name]
-        maps[name] = volume.reshape(mask.shape)
-    check_cancel()
+        volumes[name] = volume.reshape(mask.shape)
+    run.check_cancel()
     elapsed = time.perf_counter() - start
-    report(1.0, f"Done: {n} voxels in {elapsed:.1f} s")
-    for w in warnings:
+    report(1.0, f"Done: {len(idx)} voxels in {elapsed:.1f} s")
+    for w in run.warnings:
         log.warning(w)
-    return PredictionResult(maps, mask, warnings, elapsed, dev, bundle.card if bundle else None, method,
-                            mask_derived, n)
-
-
-@dataclasses.dataclass
-class _Run:
-    """What a runner gets: the method, its model, the inputs, the mask's voxel rows and the callbacks."""
-
-    method: str
-    bundle: object
-    inputs: PredictionInputs
-    mask: np.ndarray
-    echo_rows: np.ndarray
-    qsm_rows: np.ndarray
-    device: str
-    requested_device: str
-    report: Progress
-    check_cancel: Callable[[], None]
-    cancel_event: threading.Event | None
-    chunk_voxels: int | None
-    memory_budget_mb: int
-    batch_size: int
-    warnings: list[str]
-
-
-def _run_spatial(run: _Run):
-    """The spatial model on the whole volume; returns parameters (+ the OEF interval), quality, device."""
-    from . import spatial
-
-    inputs, bundle = run.inputs, run.bundle
-    if inputs.spacing is None:
-        spacing_zyx = (float(bundle.card["spatial"]["voxel_size_mm"]),) * 3
-        run.warnings.append(f"The voxel size is unknown; assumed the model's {spacing_zyx[0]:g} mm.")
-    else:
-        spacing_zyx = tuple(float(s) for s in inputs.spacing[::-1])
-    # predict_volume reads only the mask's voxels (no zeroed copy of the volume needed)
-    echoes, qsm = np.asarray(inputs.echoes), np.asarray(inputs.qsm)
-    dev = run.device
-    try:
-        with _device_scope(dev):
-            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx, inputs.protocol,
-                                            check_cancel=run.check_cancel, progress=run.report)
-    except (CancelledError, KeyboardInterrupt, InputError):
-        raise
-    except Exception as exc:
-        if dev != "gpu" or run.requested_device == "gpu":
-            raise
-        run.warnings.append(f"The GPU failed ({type(exc).__name__}); continued on the CPU.")
-        dev = "cpu"
-        with _device_scope(dev):
-            values = spatial.predict_volume(bundle, echoes, qsm, run.mask, spacing_zyx, inputs.protocol,
-                                            check_cancel=run.check_cancel, progress=run.report)
-    params = {name: values[name] for name in physics.PARAMETER_NAMES}
-    quality = np.empty(len(run.echo_rows), dtype=np.float32)
-    for start, stop in sequences.iter_chunks(len(run.echo_rows), 65536):
-        quality[start:stop] = quality_map(run.echo_rows[start:stop], run.qsm_rows[start:stop],
-                                          {p: params[p][start:stop] for p in params}, inputs.protocol)
-    params.update({name: values[name] for name in INTERVAL_MAP_NAMES})
-    return params, quality, dev
-
-
-def _run_voxelwise(run: _Run):
-    return _run_keras(run.bundle, run.echo_rows, run.qsm_rows, run.inputs.protocol, run.device, run.requested_device,
-                      run.report, run.check_cancel, run.chunk_voxels, run.memory_budget_mb, run.batch_size,
-                      run.warnings)
-
-
-def _run_classical(run: _Run):
-    params, quality = _run_baseline(run.method, run.echo_rows, run.qsm_rows, run.inputs.protocol, run.report,
-                                    run.cancel_event)
-    return params, quality, "cpu"
-
-
-def _run_keras(bundle, echo_rows, qsm_rows, protocol, dev, requested, report, check_cancel, chunk_voxels,
-               memory_budget_mb, batch_size, warnings):
-    """Windows chunk by chunk, the network on batches; returns clamped parameters, quality, device."""
-    from . import models
-
-    features, echo1 = sequences.voxel_features(echo_rows, qsm_rows, bundle.qsm_scale)
-    n = len(features)
-    chunk = chunk_voxels or chunk_size_for(bundle, features.shape[1], memory_budget_mb)
-    batch = max(1, min(batch_size, chunk))
-    params = {name: np.empty(n, dtype=np.float32) for name in physics.PARAMETER_NAMES}
-    quality = np.empty(n, dtype=np.float32)
-    predict = _batch_predictor(bundle.model)
-    done = 0
-    for start, stop in sequences.iter_chunks(n, chunk):
-        windows = sequences.make_windows(features, start, stop, bundle.window_length, bundle.window_target)
-        raw = np.empty((stop - start, len(physics.PARAMETER_NAMES)), dtype=np.float32)
-        b0 = 0
-        while b0 < len(windows):
-            check_cancel()
-            b1 = min(len(windows), b0 + batch)
-            try:
-                with _device_scope(dev):
-                    raw[b0:b1] = predict(windows[b0:b1])
-            except (CancelledError, KeyboardInterrupt):
-                raise
-            except Exception as exc:
-                if dev != "gpu":
-                    raise
-                if _is_out_of_memory(exc) and batch > 256:
-                    batch //= 2  # try smaller batches on the GPU first
-                    warnings.append(f"GPU out of memory; batch size reduced to {batch}.")
-                    continue
-                if requested == "gpu":
-                    raise InputError(f"The GPU failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                                     "use --device cpu or auto.") from None
-                dev = "cpu"
-                warnings.append(f"The GPU failed ({type(exc).__name__}); continued on the CPU.")
-                continue
-            done += b1 - b0
-            b0 = b1
-            report(0.05 + 0.9 * done / n, f"Predicting: {done}/{n} voxels")
-        decoded = models.decode_outputs(raw, echo1[start:stop], bundle.output_scaling)
-        clamped = physics.clamp_to_bounds(decoded, s0_scale=echo1[start:stop])
-        for name in physics.PARAMETER_NAMES:
-            params[name][start:stop] = clamped[name]
-        quality[start:stop] = quality_map(echo_rows[start:stop], qsm_rows[start:stop], clamped, protocol)
-    return params, quality, dev
-
-
-def _batch_predictor(model):
-    """model.predict_on_batch: a compiled graph function, without the per-call overhead of
-    model.predict (data adapters, callbacks) and faster than eager model(x)."""
-    return lambda x: model.predict_on_batch(x)
-
-
-def _run_baseline(method, echo_rows, qsm_rows, protocol, report, cancel_event):
-    from . import baselines  # imported only when a voxelwise fit is asked for
-
-    def scaled(fraction, message=""):
-        report(0.05 + 0.9 * float(fraction), message)
-
-    raw = baselines.predict_voxels(method, echo_rows, qsm_rows, protocol, scaled, cancel_event)
-    if cancel_event is not None and cancel_event.is_set():
-        raise CancelledError("Prediction cancelled; nothing was produced.")
-    missing = [p for p in physics.PARAMETER_NAMES if p not in raw]
-    if missing:
-        raise RuntimeError(f"baselines.predict_voxels({method!r}) returned no {', '.join(missing)}.")
-    clamped = physics.clamp_to_bounds({p: np.asarray(raw[p], dtype=np.float64) for p in physics.PARAMETER_NAMES},
-                                      s0_scale=echo_rows[:, 0])
-    params = {p: clamped[p].astype(np.float32) for p in physics.PARAMETER_NAMES}
-    quality = np.empty(len(echo_rows), dtype=np.float32)
-    for start, stop in sequences.iter_chunks(len(echo_rows), 65536):
-        quality[start:stop] = quality_map(echo_rows[start:stop], qsm_rows[start:stop],
-                                          {p: params[p][start:stop] for p in params}, protocol)
-    return params, quality
-
-
-RUNNERS = {"spatial": _run_spatial, "voxelwise": _run_voxelwise, "classical": _run_classical}  # by methods.KINDS
+    card = predictor.bundle.card if predictor.bundle else None
+    return PredictionResult(volumes, mask, run.warnings, elapsed, run.device, card, predictor.method.name,
+                            mask_derived, len(idx))
 
 
 def quality_map(echo_rows: np.ndarray, qsm_rows: np.ndarray, params: dict, protocol: physics.Protocol) -> np.ndarray:
@@ -575,9 +554,10 @@ class PredictionJob(BackgroundJob):
         self.kw = kw
 
     def run_target(self, progress, cancel_event):
-        model = self.model
-        if model is None or isinstance(model, (str, Path)):
+        predictor = self.model
+        if not isinstance(predictor, Predictor):
             progress(0.0, "Loading the model")
-            _, model = call_interruptibly(lambda: resolve_method(self.method, self.model), cancel_event)
-        return predict_maps(self.inputs, model, self.device, self.method, progress=progress,
-                            cancel_event=cancel_event, **self.kw)
+            predictor = call_interruptibly(lambda: Predictor.build(self.inputs.protocol, self.method, self.model),
+                                           cancel_event)
+        return predict_maps(self.inputs, predictor, self.device, progress=progress, cancel_event=cancel_event,
+                            **self.kw)

@@ -52,7 +52,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
-from .physics import MAP_UNITS
+from . import maptable
 
 # Column order of the rows (and of the CSV / Slicer table).
 COLUMNS = (
@@ -67,7 +67,6 @@ COLUMNS = (
 INT_COLUMNS = ("n_voxels", "n_outside_mask", "n_unpredicted", "n_nonfinite", "n_valid", "n_paired")
 TEXT_COLUMNS = ("roi", "map", "unit", "contrast_reference")
 
-MAP_ORDER = ("OEF", "S0", "R2", "Y", "v", "chi_nb")  # the prediction's maps, in display order
 LOA_FACTOR = 1.96  # Bland-Altman: 95 % limits of agreement for normally distributed differences
 CONTRALATERAL_PREFIX = "contralateral_"
 
@@ -311,7 +310,7 @@ def roi_statistics(maps: Mapping[str, np.ndarray], rois: Mapping[str, np.ndarray
         inside = roi_b if mask_b is None else roi_b & mask_b
         index[name] = np.flatnonzero(inside)
         n_outside[name] = int(np.count_nonzero(roi_b)) - index[name].size
-    units = {**MAP_UNITS, **(units or {})}
+    units = {**{n: m.unit for n, m in maptable.MAPS.items()}, **(units or {})}
     flat_maps = {k: np.asarray(v).ravel() for k, v in maps.items()}
     flat_refs = {k: np.asarray(v).ravel() for k, v in reference.items()}
     flat_predicted = {k: np.asarray(v, dtype=bool).ravel() for k, v in predicted.items()}
@@ -455,15 +454,10 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None,
 
 # --- names from files ---------------------------------------------------------------------------
 
-_MAP_ALIASES = {"oef": "OEF", "s0": "S0", "r2": "R2", "y": "Y", "v": "v", "chinb": "chi_nb",
-                "chi_nb": "chi_nb", "quality": "quality", "oef_p05": "OEF_p05", "oef_p95": "OEF_p95"}
-
-
 def map_name_from_path(path: str | os.PathLike) -> str:
     """Map name from a file name: oef.nii.gz -> OEF, chi_nb.nii.gz -> chi_nb, and the virtual
     patients' P01_desc-truth_OEFmap.nii.gz -> OEF; anything else -> the file's stem."""
     name = Path(path).name
     stem = re.sub(r"\.(nii\.gz|nii|nrrd|nhdr|mha|mhd|gz)$", "", name, flags=re.IGNORECASE)
     m = re.search(r"desc-truth_([A-Za-z0-9_]+?)map$", stem)
-    key = (m.group(1) if m else stem).lower()
-    return _MAP_ALIASES.get(key, stem)
+    return maptable.name_of_file(m.group(1) if m else stem) or stem

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io, phantom, physics
+from . import io, maptable, phantom, physics
 from .errors import InputError
 
 N_PATIENTS = 17
@@ -32,7 +32,7 @@ TRAINING_INDEPENDENT_FRACTION = 0.5  # physics.md: half the training voxels tiss
 # model makes its own training patients).
 COHORTS = ("paper", "stroke")
 
-TRUTH_FILE_KEYS = {"S0": "S0", "R2": "R2", "Y": "Y", "v": "v", "chi_nb": "chinb", "OEF": "OEF"}
+TRUTH_FILE_KEYS = {n: maptable.MAPS[n].desc for n in ("S0", "R2", "Y", "v", "chi_nb", "OEF")}  # file name part
 
 
 def patient_id(index: int) -> str:

@@ -56,6 +56,16 @@ def divisor(spec: dict) -> int:
     return 2 ** (len(spec["filters"]) - 1) if spec.get("architecture") == "unet" else 1
 
 
+def context_feature_count(spec: dict, n_echoes: int = 8) -> int:
+    """Channels per voxel of the context model's inputs (network_inputs): the base channels at each scale,
+    the local-noise channels and, for protocol-free models, the protocol descriptors."""
+    from . import decay
+
+    n_base = (len(decay.CANONICAL_MS) if spec.get("decay") else n_echoes - 1) + 1
+    return (n_base * (1 + len(spec["sigmas_mm"])) + (len(LOCAL_NOISE_CHANNELS) if spec.get("local_noise") else 0)
+            + (decay.N_DESCRIPTORS if spec.get("decay") else 0))
+
+
 # --- Inputs -----------------------------------------------------------------------------------
 def volume_features(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, qsm_scale: float,
                     qsm_reference: float = 0.0) -> np.ndarray:
@@ -465,8 +475,8 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
                    protocol: physics.Protocol | None = None, predict=None, check_cancel=None,
                    progress=None) -> dict[str, np.ndarray]:
     """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
-    (C order), like the voxelwise engine. `protocol`: the data's (protocol-free models need it; None:
-    the model card's)."""
+    (C order), like the voxelwise engine. `protocol`: the data's acquisition, which the engine
+    (predict.Predictor) passes to every spatial model (protocol-free models need it; None: the card's)."""
     from . import decay
 
     card = bundle.card

@@ -10,6 +10,7 @@ import numpy as np
 import vtk
 
 import slicer
+from OEFPredictorLib import maptable
 from OEFPredictorLib.errors import InputError
 
 from . import display
@@ -173,7 +174,7 @@ class ComparisonLogic:
         ROI and map; columns as roistats.COLUMNS). A given tableNode is updated, not duplicated."""
         from OEFPredictorLib import roistats
 
-        names = [n for n in roistats.MAP_ORDER if n in mapNodes] + [n for n in mapNodes if n not in roistats.MAP_ORDER]
+        names = [n for n in maptable.MAPS if n in mapNodes] + [n for n in mapNodes if n not in maptable.MAPS]
         first = mapNodes[names[0]]
         maps = {n: np.array(slicer.util.arrayFromVolume(mapNodes[n]), dtype=np.float64) for n in names}
         reference = {n: np.array(slicer.util.arrayFromVolume(node), dtype=np.float64)
@@ -188,7 +189,7 @@ class ComparisonLogic:
         predicted = {n: m for n, m in predicted.items() if m is not None and m.shape == maps[n].shape}
         rows = roistats.roi_statistics(maps, rois, roistats.voxel_volume_ml(spacing), mask=mask,
                                        reference=reference or None, contrasts=roistats.contralateral_pairs(rois),
-                                       units={n: display.unit(n) for n in names}, predicted=predicted)
+                                       units={n: maptable.unit(n) for n in names}, predicted=predicted)
         if tableNode is None:
             tableNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode",
                                                            slicer.mrmlScene.GenerateUniqueName("OEF ROI statistics"))
@@ -318,7 +319,7 @@ class ComparisonLogic:
         stats = roistats.paired_statistics(pred, ref)
 
         name = mapNode.GetAttribute("OEFPredictor.Map") or mapNode.GetName()
-        unit = display.unit(name) or mapNode.GetAttribute("OEFPredictor.Unit") or ""
+        unit = maptable.unit(name) or mapNode.GetAttribute("OEFPredictor.Unit") or ""
         unitText = f" ({unit})" if unit else ""
         roles = COMPARISON_ROLES
         pointsTable = self._ownedNode(mapNode, roles["table"], "vtkMRMLTableNode", f"{name} comparison points")

@@ -5,34 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import slicer
-from OEFPredictorLib.physics import MAP_UNITS
-
-# range: fixed display range (None: 1st-99th percentile inside the mask); colors: table kind;
-# threshold: hide voxels at or below this value (None: hide the engine's background value when
-# it lies outside the map's in-mask range). Units come from OEFPredictorLib.physics.MAP_UNITS.
-MAP_DISPLAY = {
-    "OEF": {"title": "OEF", "range": (0.0, 80.0), "colors": "viridis", "format": "%.0f", "threshold": 1e-3},
-    "S0": {"title": "S0", "range": None, "colors": "grey", "format": "%.3g", "threshold": None},
-    "R2": {"title": "R2", "range": (0.0, 30.0), "colors": "inferno", "format": "%.0f", "threshold": None},
-    "Y": {"title": "Y (venous O2 saturation)", "range": (0.2, 1.0), "colors": "viridis", "format": "%.2f",
-          "threshold": None},
-    "v": {"title": "v (venous blood volume)", "range": (0.0, 0.1), "colors": "viridis", "format": "%.2f",
-          "threshold": None},
-    "chi_nb": {"title": "chi_nb", "range": (-0.1, 0.1), "colors": "diverging", "format": "%.2f", "threshold": None},
-    # lower is better: about the noise level where the model explains the data
-    "quality": {"title": "Quality (model residual)", "range": None, "colors": "inferno", "format": "%.3f",
-                "threshold": None},
-    "CMRO2": {"title": "CMRO2", "range": (0.0, 250.0), "colors": "inferno", "format": "%.0f", "threshold": 1e-3},
-    # the uncertainty interval of methods that have one: its ends on the OEF scale, its width apart
-    "OEF_p05": {"title": "OEF 5th percentile", "range": (0.0, 80.0), "colors": "viridis", "format": "%.0f",
-                "threshold": 1e-3},
-    "OEF_p95": {"title": "OEF 95th percentile", "range": (0.0, 80.0), "colors": "viridis", "format": "%.0f",
-                "threshold": 1e-3},
-    "OEF_width": {"title": "OEF interval width", "range": (0.0, 30.0), "colors": "inferno", "format": "%.0f",
-                  "threshold": None},
-}
-
-DEFAULT_DISPLAY = {"title": "", "range": None, "colors": "grey", "format": "%.3g", "threshold": None}
+from OEFPredictorLib import maptable
 
 # Colour tables: Slicer's own (file-based, present in the application) first, else our own copy.
 SLICER_COLOR_NODE_IDS = {
@@ -70,11 +43,6 @@ def interpolateAnchors(anchors, n=256):
     return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], axis=1)
 
 
-def unit(name):
-    """The unit of a map ('' when it has none)."""
-    return MAP_UNITS.get(name, "")
-
-
 def unitsCode(text):
     """A UCUM coded entry for a unit ('' = no units), as volume nodes store it."""
     code = slicer.vtkCodedEntry()
@@ -109,20 +77,20 @@ def colorNodeID(kind):
 
 
 def setMapDisplay(node, name, array, mask=None):
-    """Colour table, fixed window, background thresholded away (a map without its own entry in
-    MAP_DISPLAY gets a grey table and the 1st-99th percentile window)."""
-    spec = MAP_DISPLAY.get(name, DEFAULT_DISPLAY)
+    """Colour table, fixed window, background thresholded away (maptable.MAPS; a map without its own
+    row gets a grey table and the 1st-99th percentile window)."""
+    spec = maptable.spec(name)
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     display = node.GetDisplayNode()
     inside = array[mask] if mask is not None and mask.shape == array.shape else array[array != 0]
     inside = inside[np.isfinite(inside)]
-    lo, hi = spec["range"] or (
+    lo, hi = spec.display_range or (
         (float(np.percentile(inside, 1)), float(np.percentile(inside, 99))) if inside.size else (0.0, 1.0))
-    display.SetAndObserveColorNodeID(colorNodeID(spec["colors"]))
+    display.SetAndObserveColorNodeID(colorNodeID(spec.colors))
     display.SetAutoWindowLevel(False)
     display.SetWindowLevelMinMax(lo, hi)
-    threshold = spec["threshold"]
+    threshold = spec.threshold
     background = None
     if mask is not None and mask.shape == array.shape and (~mask).any():
         background = float(np.median(array[~mask]))
@@ -159,8 +127,8 @@ def showOverlay(oefNode, background, opacity):
     if logic is not None:
         legend = logic.AddDefaultColorLegendDisplayNode(oefNode)
         if legend is not None:
-            spec = MAP_DISPLAY["OEF"]
-            legend.SetTitleText(f"{spec['title']} ({unit('OEF')})")
-            legend.SetLabelFormat(spec["format"])
+            spec = maptable.MAPS["OEF"]
+            legend.SetTitleText(spec.label)
+            legend.SetLabelFormat(spec.format)
             legend.SetVisibility(True)
     return oefNode

@@ -13,7 +13,7 @@ import numpy as np
 import vtk
 
 import slicer
-from OEFPredictorLib import methods, predict
+from OEFPredictorLib import maptable, methods, predict
 from OEFPredictorLib.errors import CancelledError, InputError
 
 from . import display
@@ -306,7 +306,7 @@ class PredictionLogic:
         """Predict OEF and the other maps from MRML nodes (see startPrediction for the arguments).
 
         wait=True (default): blocks until done and returns {map name: output volume node}
-        (predict.MAP_NAMES, CMRO2 with a CBF volume, the interval maps of methods that give one);
+        (maptable.BASE, CMRO2 with a CBF volume, the interval maps of methods that give one);
         raises CancelledError or InputError without touching the scene. wait=False: returns the
         PredictionRun."""
         run = self.startPrediction(echoes, qsm, mask=mask, cbf=cbf, settings=settings, **overrides)
@@ -319,14 +319,13 @@ class PredictionLogic:
         Nodes are created only here, after success; if writing fails, every node added here is
         removed again and existing nodes get their voxels, geometry and transform back."""
         scene = slicer.mrmlScene
-        maps = result.maps
-        missing = [n for n in predict.MAP_NAMES if n not in maps]
+        missing = [n for n in maptable.BASE if n not in result.maps]
         if missing:
             raise RuntimeError(f"The engine returned no {', '.join(missing)} map.")
-        names = list(predict.MAP_NAMES) + [n for n in maps if n not in predict.MAP_NAMES]
+        names = [n for n in maptable.MAPS if n in result.maps] + [n for n in result.maps if n not in maptable.MAPS]
         outputNodes = context["outputNodes"]
         for name, node in outputNodes.items():
-            if name in maps and scene.GetNodeByID(node.GetID()) is not node:
+            if name in result.maps and scene.GetNodeByID(node.GetID()) is not node:
                 raise InputError(_("The volume chosen as the {name} output ('{node}') was deleted during the run; "
                                    "nothing was written. Choose another output volume (or none) and run "
                                    "again.").format(name=name, node=node.GetName()))
@@ -337,7 +336,7 @@ class PredictionLogic:
         saved = []  # (node, image data copy, IJK-to-RAS, transform ID) of the existing nodes we overwrite
         try:
             for name in names:
-                array = np.asarray(maps[name], dtype=np.float32)
+                array = np.asarray(result.maps[name], dtype=np.float32)
                 node = outputNodes.get(name)
                 if node is not None:
                     saved.append(self._snapshotVolume(node))
@@ -349,7 +348,7 @@ class PredictionLogic:
                 node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(context["ijkToRAS"]))
                 node.SetAndObserveTransformNodeID(context["transformID"])
                 slicer.util.updateVolumeFromArray(node, array)
-                unit = display.unit(name)
+                unit = maptable.unit(name)
                 node.SetAttribute("OEFPredictor.Map", name)
                 node.SetAttribute("OEFPredictor.Unit", unit)
                 node.SetVoxelValueUnits(display.unitsCode(unit)) if hasattr(node, "SetVoxelValueUnits") else None

@@ -33,16 +33,18 @@ def _add_run_options(p):
     from .nst import BACKBONES
     from .rnst import DENOISERS, PRESETS
     p.add_argument("--preset", choices=list(PRESETS), default="fast",
-                   help="fast (default): 1 iteration, 40+40+40 evaluations, NLM (about 50 CPU "
-                        "seconds per 140x118 slice); paper: the published 20 iterations, "
-                        "500+600+700 evaluations, BM3D (hours per slice on a CPU)")
+                   help="fast (default): 1 iteration, 40+40+40 evaluations, non-local means over "
+                        "the slice and its neighbours (about 50 CPU seconds per 140x118 slice); "
+                        "paper: the published 20 iterations, 500+600+700 evaluations, BM3D "
+                        "(hours per slice on a CPU)")
     p.add_argument("--iterations", type=int, help="override the preset's outer iterations")
     p.add_argument("--evaluations", type=_budgets, metavar="A,B,C",
                    help="override the preset's L-BFGS evaluations of the candidates (each "
                         "continues the previous one)")
     p.add_argument("--denoiser", choices=list(DENOISERS),
-                   help="override the preset's denoiser (bm3d needs the separately installed, "
-                        "non-commercial 'bm3d' package)")
+                   help="override the preset's denoiser: nlm-2.5d (non-local means with the "
+                        "neighbouring slices), nlm (the slice alone), bm3d (needs the separately "
+                        "installed, non-commercial 'bm3d' package)")
     p.add_argument("--backbone", choices=list(BACKBONES), default="vgg16",
                    help="feature network (resnet50/152 need --weights)")
     p.add_argument("--weights", help="a Keras application weights file (VGG16, ResNet50 or "
@@ -127,8 +129,9 @@ def cmd_transfer(args) -> int:
     shape = [n for a, n in enumerate(content.shape) if a != axis]
     print(f"RNST {preset.name} ({backbone.name}, {preset.denoiser}, {compute_device()}): "
           f"{len(slices)} {args.plane} slice(s) {slices.start}..{slices.stop - 1} of "
-          f"{args.content}, style {args.style}; 2D, slice by slice; about "
-          f"{estimate_seconds(preset, shape, len(slices)) / 60:.1f} min on 2 idle CPU cores",
+          f"{args.content}, style {args.style}; slice by slice; about "
+          f"{estimate_seconds(preset, shape, len(slices)) / 60:.1f} min on 2 idle CPU cores "
+          "(denoiser included)",
           flush=True)
     t0 = time.time()
     res = transfer_volume(content, style, preset=preset, axis=axis, slices=slices,
@@ -139,10 +142,13 @@ def cmd_transfer(args) -> int:
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
     if reference is not None:
         ref = slab(reference, axis, slices)
-        p_in, s_in = quality(slab(content, axis, slices), ref)
-        p_out, s_out = quality(slab(res.output, axis, slices), ref)
-        print(f"PSNR input {p_in:.2f} dB -> output {p_out:.2f} dB ({p_out - p_in:+.2f})")
-        print(f"SSIM input {s_in:.4f} -> output {s_out:.4f} ({s_out - s_in:+.4f})")
+        q_in = quality(slab(content, axis, slices), ref)
+        q_out = quality(slab(res.output, axis, slices), ref)
+        for where, p, s in (("slices", 0, 1), ("head", 2, 3)):
+            print(f"PSNR ({where}) input {q_in[p]:.2f} dB -> output {q_out[p]:.2f} dB "
+                  f"({q_out[p] - q_in[p]:+.2f})")
+            print(f"SSIM ({where}) input {q_in[s]:.4f} -> output {q_out[s]:.4f} "
+                  f"({q_out[s] - q_in[s]:+.4f})")
     return 0
 
 

@@ -55,10 +55,11 @@ def run_demo(out_dir, *, preset, model, backbone, seed: int = 0, progress=None):
 
 def results_table(rows) -> str:
     methods = [m for m in ("input", "nlm", "bm3d", "rnst") if m in rows[0]]
-    lines = ["| noise sigma | " + " | ".join(f"{m} PSNR / SSIM" for m in methods) + " | RNST s |",
+    lines = ["| noise sigma | " + " | ".join(f"{m} PSNR / SSIM: slice; head" for m in methods)
+             + " | RNST s |",
              "|---" * (len(methods) + 2) + "|"]
     for r in rows:
-        cells = [f"{r[m][0]:.2f} / {r[m][1]:.3f}" for m in methods]
+        cells = [f"{r[m][0]:.2f} / {r[m][1]:.3f}; {r[m][2]:.2f} / {r[m][3]:.3f}" for m in methods]
         lines.append(f"| {r['noise_sigma']:.2f} | " + " | ".join(cells)
                      + f" | {r['rnst_seconds']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -74,31 +74,44 @@ def backbone_spec(name: str, convention: str = "torch") -> Backbone:
 # Losses (keras.ops; the tests check them against hand-computed values)
 
 def gram_matrix(features):
-    """G = F F^T / (C H W) for features (H, W, C) or (1, H, W, C). H and W may be unknown until
-    run time (one TensorFlow trace serves slices of several sizes)."""
+    """G = F F^T / (C H W) for features (H, W, C), or (B, H, W, C) -> one Gram per image
+    (B, C, C). H and W may be unknown until run time (one TensorFlow trace serves slices of
+    several sizes)."""
     from keras import ops
-    if len(features.shape) == 4:
-        features = features[0]
+    single = len(features.shape) == 3
+    if single:
+        features = features[None]
     c = features.shape[-1]
-    f = ops.reshape(ops.transpose(features, (2, 0, 1)), (c, -1))
+    f = ops.reshape(features, (ops.shape(features)[0], -1, c))     # (B, HW, C)
     n = ops.cast(ops.shape(f)[1], f.dtype) * float(c)
-    return ops.matmul(f, ops.transpose(f)) / n
+    g = ops.matmul(ops.transpose(f, (0, 2, 1)), f) / n
+    return g[0] if single else g
 
 
 def l1(a, b):
+    """Mean absolute difference; per image (first axis) when given a batch."""
     from keras import ops
     return ops.mean(ops.abs(a - b))
 
 
+def _l1_per_image(a, b):
+    from keras import ops
+    d = ops.abs(a - b)
+    return ops.mean(ops.reshape(d, (ops.shape(d)[0], -1)), axis=1)
+
+
 def content_loss(features, target):
-    return l1(features, target)
+    """L1; features (H, W, C) -> a number, (B, H, W, C) -> one per image."""
+    return _l1_per_image(features, target) if len(features.shape) == 4 else l1(features, target)
 
 
 def style_loss(features_list, target_grams):
-    """Sum over the style layers of the L1 distance between Gram matrices."""
+    """Sum over the style layers of the L1 distance between Gram matrices (one per image for
+    batched features (B, H, W, C) and targets (B, C, C))."""
     total = 0.0
     for feats, gram in zip(features_list, target_grams):
-        total = total + l1(gram_matrix(feats), gram)
+        g = gram_matrix(feats)
+        total = total + (_l1_per_image(g, gram) if len(g.shape) == 3 else l1(g, gram))
     return total
 
 
@@ -193,10 +206,22 @@ def compute_device() -> str:
     return f"GPU ({gpus[0].name})" if gpus else "CPU"
 
 
+# Slices optimised together on a GPU (one batch through the network per evaluation). Estimated,
+# not measured (no GPU here): 16 slices of 256 x 256 through VGG16 to conv4_1 with gradients
+# hold about 16 x 16 M activations, 1 to 4 GB.
+GPU_SLICES_PER_BATCH = 16
+
+
+def slices_per_batch() -> int:
+    """How many slices to run together: a batch on a GPU; one at a time on a CPU, where a batch
+    is no faster (the cores are busy either way)."""
+    return GPU_SLICES_PER_BATCH if compute_device().startswith("GPU") else 1
+
+
 @dataclass
 class NSTResult:
-    images: list          # best-so-far image at the end of each budget
-    losses: list          # their losses
+    images: list          # best-so-far image (or batch of images) at the end of each budget
+    losses: list          # their losses (one per image of a batch)
     evaluations: int
 
 
@@ -205,7 +230,8 @@ _COMPILED = {}  # (id(model), weights) -> TensorFlow functions, traced once per 
 
 def _compiled(model, style_weight: float, content_weight: float):
     """Loss and gradient functions taking the targets as arguments, so that every slice of a
-    volume (same shape) reuses one trace instead of tracing the network again."""
+    volume (same shape) reuses one trace instead of tracing the network again. Losses are per
+    image of the batch; the gradient is that of their sum (the images are independent)."""
     import tensorflow as tf
     key = (id(model), style_weight, content_weight)
     if key in _COMPILED and _COMPILED[key][0] is model:
@@ -222,7 +248,8 @@ def _compiled(model, style_weight: float, content_weight: float):
         with tf.GradientTape() as tape:
             tape.watch(x)
             total, _, _ = losses(x, content_target, style_grams)
-        return total, tape.gradient(total, x)
+            summed = tf.reduce_sum(total)
+        return total, tape.gradient(summed, x)
 
     fns = (tf.function(losses, reduce_retracing=True), value_and_grad)
     if len(_COMPILED) >= 2:  # a few models at most: an old model's traces are freed
@@ -232,37 +259,56 @@ def _compiled(model, style_weight: float, content_weight: float):
 
 
 class StyleTransfer:
-    """Loss and gradient of one NST problem (fixed content and style images).
+    """Loss and gradient of NST problems with fixed content and style images: one 2D content
+    image, or a batch (B, H, W) of them (slices of one volume, run together on a GPU), each
+    with its own style image (any size; a list, or one for all).
 
     `model` comes from build_model / build_vgg16_features for `backbone` (its loss weights).
+    The images of a batch are independent problems: their losses are kept apart, and L-BFGS
+    runs on their sum.
     """
 
-    def __init__(self, model, content: np.ndarray, style: np.ndarray,
-                 backbone: Backbone = VGG16_TORCH):
+    def __init__(self, model, content: np.ndarray, style, backbone: Backbone = VGG16_TORCH):
+        import tensorflow as tf
         self.model = model
-        self.shape = content.shape
-        c_feats = model(_as_batch(content))
-        s_feats = model(_as_batch(style))
-        self.content_target = c_feats[0]
-        self.style_grams = [gram_matrix(f) for f in s_feats[1:]]
+        content = np.asarray(content, np.float32)
+        self.single = content.ndim == 2
+        contents = content[None] if self.single else content
+        styles = [style] if isinstance(style, np.ndarray) and style.ndim == 2 else list(style)
+        if len(styles) == 1:
+            styles = styles * len(contents)
+        if len(styles) != len(contents):
+            raise RNSTInputError(f"{len(contents)} content images but {len(styles)} styles")
+        self.shape = contents.shape
+        self.content_target = model(contents[..., None])[0]
+        per_style = [[gram_matrix(f)[0] for f in model(_as_batch(s))[1:]] for s in styles]
+        self.style_grams = [tf.stack(layer) for layer in zip(*per_style)]
         losses, value_and_grad = _compiled(model, float(backbone.style_weight),
                                            float(backbone.content_weight))
         self._losses = lambda x: losses(x, self.content_target, self.style_grams)
         self._value_and_grad = lambda x: value_and_grad(x, self.content_target, self.style_grams)
 
-    def loss(self, image: np.ndarray) -> float:
-        """Total loss (weighted style + content) of one image."""
-        total, _, _ = self._losses(_as_batch(image))
-        return float(total)
+    def _batch(self, images):
+        return np.asarray(images, np.float32).reshape(self.shape)[..., None]
 
-    def loss_terms(self, image: np.ndarray) -> tuple[float, float, float]:
-        total, ls, lc = self._losses(_as_batch(image))
-        return float(total), float(ls), float(lc)
+    def _out(self, values):
+        values = np.asarray(values, np.float64)
+        return float(values[0]) if self.single else values
+
+    def loss(self, image: np.ndarray):
+        """Total loss (weighted style + content): a number for one image, one per image of a
+        batch."""
+        total, _, _ = self._losses(self._batch(image))
+        return self._out(total)
+
+    def loss_terms(self, image: np.ndarray):
+        total, ls, lc = self._losses(self._batch(image))
+        return self._out(total), self._out(ls), self._out(lc)
 
     def run(self, start: np.ndarray, budgets=(500, 600, 700),
             cancel: threading.Event | None = None, on_eval=None) -> NSTResult:
         """L-BFGS-B from `start` for budgets[0] loss evaluations, then budgets[1] more, ...;
-        the best image seen at the end of each.
+        the best image seen at the end of each (per image of a batch).
 
         As published: there the candidates come from one image optimised in place, each call
         continuing where the last one stopped (500, then 600 more, then 700 more steps). Here
@@ -272,33 +318,38 @@ class StyleTransfer:
         from scipy.optimize import minimize
 
         budgets = [int(b) for b in np.cumsum([int(b) for b in budgets])]
-        state = {"n": 0, "best": np.inf, "best_x": start.astype(np.float64).ravel().copy()}
+        start = np.asarray(start, np.float64).reshape(self.shape)
+        state = {"n": 0, "best": np.full(self.shape[0], np.inf), "best_x": start.copy()}
         snapshots, snap_losses = [], []
+
+        def keep():
+            images = state["best_x"].astype(np.float32)
+            snapshots.append(images[0] if self.single else images)
+            snap_losses.append(self._out(state["best"]))
 
         def fun(flat):
             if cancel is not None and cancel.is_set():
                 raise RNSTCancelled("cancelled during style transfer")
-            x = flat.reshape(self.shape).astype(np.float32)
-            value, grad = self._value_and_grad(_as_batch(x))
-            value = float(value)
+            x = flat.reshape(self.shape)
+            values, grad = self._value_and_grad(self._batch(x))
+            values = np.asarray(values, np.float64)
             state["n"] += 1
-            if value < state["best"]:
-                state["best"], state["best_x"] = value, flat.copy()
+            better = values < state["best"]  # each image keeps its own best
+            state["best"][better] = values[better]
+            state["best_x"][better] = x[better]
             while len(snapshots) < len(budgets) and state["n"] >= budgets[len(snapshots)]:
-                snapshots.append(state["best_x"].reshape(self.shape).astype(np.float32))
-                snap_losses.append(state["best"])
+                keep()
             if on_eval is not None:
                 on_eval(state["n"])
-            return value, np.asarray(grad, np.float64).ravel()
+            return float(values.sum()), np.asarray(grad, np.float64).ravel()
 
-        minimize(fun, start.astype(np.float64).ravel(), jac=True, method="L-BFGS-B",
+        minimize(fun, start.ravel(), jac=True, method="L-BFGS-B",
                  bounds=[(0.0, 1.0)] * start.size,
                  options={"maxfun": budgets[-1], "maxiter": budgets[-1], "ftol": 0.0,
                           "gtol": 0.0, "maxcor": 20})
-        # Converged (or stopped) early: the remaining budgets get the best image found.
+        # Converged (or stopped) early: the remaining budgets get the best images found.
         while len(snapshots) < len(budgets):
-            snapshots.append(state["best_x"].reshape(self.shape).astype(np.float32))
-            snap_losses.append(state["best"])
+            keep()
         return NSTResult(snapshots, snap_losses, state["n"])
 
 

@@ -19,10 +19,15 @@ default does not). Deliberate differences, and why:
   it after one more PyTorch L-BFGS step from it (about 20 evaluations per candidate, 300 per
   iteration): as costly as the style transfer itself on a CPU, for a ranking of 15 images.
 - The output is clipped to [0, 1], the content's intensity range (unclipped in the published code).
-- `denoiser`: BM3D as published where the `bm3d` package is installed (its licence allows
-  non-commercial use only, and no redistribution: this project does not install it); non-local
-  means (scikit-image) otherwise. Their BM3D is given the known noise level; here it is
-  estimated from the image (Immerkaer's method).
+- The working images are scaled to the range of the slice's content (in a volume scaled as a
+  whole), not to [0, 1], so that slices keep their relative brightness.
+- `denoiser`: by default non-local means over the slice and its neighbours ("nlm-2.5d",
+  scikit-image); "nlm" the slice alone; BM3D as published where the `bm3d` package is installed
+  (its licence allows non-commercial use only, and no redistribution: this project does not
+  install it). Their BM3D is given the known noise level; here it is estimated from the image
+  (Immerkaer's method).
+- Several slices of one size may be optimised together (a GPU batch): one L-BFGS run on the sum
+  of their independent losses, each slice keeping its own best images, candidates and choice.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import numpy as np
 
 from .errors import RNSTInputError
 
-DENOISERS = ("nlm", "bm3d")
+DENOISERS = ("nlm-2.5d", "nlm", "bm3d")
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,14 @@ class Preset:
     mu: float = 0.15
     step_multipliers: tuple = (1, 2, 3, 4, 5)
     lam: float = 0.7
-    denoiser: str = "nlm"
+    denoiser: str = "nlm-2.5d"
 
 
 PRESETS = {
     # Sized for 2 CPU cores (a 3-slice 140 x 118 slab in about 2.5 CPU minutes): the published
-    # loop with one outer iteration and 40 + 40 + 40 evaluations, started from non-local means.
-    "fast": Preset("fast", outer_iterations=1, budgets=(40, 40, 40)),
+    # loop with one outer iteration and 40 + 40 + 40 evaluations, started from non-local means
+    # over the slice and its neighbours (it beat BM3D as the start, benchmarks/rnst_denoisers.py).
+    "fast": Preset("fast", outer_iterations=1, budgets=(40, 40, 40), denoiser="nlm-2.5d"),
     # The published settings (engine_settings (20, 0.15, 0.7, 5, 3), 500 + 100 j steps, BM3D).
     "paper": Preset("paper", outer_iterations=20, budgets=(500, 600, 700), denoiser="bm3d"),
 }
@@ -73,24 +79,39 @@ def bm3d_available() -> bool:
 
 def check_denoiser(kind: str) -> None:
     if kind not in DENOISERS:
-        raise RNSTInputError(f"unknown denoiser {kind!r}: choose nlm or bm3d")
+        raise RNSTInputError(f"unknown denoiser {kind!r}: choose one of {', '.join(DENOISERS)}")
     if kind == "bm3d" and not bm3d_available():
         raise RNSTInputError(
             "the bm3d denoiser needs the 'bm3d' package, which this tool does not install (its "
-            "licence allows non-commercial use only): pip install bm3d==4.0.3, or use --denoiser nlm")
+            "licence allows non-commercial use only): pip install bm3d==4.0.3, or use --denoiser nlm-2.5d")
 
 
-def denoise(image: np.ndarray, kind: str = "nlm") -> np.ndarray:
-    """Non-local means (scikit-image) or BM3D (the optional `bm3d` package), noise level
-    estimated from the image."""
+# Non-local means with patches over the slice and its neighbours (skimage's channel axis): the
+# neighbours carry their own noise, so similar patches are found more reliably; h and the search
+# window were chosen on virtual patient 1 (benchmarks/rnst_denoisers.py). Only the weights use
+# the neighbours; the average is over the slice's own pixels.
+NLM_25D = {"h": 0.7, "patch_size": 5, "patch_distance": 11}
+
+
+def denoise(image: np.ndarray, kind: str = "nlm", neighbours=()) -> np.ndarray:
+    """Non-local means (scikit-image) in 2D ("nlm") or with the neighbouring slices
+    ("nlm-2.5d"; without neighbours it works on the slice alone), or BM3D (the optional `bm3d`
+    package); noise level estimated from the image."""
     image = np.asarray(image, np.float64)
     sigma = noise_sigma(image)
     if sigma <= 0:
         return image.copy()
+    from skimage.restoration import denoise_nl_means
     if kind == "nlm":
-        from skimage.restoration import denoise_nl_means
         return denoise_nl_means(image, h=0.8 * sigma, sigma=sigma, patch_size=5,
                                 patch_distance=6, fast_mode=True)
+    if kind == "nlm-2.5d":
+        stack = np.stack([image, *[np.asarray(n, np.float64) for n in neighbours]], axis=-1)
+        out = denoise_nl_means(stack, h=NLM_25D["h"] * sigma, sigma=sigma,
+                               patch_size=NLM_25D["patch_size"],
+                               patch_distance=NLM_25D["patch_distance"], fast_mode=True,
+                               channel_axis=-1)
+        return out if out.ndim == 2 else out[..., 0]  # one channel comes back 2D
     check_denoiser(kind)
     import bm3d
     return np.asarray(bm3d.bm3d(image, sigma_psd=sigma, stage_arg=bm3d.BM3DStages.ALL_STAGES),
@@ -123,15 +144,28 @@ class SliceResult:
 
 
 def rnst_slice(content: np.ndarray, style: np.ndarray, model, preset: Preset, backbone=None,
-               cancel: threading.Event | None = None, on_eval=None) -> SliceResult:
+               cancel: threading.Event | None = None, on_eval=None,
+               neighbours=()) -> SliceResult:
     """RNST of one slice at its full resolution. `content` and `style` are 2D arrays scaled to
     [0, 1] (any sizes); `model` comes from nst.build_model with `backbone` (default VGG16).
-    `on_eval(n)` is called after every loss or gradient evaluation (n counts them here)."""
+    `on_eval(n)` is called after every loss or gradient evaluation (n counts them here).
+    `neighbours`: the adjacent content slices (same scaling), for a 2.5D denoiser."""
+    return rnst_slices([content], [style], model, preset, backbone, cancel, on_eval,
+                       [neighbours])[0]
+
+
+def rnst_slices(contents, styles, model, preset: Preset, backbone=None,
+                cancel: threading.Event | None = None, on_eval=None,
+                neighbours=None) -> list:
+    """RNST of slices of one size together (a batch through the network at each evaluation,
+    for a GPU); each slice keeps its own scaling, candidates and choices. Arguments as for
+    rnst_slice, one per slice; returns one SliceResult per slice."""
     from .nst import VGG16_TORCH, StyleTransfer
 
-    content = np.asarray(content, np.float32)
-    problem = StyleTransfer(model, content, np.asarray(style, np.float32),
-                            backbone or VGG16_TORCH)
+    content = np.stack([np.asarray(c, np.float32) for c in contents])   # (B, H, W)
+    styles = [np.asarray(s, np.float32) for s in styles]
+    neighbours = neighbours or [()] * len(content)
+    problem = StyleTransfer(model, content, styles, backbone or VGG16_TORCH)
     counter = {"n": 0}
 
     def count(_=None):
@@ -139,30 +173,49 @@ def rnst_slice(content: np.ndarray, style: np.ndarray, model, preset: Preset, ba
         if on_eval is not None:
             on_eval(counter["n"])
 
+    # Every working image is scaled to its content's own range (the published code scales to
+    # [0, 1], which would lift a dim slice of a volume to full brightness).
+    lo = content.min(axis=(1, 2), keepdims=True).astype(np.float64)
+    hi = content.max(axis=(1, 2), keepdims=True).astype(np.float64)
+
+    def scaled(a):
+        a_lo, a_hi = a.min(axis=(1, 2), keepdims=True), a.max(axis=(1, 2), keepdims=True)
+        unit = np.where(a_hi > a_lo, (a - a_lo) / np.where(a_hi > a_lo, a_hi - a_lo, 1), 0)
+        return lo + (hi - lo) * unit
+
+    n = len(content)
+    rows = np.arange(n)
+    results = [SliceResult(image=c, initial_loss=float(v))
+               for c, v in zip(content, np.atleast_1d(problem.loss(content)))]
     x = content.astype(np.float64)
-    result = SliceResult(image=content, initial_loss=problem.loss(content))
-    best_loss, best_x = np.inf, x
+    best_loss, best_x = np.full(n, np.inf), x.copy()
     for i in range(preset.outer_iterations):
-        x = minmax01(x)
-        start = denoise(x, preset.denoiser) if i == 0 else x
-        nst = problem.run(minmax01(start).astype(np.float32), preset.budgets, cancel=cancel,
-                          on_eval=lambda n: count())
+        x = scaled(x)
+        start = np.stack([denoise(xs, preset.denoiser, nb) for xs, nb in zip(x, neighbours)]) \
+            if i == 0 else x
+        nst = problem.run(scaled(start).astype(np.float32), preset.budgets, cancel=cancel,
+                          on_eval=lambda _: count())
         d = nst.images[-1].astype(np.float64)
-        candidates = []
+        losses, choices, cands = [], [], []
         for k in preset.step_multipliers:
             step = preset.mu * k
             for budget, t in zip(np.cumsum(preset.budgets), nst.images):
                 cand = x - step * ((x - t) + preset.lam * (x - d))
-                loss = problem.loss(minmax01(cand).astype(np.float32))
+                losses.append(np.atleast_1d(problem.loss(scaled(cand).astype(np.float32))))
                 count()
-                candidates.append((loss, int(budget), step, cand))
-        loss, budget, step, x = min(candidates, key=lambda c: c[0])
-        result.losses.append(float(loss))
-        result.steps.append((budget, float(step)))
-        if loss < best_loss:
-            best_loss, best_x = loss, x
-    result.image = np.clip(best_x, 0.0, 1.0).astype(np.float32)
-    return result
+                choices.append((int(budget), step))
+                cands.append(cand)
+        pick = np.argmin(np.stack(losses), axis=0)          # per slice
+        x = np.stack([cands[j][b] for b, j in enumerate(pick)])
+        chosen = np.stack(losses)[pick, rows]
+        for b, j in enumerate(pick):
+            results[b].losses.append(float(chosen[b]))
+            results[b].steps.append((choices[j][0], float(choices[j][1])))
+        better = chosen < best_loss
+        best_loss[better], best_x[better] = chosen[better], x[better]
+    for b, r in enumerate(results):
+        r.image = np.clip(best_x[b], 0.0, 1.0).astype(np.float32)
+    return results
 
 
 def evaluations_per_slice(preset: Preset) -> int:
@@ -178,8 +231,16 @@ def evaluations_per_slice(preset: Preset) -> int:
 CPU_SECONDS_PER_EVAL_MPIX = 16.0
 
 
+# CPU seconds per megapixel of slice for each denoiser (one thread; measured on a 137 x 115
+# MNI slice at noise 0.06 on this project's 2-core machine, rounded up).
+DENOISER_SECONDS_PER_MPIX = {"nlm": 35.0, "nlm-2.5d": 10.0, "bm3d": 140.0}
+
+
 def estimate_seconds(preset: Preset, slice_shape, n_slices: int) -> float:
-    """Rough run time on 2 idle CPU cores (a GPU is much faster), for the panel and the CLI."""
+    """Rough run time on 2 idle CPU cores (a GPU is much faster), denoiser included, for the
+    panel and the CLI."""
     mpix = float(np.prod(slice_shape)) / 1e6
     evals = sum(preset.budgets) + len(preset.budgets) * len(preset.step_multipliers) / 3
-    return n_slices * (preset.outer_iterations * evals * mpix * CPU_SECONDS_PER_EVAL_MPIX + 1.0)
+    per_slice = (preset.outer_iterations * evals * CPU_SECONDS_PER_EVAL_MPIX
+                 + DENOISER_SECONDS_PER_MPIX[preset.denoiser]) * mpix
+    return n_slices * (per_slice + 1.0)

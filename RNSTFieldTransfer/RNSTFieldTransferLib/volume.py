@@ -1,7 +1,8 @@
 """RNST over a volume, slice by slice in one of the three planes; image quality metrics.
 
-Processing is 2D, as in the paper: each slice is transferred on its own, with no coupling between
-neighbouring slices.
+Each slice is transferred on its own, as in the paper; the denoiser that starts the style transfer
+may look at the neighbouring slices ("nlm-2.5d"), and on a GPU several slices go through the
+network together.
 
 Arrays are numpy (k, j, i) as SimpleITK and Slicer give them. The plane picks the array axis whose
 direction is closest to S (axial), A (coronal) or R/L (sagittal), so oblique or flipped volumes
@@ -99,21 +100,70 @@ def minmax(a: np.ndarray) -> np.ndarray:
     return np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
 
 
-def quality(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(PSNR dB, SSIM) of `image` against `reference`, both min-max scaled, data range 1.
+# The head, for the metrics: the reference above this fraction of its maximum (after a
+# 1-pixel Gaussian smoothing), holes filled slice by slice. Over the whole slice, the background
+# (a third of it or more) dominates SSIM: a plain histogram match to the style scores high there.
+HEAD_THRESHOLD = 0.1
 
-    2D images directly; a stack of 2D slices (first axis) gets PSNR over the stack and the mean
-    2D SSIM of its slices (each slice has at least 7 pixels a side).
+
+class Quality(NamedTuple):
+    """PSNR (dB) and SSIM over the whole slice and inside the head (see quality())."""
+    psnr: float
+    ssim: float
+    psnr_head: float
+    ssim_head: float
+
+
+def head_mask(reference: np.ndarray) -> np.ndarray:
+    """Boolean mask of the head in a 2D slice or a stack of slices (first axis)."""
+    from scipy import ndimage
+    r = np.asarray(reference, np.float64)
+    stack = r[None] if r.ndim == 2 else r
+    smooth = np.stack([ndimage.gaussian_filter(s, 1.0) for s in stack])
+    mask = np.stack([ndimage.binary_fill_holes(s > HEAD_THRESHOLD * stack.max()) for s in smooth])
+    return mask[0] if r.ndim == 2 else mask
+
+
+def quality(image: np.ndarray, reference: np.ndarray) -> Quality:
+    """PSNR and SSIM of `image` against `reference`, both min-max scaled, data range 1: over the
+    whole slice, and inside the head (head_mask of the reference: PSNR from the squared error
+    there, SSIM the mean of the SSIM map there).
+
+    2D images directly; a stack of 2D slices (first axis) gets PSNR over the stack and the 2D
+    SSIM maps of its slices (each slice has at least 7 pixels a side).
     """
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from skimage.metrics import structural_similarity
     x, r = minmax(image), minmax(reference)
-    psnr = float(peak_signal_noise_ratio(r, x, data_range=1.0))
     if x.ndim == 2:
         x, r = x[None], r[None]
+    mask = head_mask(r)
     win = min(7, *x.shape[1:]) // 2 * 2 + 1 if min(x.shape[1:]) < 7 else 7
-    ssim = float(np.mean([structural_similarity(rs, xs, data_range=1.0, win_size=win)
-                          for xs, rs in zip(x, r)]))
-    return psnr, ssim
+    maps = np.stack([structural_similarity(rs, xs, data_range=1.0, win_size=win, full=True)[1]
+                     for xs, rs in zip(x, r)])
+    err = (x - r) ** 2
+
+    def psnr(mse):
+        return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+    # skimage's SSIM is the mean of its map without the borders win // 2 wide; the same here.
+    b = (win - 1) // 2
+    inner = (slice(None), slice(b, -b or None), slice(b, -b or None))
+    head = mask if mask.any() else np.ones_like(mask)
+    return Quality(psnr(float(err.mean())), float(maps[inner].mean()),
+                   psnr(float(err[head].mean())), float(maps[inner][head[inner]].mean()))
+
+
+def through_plane_error(image: np.ndarray, reference: np.ndarray) -> float:
+    """RMS difference, inside the head, between the slice-to-slice changes of `image` and of
+    `reference` (stacks along the first axis, min-max scaled): how far neighbouring output
+    slices disagree beyond what the anatomy does. Needs at least 2 slices."""
+    x, r = minmax(image), minmax(reference)
+    if x.ndim != 3 or x.shape[0] < 2:
+        raise RNSTInputError("the through-plane error needs a stack of at least 2 slices")
+    mask = head_mask(r)
+    both = mask[1:] & mask[:-1]
+    d = np.diff(x, axis=0) - np.diff(r, axis=0)
+    return float(np.sqrt(np.mean(d[both] ** 2)))
 
 
 @dataclass
@@ -130,17 +180,23 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
                     backbone_name: str = "vgg16", weights_path=None,
                     style_axis: int | None = None, content_geometry: Geometry | None = None,
                     style_geometry: Geometry | None = None, progress=None,
-                    cancel: threading.Event | None = None) -> VolumeResult:
+                    cancel: threading.Event | None = None,
+                    batch: int | None = None) -> VolumeResult:
     """RNST on each slice of `content` along numpy `axis` in `slices`.
 
     The style slice for content slice s is the one nearest in space (from the geometries; without
     them both volumes are taken to share one grid), resampled to the content's pixel size; a
-    single-slice style volume serves all. `model`/`backbone` from nst.build_model, else built
-    from `backbone_name` and `weights_path`. `progress(fraction, text)` is called often; `cancel`
-    is checked at every loss evaluation (raises RNSTCancelled).
+    single-slice style volume serves all. The denoiser sees the neighbouring content slices (also
+    those outside `slices`). `model`/`backbone` from nst.build_model, else built from
+    `backbone_name` and `weights_path`. `batch`: slices run together (default: a batch on a GPU,
+    one at a time on a CPU). `progress(fraction, text)` is called often, the text with the
+    remaining time and the device; `cancel` is checked at every loss evaluation (raises
+    RNSTCancelled).
     """
-    from .nst import build_model
-    from .rnst import evaluations_per_slice, rnst_slice
+    import time
+
+    from .nst import build_model, compute_device, slices_per_batch
+    from .rnst import evaluations_per_slice, rnst_slices
 
     content = np.asarray(content)
     style = np.asarray(style)
@@ -154,43 +210,62 @@ def transfer_volume(content: np.ndarray, style: np.ndarray, *, preset, axis: int
     slices = range(n) if slices is None else slices
     if len(slices) == 0:
         raise RNSTInputError("the slice range selects no slice")
-    lo, hi = float(content.min()), float(content.max())
     c01 = minmax(content).astype(np.float32)
     s01 = minmax(style).astype(np.float32)
     ns = s01.shape[style_axis]
     cg, sg = content_geometry or Geometry(), style_geometry or Geometry()
     c_mm, s_mm = in_plane_spacing(cg, axis), in_plane_spacing(sg, style_axis)
+    lo, hi = float(content.min()), float(content.max())
 
     if model is None:
         model, backbone = build_model(backbone_name, weights_path)
+    device = compute_device()
+    batch = batch or slices_per_batch()
     output = content.astype(np.float32).copy()  # slices outside the range stay bit-identical
     per_slice = evaluations_per_slice(preset)
     total = per_slice * len(slices)
     result = VolumeResult(output=content, axis=axis, slices=list(slices))
-    for done, s in enumerate(slices):
+    todo = []
+    for s in slices:
+        js = 0 if ns == 1 else style_slice_index(s, axis, cg, style_axis, sg, ns)
+        result.style_slices[int(s)] = js
+        if float(np.ptp(np.take(c01, s, axis=axis))) >= 1e-6:
+            todo.append(s)  # an empty (background) slice is left as it is
+    t0 = time.monotonic()
+    for first in range(0, len(todo), batch):
         if cancel is not None and cancel.is_set():
             raise RNSTCancelled("cancelled")
-        c2 = np.take(c01, s, axis=axis)
-        js = 0 if ns == 1 else style_slice_index(s, axis, cg, style_axis, sg, ns)
-        st2 = match_pixel_size(np.take(s01, js, axis=style_axis), s_mm, c_mm)
-        result.style_slices[int(s)] = js
-        if float(c2.max() - c2.min()) < 1e-6:
-            continue  # empty (background) slice: nothing to transfer
+        group = todo[first:first + batch]
+        c2 = [np.take(c01, s, axis=axis) for s in group]
+        st2 = [match_pixel_size(np.take(s01, result.style_slices[int(s)], axis=style_axis),
+                                s_mm, c_mm) for s in group]
+        nb = [[np.take(c01, t, axis=axis) for t in (s - 1, s + 1) if 0 <= t < n] for s in group]
 
-        def on_eval(k, done=done, s=s):
-            if progress is not None:
-                progress(min(1.0, (done * per_slice + k) / total),
-                         f"slice {s} ({done + 1}/{len(slices)})")
+        def on_eval(k, first=first, group=group):
+            if progress is None:
+                return
+            fraction = min(1.0, (first * per_slice + k * len(group)) / total)
+            elapsed = time.monotonic() - t0
+            left = "" if fraction < 0.02 else \
+                f", about {_minutes(elapsed * (1 - fraction) / fraction)} left"
+            which = f"slice {group[0]}" if len(group) == 1 else \
+                f"slices {group[0]}..{group[-1]}"
+            progress(fraction, f"{which} ({first + len(group)}/{len(todo)}){left}, {device}")
 
-        res = rnst_slice(c2, st2, model, preset, backbone, cancel=cancel, on_eval=on_eval)
-        index = [slice(None)] * 3
-        index[axis] = s
-        output[tuple(index)] = res.image.astype(np.float64) * (hi - lo) + lo
-        result.losses[int(s)] = res.losses
+        for s, res in zip(group, rnst_slices(c2, st2, model, preset, backbone, cancel=cancel,
+                                             on_eval=on_eval, neighbours=nb)):
+            index = [slice(None)] * 3
+            index[axis] = s
+            output[tuple(index)] = res.image.astype(np.float64) * (hi - lo) + lo
+            result.losses[int(s)] = res.losses
     if progress is not None:
         progress(1.0, "done")
     result.output = output.reshape(shape)
     return result
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def slab(volume: np.ndarray, axis: int, slices) -> np.ndarray:

@@ -39,7 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(f".{name}", __name__).register(sub)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="also show the log lines of TensorFlow, absl and the other libraries "
+                                  "(hidden by default)")
     return parser
+
+
+def help_literal(text: str) -> str:
+    """Text for an argparse help string: argparse formats help with %, so a literal % (as in
+    "90 %") must be doubled, or `--help` crashes."""
+    return text.replace("%", "%%")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep the libraries' log lines (TensorFlow's C++ log: cpu_feature_guard, oneDNN, CUDA
+    plugins; absl; the tensorflow/keras Python loggers and warnings) out of the output unless
+    --verbose. TF_CPP_MIN_LOG_LEVEL must be set before TensorFlow is imported, so it is set here,
+    before any command runs; the local Dask workers of `batch` inherit it."""
+    import logging
+    import warnings
+
+    if verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # 3: not even E-level lines (e.g. "Unable to register cuDNN")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    for name in ("tensorflow", "absl", "keras", "jax", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for module in ("tensorflow", "keras", "absl", "jax"):
+        warnings.filterwarnings("ignore", module=module + r"(\.|$)")
 
 
 class Terminated(BaseException):
@@ -52,9 +81,9 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries(args.verbose)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -77,7 +77,7 @@ def demo_figure(data, maps: dict, out_png: Path, method: str = methods.DEFAULT_M
     if "OEF_width" in maps:
         im = axes[3].imshow(flip(np.where(show, maps["OEF_width"], np.nan)), cmap="viridis", vmin=0,
                             vmax=figures.WIDTH_RANGE[1], interpolation="nearest")
-        fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.02, label="percentage points")
+        fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.02, label=figures.MAPS["OEF_width"].unit)
         axes[3].set_title("90 % interval width")
     im = axes[-1].imshow(flip(pred - truth), cmap="RdBu_r", vmin=-20, vmax=20, interpolation="nearest")
     fig.colorbar(im, ax=axes[-1], fraction=0.046, pad=0.02, label="percentage points")
@@ -113,14 +113,13 @@ def roi_table(data, maps: dict, out_csv: Path) -> list[dict]:
 
 
 def run(args) -> int:
-    from .. import io, predict, simulate
-    from .predict import provenance, run_prediction, write_maps
+    from .. import io, maptable, predict, simulate
+    from .predict import run_prediction
 
     start = time.perf_counter()
     out = Path(args.out)
     io.check_output_dir(out, args.overwrite)  # before any work
-    method, args.model_bundle = predict.resolve_method(args.method, args.model)  # fails early, in one line
-    args.method = method.name
+    method, bundle = predict.resolve_method(args.method, args.model)  # fails early, in one line
     with io.atomic_directory(out, overwrite=args.overwrite, command="demo") as tmp:
         tmp = Path(tmp)
         print(f"Simulating the demo patient ({args.voxel_size:g} mm, SNR {DEMO_SNR:g}, seed {DEMO_SEED})...",
@@ -128,10 +127,11 @@ def run(args) -> int:
         data = simulate.load_patient(make_demo_patient(tmp / "patient", args.voxel_size))
         inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, mask=data.mask,
                                           spacing=data.geometry.spacing)
-        result = run_prediction(inputs, args, bar_label="Predicting OEF")
-        write_maps(result, data.geometry, tmp)
-        io.write_json(provenance(result, {"patient": "patient/P03", "seed": DEMO_SEED}, data.protocol),
-                      tmp / "prediction.json")
+        predictor = predict.Predictor(method, bundle, data.protocol)
+        result = run_prediction(inputs, predictor, args.device, bar_label="Predicting OEF")
+        io.write_maps(result, data.geometry, tmp)
+        io.write_json(io.provenance(result, {"patient": "patient/P03", "seed": DEMO_SEED}, data.protocol),
+                      tmp / maptable.PROVENANCE_FILE)
         demo_figure(data, result.maps, tmp / "demo_figure.png", method.name)
         rows = roi_table(data, result.maps, tmp / "roi_stats.csv")
     sel = data.metric_mask

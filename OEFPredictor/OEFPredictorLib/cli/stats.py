@@ -93,7 +93,7 @@ def _read_all(paths: list[tuple[str, Path]]):
 def prediction_mask_beside(map_path: Path) -> Path | None:
     """mask.nii.gz beside a map in an output folder of `oefpredictor predict` (or demo): the voxels
     predicted. None elsewhere."""
-    from .predict import MASK_FILE, PROVENANCE_FILE
+    from ..maptable import MASK_FILE, PROVENANCE_FILE
 
     folder = Path(map_path).parent
     if (folder / PROVENANCE_FILE).exists() and (folder / MASK_FILE).exists():
@@ -142,11 +142,11 @@ def _check_output(path: str | None, what: str, suffix: str) -> Path | None:
 
 
 def run(args) -> int:
-    from .. import roistats
+    from .. import maptable, roistats
 
     maps = _unique_names(args.map, "--map")
     truths = _unique_names(args.truth, "--truth")
-    known = set(roistats.MAP_ORDER)
+    known = set(maptable.MAPS)
     if (len(maps) == 1 and len(truths) == 1
             and (set(maps) == set(truths) or not (set(maps) | set(truths)) <= known)):
         # One of each pairs unless the names say they are different maps (e.g. R2 and OEF).
@@ -191,6 +191,10 @@ def run(args) -> int:
     predicted = {n: images[("prediction mask", p)] > 0 for n, p in prediction_masks.items()}
     reference = {n: images[("truth", p)] for n, p in truth_of.items()}
     mask = images[("mask", Path(args.mask))] > 0 if args.mask else None
+    if out_png and args.slice is not None:  # before the table is printed: an error leaves nothing half done
+        from ..figures import axial_slice
+
+        axial_slice(args.slice, next(iter(map_arrays.values())).shape[0])
 
     rois = {}
     for i, lp in enumerate(args.labels):
