@@ -59,18 +59,18 @@ def test_overwrite_replaces_only_earlier_outputs(tmp_path):
 def test_load_inputs_takes_given_echo_times_and_field_as_numbers(tiny_dataset, tmp_path):
     """The cohort's path: echo times and field strength come in as numbers (no text round trip)
     and override the sidecar; the maps are written under the table's names."""
-    from OEFPredictorLib import io, maptable, predict, simulate
+    from OEFPredictorLib import files, maptable, predict, simulate
 
-    files = simulate.patient_files(tiny_dataset / "P01")
+    paths = simulate.patient_files(tiny_dataset / "P01")
     notes = []
-    inputs, geometry = io.load_inputs(files["echoes"], files["qsm"], files["mask"], notes=notes)
+    inputs, geometry = files.load_inputs(paths["echoes"], paths["qsm"], paths["mask"], notes=notes)
     assert inputs.protocol.field_strength == 3.0 and inputs.mask.any() and inputs.spacing == geometry.spacing
     tes = [t + 0.5 for t in inputs.protocol.echo_times_ms]
-    given, _ = io.load_inputs([files["echoes"]], files["qsm"], echo_times_ms=tes, field_strength=7.0, notes=notes)
+    given, _ = files.load_inputs([paths["echoes"]], paths["qsm"], echo_times_ms=tes, field_strength=7.0, notes=notes)
     assert given.protocol.echo_times_ms == tes and given.protocol.field_strength == 7.0 and given.mask is None
     assert notes and "contradicts" in notes[0]
     shape = inputs.qsm.shape
     result = predict.PredictionResult({"OEF": np.ones(shape, np.float32), "OEF_width": np.ones(shape, np.float32)},
                                       inputs.mask, [], 0.0, "cpu", None)
-    written = io.write_maps(result, geometry, tmp_path)
+    written = files.write_maps(result, geometry, tmp_path)
     assert {n: p.name for n, p in written.items()} == {"OEF": maptable.MAPS["OEF"].file, "mask": maptable.MASK_FILE}

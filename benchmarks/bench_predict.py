@@ -35,7 +35,7 @@ def load_model():
     from OEFPredictorLib import models, physics, resources, sequences
 
     try:
-        return models.load_bundle(resources.bundled_model_path()), "bundled"
+        return models.load_bundle(resources.bundled_model_path("lstm")), "bundled"
     except Exception:
         model = models.build_model(models.PAPER_LSTM)
         scaling = {"parameters": list(physics.PARAMETER_NAMES), "mean": [1, 20, 0.6, 0.03, 0], "std": [1, 1, 1, 1, 1]}

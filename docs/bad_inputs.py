@@ -288,7 +288,7 @@ def _card_case(ctx, change):
     from OEFPredictorLib import models, resources
 
     d = ctx.fresh()
-    src = resources.bundled_model_path()
+    src = resources.bundled_model_path("lstm")
     dst = d / "model.keras"
     shutil.copy(src, dst)
     card = json.loads(models.card_path_for(src).read_text())
@@ -361,7 +361,7 @@ def c_non_zip(ctx):
     d = ctx.fresh()
     fake = d / "fake.keras"
     fake.write_bytes(b"not a zip archive\n" * 20)
-    card = json.loads(models.card_path_for(resources.bundled_model_path()).read_text())
+    card = json.loads(models.card_path_for(resources.bundled_model_path("lstm")).read_text())
     card["sha256"] = models.sha256_of(fake)
     models.card_path_for(fake).write_text(json.dumps(card))
     return predict(d, "--model", fake, "--out", d / "out")

@@ -1,8 +1,8 @@
 """OEFPredictorLib: oxygen extraction fraction (OEF) mapping from mGRE magnitude + QSM.
 
 The pure-Python core of the OEFPredictor 3D Slicer extension (no Qt, no slicer imports):
-QQ physics, virtual patients, the paper's LSTM, inference, baselines, statistics, I/O and the
-`oefpredictor` command.
+QQ physics, virtual patients, the methods (spatial context network, the paper's LSTM, QQ fits),
+inference, statistics, I/O and the `oefpredictor` command.
 """
 __version__ = "0.1.0"
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, bids, io, maptable, methods
+from . import __version__, bids, files, io, maptable, methods
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def model_identity(method: str, model: str | None) -> tuple[str | None, str | No
             raise InputError(f"--model {model}: no such model file.")
     elif methods.get(method).model_file:
         try:
-            path = resources.resource_path("Models", methods.get(method).model_file)
+            path = resources.bundled_model_path(method)
         except FileNotFoundError as exc:
             raise InputError(f"The bundled {method} model is not installed ({exc})") from None
     else:
@@ -180,7 +180,7 @@ def process_unit(unit: bids.UnitInputs, config: BatchConfig) -> dict:
 def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, out: Path, start: float) -> dict:
     from . import predict
 
-    inputs, geometry = io.load_inputs(unit.echoes, unit.qsm, unit.mask, echo_times_ms=unit.echo_times_ms,
+    inputs, geometry = files.load_inputs(unit.echoes, unit.qsm, unit.mask, echo_times_ms=unit.echo_times_ms,
                                       field_strength=unit.field_strength)
     labels, names = None, {}
     if unit.dseg:
@@ -204,10 +204,10 @@ def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, ou
 
 def write_unit_maps(result, geometry, folder: Path, unit: bids.UnitInputs, config: BatchConfig, protocol,
                     sources: list[str]) -> list[str]:
-    """predict's maps (io.write_maps, so its conventions hold) under BIDS derivative names in anat/,
+    """predict's maps (files.write_maps, so its conventions hold) under BIDS derivative names in anat/,
     each with a JSON sidecar. Returns the file names relative to `folder`."""
     anat = folder / "anat"
-    written = io.write_maps(  # the maps `predict` writes, and the mask
+    written = files.write_maps(  # the maps `predict` writes, and the mask
         result, geometry, anat, lambda m: m.file and bids.derivative_name(unit.subject, unit.session, m.desc),
         mask_file=bids.derivative_name(unit.subject, unit.session, "brain", "mask"))
     model = {"File": Path(config.model_file).name, "SHA256": config.model_sha256} if config.model_file else None

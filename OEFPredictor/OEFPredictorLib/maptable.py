@@ -1,7 +1,7 @@
 """Every map the engine makes, in one table: its name, output file, BIDS desc label, unit, title,
 display range and colour table.
 
-The command line's outputs (io.write_maps), the BIDS derivatives (cohort), the ROI statistics
+The command line's outputs (files.write_maps), the BIDS derivatives (cohort), the ROI statistics
 (roistats), the figures, the Slicer display and the Slicer panel's output selectors all read MAPS;
 adding a map or renaming a unit is one row here. Each unit is spelled once: in its row, or as a
 constant below where several maps share it.

@@ -23,6 +23,7 @@ class Method:
     model_file: str | None = None  # bundled model in Resources/Models
     interval: bool = False  # gives OEF_p05 / OEF_p95 / OEF_width
     description: str = ""
+    architecture: str | None = None  # of its model (the card's model.architecture; models.py)
 
     @property
     def uses_model(self) -> bool:
@@ -32,12 +33,12 @@ class Method:
 METHODS = {m.name: m for m in (
     Method("context", "Spatial context network", "spatial", "oef_context.keras", True,
            "multi-scale context network on whole volumes (2 mm grid), trained on stroke-like virtual patients; "
-           "90 % OEF interval"),
+           "90 % OEF interval", "context"),
     Method("unet", "Spatial U-Net (experimental)", "spatial", "oef_unet.keras", True,
-           "experimental 3D U-Net on whole volumes (2 mm grid); it does not learn lesions yet (README)"),
+           "experimental 3D U-Net on whole volumes (2 mm grid); it does not learn lesions yet (README)", "unet"),
     Method("lstm", "LSTM (paper)", "voxelwise", "oef_lstm.keras", False,
-           "the paper's LSTM on 5-voxel windows (Kim & Lee 2024)"),
-    Method("dnn", "DNN (voxelwise)", "voxelwise", "oef_dnn.keras", False, "voxelwise MLP baseline"),
+           "the paper's LSTM on 5-voxel windows (Kim & Lee 2024)", "lstm"),
+    Method("dnn", "DNN (voxelwise)", "voxelwise", "oef_dnn.keras", False, "voxelwise MLP baseline", "mlp"),
     Method("nlls", "QQ fit (voxelwise NLLS)", "classical", description="bounded least-squares fit of the QQ model"),
     Method("cat", "CAT (Cho 2020)", "classical", description="cluster analysis of time evolution"),
     Method("ccm", "CCM (Lee 2020)", "classical", description="closest-curve matching against a database"),
@@ -57,9 +58,14 @@ def get(name: str | None) -> Method:
 
 
 def of_card(card: dict) -> Method:
-    """The method a model file was trained for, from its card's architecture."""
-    architecture = card.get("model", {}).get("architecture")
-    return METHODS[{"context": "context", "unet": "unet", "mlp": "dnn"}.get(architecture, "lstm")]
+    """The method a model file was trained for, from its card's architecture (the first cards, without
+    one, are the paper's LSTM)."""
+    architecture = card.get("model", {}).get("architecture") or "lstm"
+    for method in METHODS.values():
+        if method.architecture == architecture:
+            return method
+    raise InputError(f"The model card names an architecture ({architecture!r}) that no method runs; "
+                     f"known: {', '.join(m.architecture for m in METHODS.values() if m.architecture)}.")
 
 
 def help_text() -> str:

@@ -189,7 +189,7 @@ def resolve_model(model=None, method: str = methods.DEFAULT_METHOD):
         if not spec.uses_model:
             raise InputError(f"Method '{spec.name}' uses no trained model.")
         try:
-            path = resources.resource_path("Models", spec.model_file)
+            path = resources.bundled_model_path(spec.name)
         except FileNotFoundError as exc:
             raise InputError(f"The bundled model of method '{spec.name}' ({spec.label}) is not installed ({exc}) Train one with "
                              "`oefpredictor train`, or give a model file.") from None

@@ -31,8 +31,11 @@ def resource_path(*parts: str) -> Path:
                             "Set OEFPREDICTOR_RESOURCES to the extension's Resources folder.")
 
 
-BUNDLED_MODEL = ("Models", "oef_lstm.keras")
+def bundled_model_path(method: str | None = None) -> Path:
+    """The bundled model of a method of the registry (None: the default method, methods.DEFAULT_METHOD)."""
+    from . import methods
 
-
-def bundled_model_path() -> Path:
-    return resource_path(*BUNDLED_MODEL)
+    spec = methods.get(method)
+    if spec.model_file is None:
+        raise FileNotFoundError(f"Method '{spec.name}' has no bundled model (it uses none).")
+    return resource_path("Models", spec.model_file)

@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineErrorParser(
         prog="oefpredictor",
-        description="Oxygen extraction fraction (OEF) maps from mGRE magnitude + QSM with the "
-                    "QQ-model LSTM.")
+        description="Oxygen extraction fraction (OEF) maps from mGRE magnitude + QSM with the QQ model: "
+                    "the spatial context network (the default method), the paper's LSTM, or another method "
+                    "(oefpredictor predict --help).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True

@@ -113,7 +113,7 @@ def roi_table(data, maps: dict, out_csv: Path) -> list[dict]:
 
 
 def run(args) -> int:
-    from .. import io, maptable, predict, simulate
+    from .. import files, io, maptable, predict, simulate
     from .predict import run_prediction
 
     start = time.perf_counter()
@@ -129,8 +129,8 @@ def run(args) -> int:
                                           spacing=data.geometry.spacing)
         predictor = predict.Predictor(method, bundle, data.protocol)
         result = run_prediction(inputs, predictor, args.device, bar_label="Predicting OEF")
-        io.write_maps(result, data.geometry, tmp)
-        io.write_json(io.provenance(result, {"patient": "patient/P03", "seed": DEMO_SEED}, data.protocol),
+        files.write_maps(result, data.geometry, tmp)
+        io.write_json(files.provenance(result, {"patient": "patient/P03", "seed": DEMO_SEED}, data.protocol),
                       tmp / maptable.PROVENANCE_FILE)
         demo_figure(data, result.maps, tmp / "demo_figure.png", method.name)
         rows = roi_table(data, result.maps, tmp / "roi_stats.csv")

@@ -70,7 +70,7 @@ def run(args) -> int:
     if args.record_in_card and "lstm" in methods:
         from .. import models, resources
 
-        path = args.model or resources.bundled_model_path()
+        path = args.model or resources.bundled_model_path("lstm")
         evaluate.record_in_card(ev, path, "lstm")
         print(f"Recorded the LSTM's test metrics in {models.card_path_for(path)}.")
     return 0

@@ -65,7 +65,7 @@ def run_prediction(inputs, predictor, device: str, bar_label: str = "Predicting"
 
 
 def run(args) -> int:
-    from .. import io, maptable, predict
+    from .. import files, io, maptable, predict
     from . import parse_echo_times_ms
 
     start = time.perf_counter()
@@ -78,7 +78,7 @@ def run(args) -> int:
     args.method = method.name
     te_ms = parse_echo_times_ms(args.te).echo_times_ms if args.te else None
     notes = []
-    inputs, geometry = io.load_inputs(args.echoes, args.qsm, args.mask, args.cbf, te_ms, notes=notes)
+    inputs, geometry = files.load_inputs(args.echoes, args.qsm, args.mask, args.cbf, te_ms, notes=notes)
     for note in notes:
         sys.stderr.write(f"oefpredictor predict: warning: {note}\n")
     predictor = predict.Predictor(method, bundle, inputs.protocol)  # refuses a model for another protocol
@@ -86,9 +86,9 @@ def run(args) -> int:
     with io.atomic_directory(out, overwrite=args.overwrite, inputs=inputs_given, command="predict") as tmp:
         result = run_prediction(inputs, predictor, args.device)
         result.warnings[:0] = notes
-        written = io.write_maps(result, geometry, tmp)
+        written = files.write_maps(result, geometry, tmp)
         record = {k: v for k, v in vars(args).items() if k != "func"}
-        io.write_json(io.provenance(result, record, inputs.protocol), Path(tmp) / maptable.PROVENANCE_FILE)
+        io.write_json(files.provenance(result, record, inputs.protocol), Path(tmp) / maptable.PROVENANCE_FILE)
     for w in result.warnings[len(notes):]:  # those of loading were printed already
         sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
     print(f"OEF maps of {result.n_voxels} voxels written to {out}/ ({', '.join(p.name for p in written.values())}) "
