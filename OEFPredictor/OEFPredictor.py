@@ -70,11 +70,9 @@ from OEFPredictorSlicer.processing import JobController, ProcessingState  # noqa
 
 OEFPredictorRun = PredictionRun  # the name of the run object in scripts written before the split
 
-# map name -> the panel's output selector; its parameter-node field is the name without "Selector"
-OUTPUT_SELECTORS = {"OEF": "outputOEFSelector", "S0": "outputS0Selector", "R2": "outputR2Selector",
-                    "Y": "outputYSelector", "v": "outputVSelector", "chi_nb": "outputChinbSelector",
-                    "quality": "outputQualitySelector", "OEF_p05": "outputOEFp05Selector",
-                    "OEF_p95": "outputOEFp95Selector", "OEF_width": "outputOEFwidthSelector"}
+# map name -> the panel's output selector (maptable.MAPS); its parameter-node field is the name
+# without "Selector"
+OUTPUT_SELECTORS = {m.name: m.panel_field + "Selector" for m in maptable.MAPS.values() if m.panel}
 
 
 def _choices(name, labels):
@@ -87,6 +85,28 @@ def _choices(name, labels):
 Device = _choices("Device", {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "gpu": _("GPU")})
 Method = _choices("Method", {m.name: m.label for m in methods.METHODS.values()})  # the engine's registry
 assert [d.value for d in Device] == list(predict.DEVICES)
+
+# The panel's state, saved with the scene: field -> (type, default, (min, max)). The .ui binds its
+# widgets to these names (SlicerParameterName); node types are named, as the slicer-core wheel lacks
+# some. The settings are PredictionSettings' (the model as useBundledModel + modelPath), the outputs
+# one volume per map the panel offers (maptable.MAPS). Not bound, for want of a connector, and kept
+# in sync by the widget: echoSource and useBundledModel (radio buttons), echoVolumes (a checkable list).
+PARAMETER_NODE_FIELDS = {
+    "echoSource": (str, "sequence", None),  # "sequence" (echoSequence) or "volumes"
+    "echoSequence": ("vtkMRMLSequenceNode", None, None),
+    "echoVolumes": ("list[vtkMRMLScalarVolumeNode]", None, None),
+    "qsm": ("vtkMRMLScalarVolumeNode", None, None),
+    "mask": ("vtkMRMLScalarVolumeNode", None, None),
+    "cbf": ("vtkMRMLScalarVolumeNode", None, None),
+    "echoTimesMs": (str, None, None),
+    "fieldStrength": (float, 3.0, (0.1, 21.0)),
+    "useBundledModel": (bool, True, None),
+    "modelPath": (str, None, None),
+    "device": (Device, Device.auto, None),
+    "method": (Method, Method[methods.DEFAULT_METHOD], None),
+    "opacity": (float, 0.6, (0.0, 1.0)),
+    **{field: ("vtkMRMLScalarVolumeNode", None, None) for field in (s[:-len("Selector")] for s in OUTPUT_SELECTORS.values())},
+}
 
 
 def resourcePath(*parts):
@@ -139,37 +159,21 @@ Anatomy of the virtual patients: MNI ICBM152 2009a templates (c) McConnell Brain
 # Parameter node (Slicer application only)
 #
 
+def _annotation(kind, default, within):
+    """A PARAMETER_NODE_FIELDS entry as parameterNodeWrapper reads it (Annotated with its range and default)."""
+    if isinstance(kind, str):
+        kind = list[getattr(slicer, kind[5:-1])] if kind.startswith("list[") else getattr(slicer, kind)
+    extras = ([WithinRange(*within)] if within else []) + ([Default(default)] if default is not None else [])
+    return Annotated[(kind, *extras)] if extras else kind
+
+
 if parameterNodeWrapper is not None:
 
     @parameterNodeWrapper
     class OEFPredictorParameterNode:
-        """The panel's state, saved with the scene; the panel's widgets are bound to it (.ui
-        SlicerParameterName). Not bound, for want of a connector, and kept in sync by the widget:
-        echoSource and useBundledModel (radio buttons) and echoVolumes (a checkable node list)."""
+        """The panel's state (PARAMETER_NODE_FIELDS), saved with the scene."""
 
-        echoSource: Annotated[str, Default("sequence")]  # "sequence" (echoSequence) or "volumes"
-        echoSequence: slicer.vtkMRMLSequenceNode
-        echoVolumes: list[slicer.vtkMRMLScalarVolumeNode]
-        qsm: slicer.vtkMRMLScalarVolumeNode
-        mask: slicer.vtkMRMLScalarVolumeNode
-        cbf: slicer.vtkMRMLScalarVolumeNode
-        echoTimesMs: str
-        fieldStrength: Annotated[float, WithinRange(0.1, 21.0), Default(3.0)]
-        useBundledModel: Annotated[bool, Default(True)]
-        modelPath: str
-        device: Annotated[Device, Default(Device.auto)]
-        method: Annotated[Method, Default(Method[methods.DEFAULT_METHOD])]
-        outputOEF: slicer.vtkMRMLScalarVolumeNode
-        outputS0: slicer.vtkMRMLScalarVolumeNode
-        outputR2: slicer.vtkMRMLScalarVolumeNode
-        outputY: slicer.vtkMRMLScalarVolumeNode
-        outputV: slicer.vtkMRMLScalarVolumeNode
-        outputChinb: slicer.vtkMRMLScalarVolumeNode
-        outputQuality: slicer.vtkMRMLScalarVolumeNode
-        outputOEFp05: slicer.vtkMRMLScalarVolumeNode
-        outputOEFp95: slicer.vtkMRMLScalarVolumeNode
-        outputOEFwidth: slicer.vtkMRMLScalarVolumeNode
-        opacity: Annotated[float, WithinRange(0.0, 1.0), Default(0.6)]
+        __annotations__ = {name: _annotation(*spec) for name, spec in PARAMETER_NODE_FIELDS.items()}
 
 else:
     OEFPredictorParameterNode = None
@@ -317,32 +321,28 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def device(self):
         return list(Device)[qtProperty(self.ui.deviceComboBox, "currentIndex")].value
 
-    def modelChoice(self):
-        """None (the method needs no model), 'bundled:<file>', or the chosen model path."""
-        spec = methods.get(self.method())
-        if not spec.uses_model:
-            return None
+    def model(self):
+        """None (the method's bundled model) or the model file typed in the panel."""
         if self.ui.bundledModelRadioButton.isChecked():
-            return "bundled:" + spec.model_file
+            return None
         return qtProperty(self.ui.modelPathLineEdit, "currentPath") or ""
 
-    def modelPath(self):
-        """The model file of modelChoice() (the bundled one resolved), or None."""
-        model = self.modelChoice()
-        if model is not None and model.startswith("bundled:"):
-            try:
-                return str(resourcePath("Models", model.split(":", 1)[1]))
-            except FileNotFoundError:
-                return ""
-        return model
-
-    def settings(self):
-        """The run's PredictionSettings, read from the panel (bound to the parameter node)."""
+    def settings(self, echoTimes=True):
+        """The run's PredictionSettings, read from the panel (bound to the parameter node); the echo
+        times are parsed (InputError) unless echoTimes is False."""
         return PredictionSettings(
-            echoTimesMs=self.echoTimesMs(), fieldStrength=qtProperty(self.ui.fieldStrengthSpinBox, "value"),
-            model=self.modelPath(), device=self.device(), method=self.method(),
-            opacity=qtProperty(self.ui.opacitySliderWidget, "value"),
+            echoTimesMs=self.echoTimesMs() if echoTimes else None,
+            fieldStrength=qtProperty(self.ui.fieldStrengthSpinBox, "value"), model=self.model(), device=self.device(),
+            method=self.method(), opacity=qtProperty(self.ui.opacitySliderWidget, "value"),
             outputNodes={name: getattr(self.ui, selector).currentNode() for name, selector in OUTPUT_SELECTORS.items()})
+
+    def modelFile(self):
+        """The model file the panel's choice runs (None: the method needs none; '': none available)."""
+        try:
+            model = self.settings(echoTimes=False).modelFile()
+        except FileNotFoundError:
+            return ""
+        return None if model is None else str(model)
 
     def missingInputs(self):
         """Reasons Apply cannot run now (empty when it can)."""
@@ -361,17 +361,13 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 missing.append(_("Give {n} echo times (ms); {m} are typed.").format(n=n, m=len(tes)))
         except InputError as exc:
             missing.append(str(exc))
-        model = self.modelChoice()
-        if model is not None and model.startswith("bundled:"):
-            try:
-                resourcePath("Models", model.split(":", 1)[1])
-            except FileNotFoundError:
-                missing.append(_("The bundled model is not installed; choose a model file."))
-        elif model is not None:
-            if not model:
-                missing.append(_("Choose a model file (.keras, with its .json card beside it)."))
-            elif not os.path.isfile(model) or not os.path.isfile(os.path.splitext(model)[0] + ".json"):
-                missing.append(_("The model file or its .json card does not exist."))
+        model = self.modelFile()
+        if model == "" and self.model() is None:
+            missing.append(_("The bundled model is not installed; choose a model file."))
+        elif model == "":
+            missing.append(_("Choose a model file (.keras, with its .json card beside it)."))
+        elif model is not None and (not os.path.isfile(model) or not os.path.isfile(os.path.splitext(model)[0] + ".json")):
+            missing.append(_("The model file or its .json card does not exist."))
         return missing
 
     # --- reacting ---------------------------------------------------------------------------------
@@ -402,7 +398,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for w in (self.ui.bundledModelRadioButton, self.ui.modelFileRadioButton):
             w.setEnabled(needsModel)
         self.ui.modelPathLineEdit.setEnabled(needsModel and self.ui.modelFileRadioButton.isChecked())
-        self.ui.modelInfoLabel.setText(environment.modelSummary(self.modelPath(), needsModel))
+        self.ui.modelInfoLabel.setText(environment.modelSummary(self.modelFile(), needsModel))
         if self._parameterNode:
             self._parameterNode.useBundledModel = self.ui.bundledModelRadioButton.isChecked()
         self.updateApplyState()
@@ -612,14 +608,13 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
         return self.comparison.tableRows(tableNode)
 
     # --- environment --------------------------------------------------------------------------------
-    def modelSummary(self, model, method=methods.DEFAULT_METHOD):
-        """One line about the chosen model: model is a path or 'bundled:<file>'."""
-        if model and model.startswith("bundled:"):
-            try:
-                model = str(resourcePath("Models", model.split(":", 1)[1]))
-            except FileNotFoundError:
-                return _("The bundled model is not installed; choose a model file.")
-        return environment.modelSummary(model, methods.get(method).uses_model)
+    def modelSummary(self, model=None, method=methods.DEFAULT_METHOD):
+        """One line about a model: a path, or None for the method's bundled model."""
+        try:
+            model = PredictionSettings(model=model, method=method).modelFile()
+        except FileNotFoundError:
+            return _("The bundled model is not installed; choose a model file.")
+        return environment.modelSummary(model and str(model), methods.get(method).uses_model)
 
     def unmetRequirements(self):
         """Resources/requirements.txt lines that the installed versions do not meet."""

@@ -84,3 +84,16 @@ def test_names_follow_the_registry():
     assert methods.METHODS[methods.DEFAULT_METHOD].label.lower() in description.lower()
     for text in ((REPO / "pyproject.toml").read_text(), (REPO / "CMakeLists.txt").read_text()):
         assert "context network" in text
+
+
+def test_the_design_notes_the_code_cites_are_in_the_repository():
+    import re
+
+    cited = set()
+    for path in [*REPO.joinpath("OEFPredictor").rglob("*.py"), *REPO.joinpath("Resources").rglob("*.json"),
+                 *REPO.joinpath("Testing").glob("*.py")]:
+        cited |= set(re.findall(r"\b([a-z]+\.md)\b", path.read_text(encoding="utf-8")))
+    assert {"physics.md", "method.md"} <= cited
+    for name in ("physics.md", "method.md"):
+        assert (REPO / "docs" / "design" / name).is_file(), name
+    assert "../shared" not in (REPO / "docs" / "design" / "physics.md").read_text()

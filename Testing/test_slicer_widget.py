@@ -11,7 +11,6 @@ Run as a script to render the panel: python Testing/test_slicer_widget.py --scre
 """
 from __future__ import annotations
 
-import ast
 import os
 import re
 import sys
@@ -83,18 +82,21 @@ def test_ui_parameter_names_and_scene_connections():
     """Every SlicerParameterName names a field of the parameter node; every node selector gets the
     scene through the .ui's mrmlSceneChanged -> setMRMLScene connections (as in Slicer)."""
     root = ET.parse(UI_FILE).getroot()
-    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
-    fields = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == "OEFPredictorParameterNode":
-            fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    import OEFPredictor as module
+    from OEFPredictorLib import maptable
+
+    fields = set(module.PARAMETER_NODE_FIELDS)
     assert {"qsm", "echoSequence", "outputOEF", "opacity"} <= fields
+    # one output field per map the panel offers (maptable.MAPS), each bound to its selector
+    outputs = {m.panel_field for m in maptable.MAPS.values() if m.panel}
+    assert outputs <= fields and len(outputs) == 10
     bound = {}
     for widget in root.iter("widget"):
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[widget.get("name")] = prop.find("string").text
     assert bound and set(bound.values()) <= fields, set(bound.values()) - fields
+    assert outputs <= set(bound.values()), outputs - set(bound.values())  # a new map needs its selector
     selectors = {w.get("name") for w in root.iter("widget") if w.get("class") in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")}
     connected = {c.find("receiver").text for c in root.iter("connection")
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
@@ -295,7 +297,7 @@ def test_method_choices_come_from_the_engines_registry(panel):
     assert [combo.itemText(i) for i in range(combo.count())] == [m.label for m in methods.METHODS.values()]
     assert panel.widget.method() == methods.DEFAULT_METHOD
     combo.setCurrentIndex(list(methods.METHODS).index("nlls"))
-    assert panel.widget.method() == "nlls" and panel.widget.modelChoice() is None
+    assert panel.widget.method() == "nlls" and panel.widget.modelFile() is None
 
 
 def test_interval_maps_reach_their_selectors(panel):
@@ -393,3 +395,20 @@ if __name__ == "__main__":
         os._exit(0)  # skip interpreter teardown: VTK logics and Qt widgets die in arbitrary order
     else:
         sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_parameter_node_fields_become_the_wrappers_annotations(monkeypatch):
+    """The parameter node is built from PARAMETER_NODE_FIELDS (Slicer's wrapper is not in CI, so its
+    markers are stood in for): ranges and defaults land in Annotated, node types resolve in slicer."""
+    import typing
+
+    import OEFPredictor as module
+
+    monkeypatch.setattr(module, "WithinRange", lambda lo, hi: ("range", lo, hi))
+    monkeypatch.setattr(module, "Default", lambda value: ("default", value))
+    fields = module.PARAMETER_NODE_FIELDS
+    assert typing.get_args(module._annotation(*fields["fieldStrength"])) == (float, ("range", 0.1, 21.0),
+                                                                           ("default", 3.0))
+    assert typing.get_args(module._annotation(*fields["method"]))[1] == ("default", module.Method[module.methods.DEFAULT_METHOD])
+    assert module._annotation(*fields["outputOEF"]) is slicer.vtkMRMLScalarVolumeNode
+    assert typing.get_args(module._annotation(*fields["echoVolumes"])) == (slicer.vtkMRMLScalarVolumeNode,)

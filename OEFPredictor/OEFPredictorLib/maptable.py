@@ -27,6 +27,7 @@ class MapSpec:
     format: str = "%.3g"  # legend label format
     threshold: float | None = None  # hide voxels at or below (None: hide the background if outside)
     group: str = "base"  # base: always made; interval: methods with an interval; cbf: with a CBF map
+    panel: bool = True  # the Slicer panel offers an output selector for it (panel_field)
 
     @property
     def label(self) -> str:
@@ -55,7 +56,7 @@ MAPS = {m.name: m for m in (
     MapSpec("quality", "quality.nii.gz", "quality", "", "Quality (model residual)",
             "normalised RMS residual of the QQ forward model", None, "inferno", "%.3f"),
     MapSpec("CMRO2", "cmro2.nii.gz", "CMRO2", "umol/100 g/min", "CMRO2", "cerebral metabolic rate of oxygen, CBF OEF [H]a",
-            (0.0, 250.0), "inferno", "%.0f", 1e-3, group="cbf"),
+            (0.0, 250.0), "inferno", "%.0f", 1e-3, group="cbf", panel=False),
     # the uncertainty interval of methods that have one: its ends on the OEF scale, its width apart
     MapSpec("OEF_p05", "oef_p05.nii.gz", "OEFp05", PERCENT, "OEF 5th percentile",
             "lower end of the 90 % OEF interval", OEF_RANGE, "viridis", "%.0f", 1e-3, group="interval"),

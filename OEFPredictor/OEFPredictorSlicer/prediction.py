@@ -23,7 +23,9 @@ from .comparison import matrixArray
 
 @dataclasses.dataclass
 class PredictionSettings:
-    """Everything about a run except the input nodes (the panel's parameter node holds the same).
+    """Everything about a run except the input nodes: the Logic's input, and what the panel reads
+    from its widgets, which are bound to the parameter node (OEFPredictor.PARAMETER_NODE_FIELDS:
+    the same settings, saved with the scene; the model kept as useBundledModel + modelPath).
 
     echoTimesMs: one per echo, in ms (None: from the sequence's index or the DICOM attributes).
     method: a name of OEFPredictorLib.methods.METHODS (the registry the command line uses too).
@@ -37,6 +39,17 @@ class PredictionSettings:
     method: str | None = None  # None: the model's own method, else methods.DEFAULT_METHOD
     opacity: float = 0.6
     outputNodes: dict = dataclasses.field(default_factory=dict)
+
+    def modelFile(self):
+        """The model file this run uses: the given one, else the method's bundled one (the one place
+        that resolves it; FileNotFoundError when it is not installed); None for methods without a model."""
+        from OEFPredictorLib import resources
+
+        if not methods.get(self.method).uses_model:
+            return None
+        if self.model is None:
+            return resources.bundled_model_path(self.method)
+        return getattr(self.model, "path", self.model)  # a ModelBundle, or a path
 
 
 def echoCount(echoes):

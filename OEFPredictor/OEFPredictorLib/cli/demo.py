@@ -54,6 +54,7 @@ def demo_figure(data, maps: dict, out_png: Path, method: str = methods.DEFAULT_M
     """Echo 1 with the OEF overlay, truth OEF, predicted OEF, the 90 % interval's width (methods
     that give one) and the difference, on the axial slice with the most lesion voxels."""
     from .. import figures
+    from ..maptable import PERCENTAGE_POINTS
 
     plt = figures._matplotlib()
     k = figures.lesion_slice(data.lesion_map, data.mask)
@@ -80,7 +81,7 @@ def demo_figure(data, maps: dict, out_png: Path, method: str = methods.DEFAULT_M
         fig.colorbar(im, ax=axes[3], fraction=0.046, pad=0.02, label=figures.MAPS["OEF_width"].unit)
         axes[3].set_title("90 % interval width")
     im = axes[-1].imshow(flip(pred - truth), cmap="RdBu_r", vmin=-20, vmax=20, interpolation="nearest")
-    fig.colorbar(im, ax=axes[-1], fraction=0.046, pad=0.02, label="percentage points")
+    fig.colorbar(im, ax=axes[-1], fraction=0.046, pad=0.02, label=PERCENTAGE_POINTS)
     axes[-1].set_title("Predicted - truth OEF")
     for ax in axes:
         ax.axis("off")
