@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from OEFPredictorLib import maptable, methods, models, predict, spatial, train_context
+from OEFPredictorLib import maptable, methods, models, predict, spatial
+from OEFPredictorLib.training import calibration, data
+from OEFPredictorLib.training import context as train_context
 from OEFPredictorLib.errors import InputError
 
 TINY = train_context.ContextTrainConfig(
@@ -109,7 +111,7 @@ def test_training_writes_a_calibrated_bundle_with_its_lesion_log_and_resumes(tra
     assert card["model"]["architecture"] == "context" and card["model"]["sigmas_mm"] == [2.0, 4.0, 8.0]
     assert card["model"]["local_noise"] and card["training"]["snr_range"] == [18.0, 250.0]
     factors = np.asarray(card["spatial"]["interval_scale"]["factors"])
-    assert factors.shape == (len(train_context.ABNORMALITY_EDGES_PP) + 1, train_context.WIDTH_BINS) and np.all(factors > 0)
+    assert factors.shape == (len(calibration.ABNORMALITY_EDGES_PP) + 1, calibration.WIDTH_BINS) and np.all(factors > 0)
     assert card["spatial"]["calibration"]["priors"].startswith("population")
     assert card["supported_protocols"]["field_strength_T"] == [1.5, 7.0]
     assert card["training"]["lesion_weight"] == 3.0 and card["training"]["epochs_run"] == 1
@@ -125,7 +127,7 @@ def test_training_writes_a_calibrated_bundle_with_its_lesion_log_and_resumes(tra
 
 def test_lesion_voxels_weigh_more_in_the_loss():
     for index in range(8):  # the first training patient with a lesion at 4 mm
-        patient = train_context.make_patient(train_context.TRAIN_SEED, index, TINY)
+        patient = data.make_patient(data.TRAIN_SEED, index, TINY)
         lesion = np.isin(patient.lesion_map, (1, 2)) & patient.metric
         if lesion.any():
             break

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from OEFPredictorLib import decay, models, physics, spatial, train_context
+from OEFPredictorLib import decay, models, physics, spatial
+from OEFPredictorLib.training import context as train_context, data
 from OEFPredictorLib.errors import InputError
 
 # GM, WM, a misery-perfusion and an infarct-core voxel (S0, R2 at 3 T, Y, v, chi_nb)
@@ -93,7 +94,7 @@ def test_the_supported_range_is_checked_in_one_line():
 
 def test_training_protocols_cover_the_supported_range_and_little_more():
     rng = np.random.default_rng(1)
-    protocols = [train_context.random_protocol(rng, decay.SUPPORTED) for _ in range(400)]
+    protocols = [data.random_protocol(rng, decay.SUPPORTED) for _ in range(400)]
     n = np.array([p.n_echoes for p in protocols])
     first = np.array([p.echo_times_ms[0] for p in protocols])
     last = np.array([p.echo_times_ms[-1] for p in protocols])
@@ -106,10 +107,10 @@ def test_training_protocols_cover_the_supported_range_and_little_more():
 
 def test_training_targets_hold_r2_in_3t_equivalent_time():
     config = train_context.ContextTrainConfig(voxel_size_mm=4.0)
-    patient = train_context.make_patient(train_context.TRAIN_SEED, 0, config)
+    patient = data.make_patient(data.TRAIN_SEED, 0, config)
     seven = physics.Protocol.from_milliseconds([2.0 + 2.0 * i for i in range(10)], 7.0)
-    _, _, t3 = train_context.signals(patient, physics.Protocol.default(), 0.5)
-    _, _, t7 = train_context.signals(patient, seven, 0.5)
+    _, _, t3 = data.signals(patient, physics.Protocol.default(), 0.5)
+    _, _, t7 = data.signals(patient, seven, 0.5)
     m = patient.metric & (t3[..., 1] * (7 / 3) ** 0.5 < physics.BOUNDS["R2"][1])
     np.testing.assert_allclose(t7[..., 1][m], t3[..., 1][m] * (7 / 3) ** 0.5 * 3 / 7, rtol=2e-3)
 

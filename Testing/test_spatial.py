@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from OEFPredictorLib import evaluate, maptable, methods, models, phantom, physics, predict, spatial, train_spatial
+from OEFPredictorLib import evaluate, maptable, methods, models, phantom, physics, predict, spatial
+from OEFPredictorLib.training import calibration
+from OEFPredictorLib.training import unet as train_spatial
 from OEFPredictorLib.errors import InputError
 from predict_testutils import tiny_spatial_model_path
 
@@ -229,7 +231,7 @@ def test_loss_ignores_voxels_outside_the_metric_mask_and_rewards_coverage():
 
 def test_conformal_factor_gives_the_coverage():
     scores = np.random.default_rng(0).exponential(size=10_000)
-    factor = train_spatial.conformal_factor(scores, 0.9)
+    factor = calibration.conformal_factor(scores, 0.9)
     assert np.mean(scores <= factor) == pytest.approx(0.9, abs=0.005)
 
 

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from OEFPredictorLib import evaluate, methods, models, physics, simulate, train
+from OEFPredictorLib import evaluate, methods, models, physics, simulate
+from OEFPredictorLib.training import lstm as train
 from OEFPredictorLib.cli import main
 from OEFPredictorLib.errors import InputError
 

@@ -55,7 +55,8 @@ def flops_per_sequence(spec: dict, window_length: int, n_features: int = 9, n_ou
 def measure(spec: dict, window_length: int, train_steps: int, n_infer: int, batch: int = 512) -> dict:
     import keras
 
-    from OEFPredictorLib import models, train
+    from OEFPredictorLib import models
+    from OEFPredictorLib.training import lstm as train
 
     keras.utils.set_random_seed(0)
     model = models.build_model(spec, window_length=window_length)

@@ -21,7 +21,11 @@ linear, so averaging it over neighbourhoods (the context pyramid) equals fitting
 QSM reference: QSM pipelines reference susceptibility to CSF, to the whole brain or to nothing, which
 leaves a constant offset of a few hundredths of a ppm. In the QQ model such an offset carries almost no
 OEF information (dQSM/dY is about -0.044 ppm per unit Y at v = 3 %), so the model reads QSM relative to
-its median inside the brain mask (`referenced_qsm`): a constant offset does not change the map.
+the brain's own CSF (`qsm_reference`): the median QSM of the slowest-decaying `CSF_SHARE` of the mask,
+where the ventricles are (CSF has almost no blood and R2 of a few Hz). A constant offset then does not
+change the map, and the susceptibility scale stays the one the QQ model's constants assume (water = 0).
+A mask without CSF (the slowest voxels decay like tissue) falls back to the brain median, shifted by
+the population's median brain-to-CSF difference, with a warning.
 """
 from __future__ import annotations
 
@@ -97,7 +101,7 @@ SUPPORTED = ProtocolRange()
 def spec() -> dict:
     """The representation as a model card records it; a model made with another one is refused."""
     return {"omegas_rad_s": list(OMEGAS), "ridge": RIDGE, "canonical_ms": list(CANONICAL_MS),
-            "reference_field_T": REFERENCE_FIELD_T, "qsm_reference": "median inside the brain mask"}
+            "reference_field_T": REFERENCE_FIELD_T, "qsm_reference": f"CSF: median of the slowest-decaying {CSF_SHARE:.0%} of the mask"}
 
 
 def check_spec(recorded: dict) -> None:
@@ -140,7 +144,24 @@ def protocol_descriptors(protocol: physics.Protocol) -> np.ndarray:
     return np.array([tau_ms[0] / 10.0, tau_ms[-1] / 10.0, protocol.n_echoes / 10.0], dtype=np.float32)
 
 
-def referenced_qsm(qsm: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """QSM minus its median inside the mask (see the module docstring)."""
-    inside = qsm[mask]
-    return qsm - (np.float32(np.median(inside)) if inside.size else np.float32(0.0))
+CSF_SHARE = 0.02  # the slowest-decaying share of the brain mask: CSF (~9 % of a brain mask) is in it
+CSF_MAX_R2_HZ = 6.0  # 3 T-equivalent decay rate under which those voxels are CSF (tissue: > 10 Hz)
+BRAIN_MINUS_CSF_PPM = -0.015  # median brain QSM relative to CSF in the population (the fallback)
+
+
+def qsm_reference(first_echo: np.ndarray, last_echo: np.ndarray, qsm: np.ndarray,
+                  protocol: physics.Protocol) -> tuple[float, str | None]:
+    """The QSM value taken as zero, from the mask's voxels (flat arrays: first and last echo magnitude,
+    QSM): the CSF's median QSM (see the module docstring); and a warning when the mask holds no CSF."""
+    tau = equivalent_times(protocol)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = np.log(first_echo / last_echo) / (tau[-1] - tau[0])
+    rate = np.where(np.isfinite(rate), rate, np.inf)
+    n = max(1, int(round(CSF_SHARE * rate.size)))
+    slowest = np.argpartition(rate, n - 1)[:n]
+    if np.median(rate[slowest]) <= CSF_MAX_R2_HZ:
+        return float(np.median(qsm[slowest])), None
+    return float(np.median(qsm)) - BRAIN_MINUS_CSF_PPM, (
+        "The mask holds no CSF (its slowest-decaying voxels decay like tissue), so QSM could not be referenced "
+        "to CSF; the brain median was used, which moves the OEF level by a few points. Use a brain mask that "
+        "includes the ventricles.")

@@ -334,7 +334,7 @@ class Predictor:
             with _device_scope(device):
                 return spatial.predict_volume(bundle, np.asarray(inputs.echoes), np.asarray(inputs.qsm), data.mask,
                                               spacing_zyx, self.protocol, check_cancel=run.check_cancel,
-                                              progress=run.report)
+                                              progress=run.report, warnings=run.warnings)
         try:
             values = on(run.device)
         except (CancelledError, KeyboardInterrupt, InputError):

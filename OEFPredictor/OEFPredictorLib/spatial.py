@@ -473,7 +473,7 @@ def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale, qsm_reference=0.0)
 
 def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
                    protocol: physics.Protocol | None = None, predict=None, check_cancel=None,
-                   progress=None) -> dict[str, np.ndarray]:
+                   progress=None, warnings: list[str] | None = None) -> dict[str, np.ndarray]:
     """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
     (C order), like the voxelwise engine. `protocol`: the data's acquisition, which the engine
     (predict.Predictor) passes to every spatial model (protocol-free models need it; None: the card's)."""
@@ -487,7 +487,11 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     report = progress or (lambda fraction, message: None)
     factors = resampling_factors(spacing_zyx, model_mm)
     report(0.08, "Resampling to the model grid" if np.any(factors != 1.0) else "Preparing the volume")
-    reference = float(np.median(qsm[mask])) if spec.get("decay") else 0.0
+    reference = 0.0
+    if spec.get("decay"):
+        reference, warning = decay.qsm_reference(echoes[..., 0][mask], echoes[..., -1][mask], qsm[mask], protocol)
+        if warning and warnings is not None:
+            warnings.append(warning)
     grid_features, grid_mask = _model_grid_inputs(echoes, qsm, mask, factors, bundle.qsm_scale, reference)
     if check_cancel:
         check_cancel()

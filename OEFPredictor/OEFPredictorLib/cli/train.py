@@ -59,7 +59,8 @@ def run(args) -> int:
         return run_spatial(args)
     if args.data is None:
         raise InputError(f"--arch {args.arch} trains on a data set: give --data (made by `oefpredictor simulate`).")
-    from .. import simulate, train
+    from .. import simulate
+    from ..training import lstm as train
 
     defaults = train.TrainConfig()
     for name in ("epochs", "batch_size", "learning_rate", "patience"):
@@ -91,7 +92,7 @@ def run_spatial(args) -> int:
     """--arch context / unet: options left out keep the config's defaults (the bundled model's recipe)."""
     import dataclasses
 
-    from .. import train_context, train_spatial
+    from ..training import context as train_context, unet as train_spatial
     from . import progress_bar
 
     if args.data is not None:

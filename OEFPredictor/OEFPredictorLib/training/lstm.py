@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import models, physics, sequences, simulate
-from .errors import InputError
+from .. import models, physics, sequences, simulate
+from ..errors import InputError
+from .fitting import epoch_callbacks
 
 ARCHITECTURES = {
     "lstm": models.PAPER_LSTM,
@@ -183,57 +184,6 @@ def compile_model(model, learning_rate: float):
                   metrics=[keras.metrics.RootMeanSquaredError(name="rmse")])
 
 
-def _callbacks(ckpt: Path, history_csv: Path, config: TrainConfig, state: dict, started: float):
-    import keras
-
-    class EpochBookkeeping(keras.callbacks.Callback):
-        """Epoch wall time into the log, the resume state, and the optional time budget."""
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t0 = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            logs["seconds"] = time.perf_counter() - self.t0
-            state["epoch"] = epoch + 1
-            state["train_seconds"] = state.get("train_seconds", 0.0) + logs["seconds"]
-            state["wall_so_far"] = state.get("wall_before", 0.0) + time.perf_counter() - started
-            if logs["val_loss"] < state.get("best_val_loss", math.inf):
-                state.update(best_val_loss=float(logs["val_loss"]), best_val_rmse=float(logs.get("val_rmse", math.nan)),
-                             best_epoch=epoch + 1, wait=0)
-            else:
-                state["wait"] = state.get("wait", 0) + 1
-            if config.time_limit_min is not None:
-                elapsed = time.perf_counter() - started
-                # stop if one more epoch like this one would pass the budget
-                if elapsed + logs["seconds"] > config.time_limit_min * 60:
-                    state["stopped_by"] = "time limit"
-                    self.model.stop_training = True
-
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-        """EarlyStopping that continues its patience count and best value after --resume."""
-
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            if "best_val_loss" in state:
-                self.best, self.wait = state["best_val_loss"], state.get("wait", 0)
-
-    class SaveState(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            (ckpt / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
-
-    return [
-        EpochBookkeeping(),
-        keras.callbacks.CSVLogger(str(history_csv), append=state.get("epoch", 0) > 0),
-        # last.keras (with the optimizer) to resume from, best.keras = the weights we ship
-        keras.callbacks.ModelCheckpoint(str(ckpt / "last.keras")),
-        keras.callbacks.ModelCheckpoint(str(ckpt / "best.keras"), monitor="val_loss", save_best_only=True,
-                                        initial_value_threshold=state.get("best_val_loss")),
-        # restore_best_weights=False: best.keras is reloaded at the end, which also works across resumes
-        ResumableEarlyStopping(monitor="val_loss", patience=config.patience),
-        SaveState(),
-    ]
-
-
 def train(dataset: str | Path, out: str | Path, config: TrainConfig, resume: bool = False,
           command: str | None = None, verbose: int = 1, progress=None) -> dict:
     """Train a model on the data set's training patients and save MODEL.keras + card. Returns the card."""
@@ -286,7 +236,7 @@ def train(dataset: str | Path, out: str | Path, config: TrainConfig, resume: boo
     initial_epoch = state.get("epoch", 0)
     if initial_epoch < config.epochs:
         model.fit(train_seq, validation_data=val_seq, epochs=config.epochs, initial_epoch=initial_epoch,
-                  callbacks=_callbacks(ckpt, history_csv, config, state, started), verbose=verbose)
+                  callbacks=epoch_callbacks(ckpt, history_csv, config, state, started), verbose=verbose)
     if not (ckpt / "best.keras").exists():  # no epoch ever gave a finite validation loss
         raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate "
                          "or check the training data.")

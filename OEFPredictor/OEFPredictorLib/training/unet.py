@@ -1,4 +1,4 @@
-"""Training the spatial model (3D U-Net) on stroke-like virtual patients made on the fly.
+"""Training the experimental spatial model (3D U-Net; not the default method) on stroke-like virtual patients made on the fly.
 
 Data: `n_patients` stroke-like patients (phantom.PatientConfig.stroke: 2-6 lesions of both kinds,
 all shapes, 3-25 mm; most with tissue priors drawn per patient from wide ranges, some lesion-free),
@@ -37,12 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import models, phantom, physics, sequences, simulate, spatial
-from .errors import InputError
-
-# Seeds of the patients the model learns from, picks its epoch with, and calibrates its interval
-# on. The lesion-rich test set (evaluate) uses none of them.
-TRAIN_SEED, VALIDATION_SEED, CALIBRATION_SEED = 101, 202, 303
+from .. import models, physics, sequences, spatial
+from ..errors import InputError
+from .calibration import calibration_scores, conformal_factor
+from .data import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED, stroke_patient
+from .fitting import fit_keeping_best, run_record, save_models
+from .noise import add_noise
 
 
 @dataclasses.dataclass
@@ -77,16 +77,6 @@ class SpatialTrainConfig:
 
 
 # --- Patients and patches -------------------------------------------------------------------------
-def stroke_patient(seed_sequence, config: SpatialTrainConfig, index: int, wide: bool | None = None,
-                   lesions: bool | None = None):
-    """One noise-free stroke-like patient: (patient, echoes (z, y, x, E), qsm)."""
-    rng = np.random.default_rng(seed_sequence.spawn(1)[0])
-    wide = rng.random() < config.wide_prior_share if wide is None else wide
-    lesions = rng.random() >= config.lesion_free_share if lesions is None else lesions
-    patient = phantom.make_patient(seed_sequence, phantom.PatientConfig.stroke(config.voxel_size_mm, wide, lesions))
-    echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, physics.Protocol.default(),
-                                         simulate.NoiseModel(None, 0.0), rng)
-    return patient, echoes, qsm
 
 
 @dataclasses.dataclass
@@ -165,29 +155,6 @@ def _padded(block: np.ndarray, size: int) -> np.ndarray:
 
 
 # --- Batches: noise, bias, normalisation --------------------------------------------------------------
-def add_noise(echoes, qsm, rng, config, snr: float | None = None, qsm_noise_ppb: float | None = None):
-    """Noise as in real data, drawn anew each call: a smooth receive-field bias (local SNR varies),
-    Rician magnitude noise at an SNR drawn log-uniformly from `config.snr_range` (echoes are relative
-    to the patient's mean brain echo 1, so sigma = 1 / SNR), and Gaussian QSM noise of
-    `config.qsm_noise_ppb_range`, white or spatially correlated. Returns (echoes, qsm, bias)."""
-    from scipy import ndimage
-
-    ramps = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in echoes.shape[:3]]
-    bias = np.exp(rng.uniform(-0.25, 0.25) * ramps[0][:, None, None] + rng.uniform(-0.25, 0.25) * ramps[1][None, :, None]
-                  + rng.uniform(-0.25, 0.25) * ramps[2][None, None, :]).astype(np.float32)
-    echoes = echoes * bias[..., None]
-    if snr is None:
-        snr = math.exp(rng.uniform(math.log(config.snr_range[0]), math.log(config.snr_range[1])))
-    sigma = np.float32(1.0 / snr)
-    shape = echoes.shape
-    echoes = np.hypot(echoes + sigma * rng.standard_normal(shape, dtype=np.float32),
-                      sigma * rng.standard_normal(shape, dtype=np.float32))
-    qsm_sd = (qsm_noise_ppb if qsm_noise_ppb is not None else rng.uniform(*config.qsm_noise_ppb_range)) * 1e-3
-    qsm_noise = rng.standard_normal(qsm.shape, dtype=np.float32)
-    if rng.random() < 0.5:  # spatially correlated QSM noise, same SD
-        qsm_noise = ndimage.gaussian_filter(qsm_noise, rng.uniform(0.5, 1.2))
-        qsm_noise /= qsm_noise.std() + 1e-12
-    return echoes, qsm + np.float32(qsm_sd) * qsm_noise, bias
 
 
 def noisy_batch(bank: PatchBank, rows, rng, config: SpatialTrainConfig, scaling: dict, augment: bool = True):
@@ -263,57 +230,7 @@ def _lesion_monitor(x_val, y_val, lesion, scaling, batch_size: int):
     return LesionMonitor()
 
 
-# --- Conformal calibration of the interval ------------------------------------------------------------
-def calibration_scores(model, card: dict, config: SpatialTrainConfig, progress=None) -> np.ndarray:
-    """Per metric-mask voxel of the calibration patients, the interval factor that would just cover it."""
-    scores = []
-    protocol = physics.Protocol.default()
-    bundle = models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), Path("."))
-    for i in range(config.calibration_patients):
-        ss = np.random.SeedSequence([CALIBRATION_SEED, i])
-        patient, _, _ = stroke_patient(ss, config, i, wide=False)
-        rng = np.random.default_rng([CALIBRATION_SEED, i, 9])
-        noise = simulate.NoiseModel(float(rng.choice([50.0, 100.0, 200.0])), float(rng.choice([1.0, 2.0, 3.0])))
-        echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, protocol, noise, rng)
-        out = spatial.predict_volume(bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3)
-        inside = patient.metric_mask[patient.mask]
-        truth = patient.oef_percent[patient.mask][inside]
-        oef, lo, hi = out["OEF"][inside], out["OEF_p05"][inside], out["OEF_p95"][inside]
-        below, above = np.maximum(oef - lo, 1e-3), np.maximum(hi - oef, 1e-3)
-        scores.append(np.where(truth < oef, (oef - truth) / below, (truth - oef) / above))
-        if progress:
-            progress(i + 1, config.calibration_patients)
-    return np.concatenate(scores)
-
-
-def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
-    """Split conformal quantile with the finite-sample correction."""
-    n = len(scores)
-    q = min(1.0, math.ceil((n + 1) * coverage) / n)
-    return float(np.quantile(scores, q))
-
-
-# --- What both spatial trainers share: fit, calibrate, record -------------------------------------------
-def fit_keeping_best(model, batches, validation, monitor, ckpt: Path, history_csv: Path, config, state: dict,
-                     started: float, verbose: int, plateau_patience: int, min_lr: float) -> None:
-    """Fit (or continue) with the voxel trainer's bookkeeping (epoch log, resume state, time budget,
-    early stopping), last/best checkpoints and a halved learning rate on plateaus; then load the
-    best epoch's weights. The lesion monitor runs first, so that its numbers reach the epoch log."""
-    import keras
-
-    from . import train as voxel_train
-
-    callbacks = [monitor] + [c for c in voxel_train._callbacks(ckpt, history_csv, config, state, started)
-                             if not isinstance(c, keras.callbacks.ModelCheckpoint)]
-    callbacks += [_save_models(ckpt, state),
-                  keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=plateau_patience, min_lr=min_lr)]
-    initial_epoch = state.get("epoch", 0)
-    if initial_epoch < config.epochs:
-        model.fit(batches, validation_data=validation, batch_size=config.batch_size, epochs=config.epochs,
-                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
-    if not (ckpt / "best.weights.h5").exists():
-        raise InputError("Training diverged: the validation loss never became finite. Lower --learning-rate.")
-    model.load_weights(ckpt / "best.weights.h5")
+# --- Calibration and card -----------------------------------------------------------------------------
 
 
 def calibrated_card(model, config, scaling: dict, order: str, progress=None, **spatial_extra) -> dict:
@@ -337,14 +254,6 @@ def calibrated_card(model, config, scaling: dict, order: str, progress=None, **s
     return card
 
 
-def run_record(config, state: dict, started: float, history_csv: Path, command: str | None) -> dict:
-    """The card's account of the run itself: epochs, the best one, why it stopped, time, seed, command."""
-    epochs_run = state.get("epoch", 0)
-    return {"epochs_run": epochs_run, "best_epoch": state.get("best_epoch"), "best_val_loss": state.get("best_val_loss"),
-            "stopped_by": state.get("stopped_by", "early stopping" if epochs_run < config.epochs else "epochs"),
-            "train_seconds": round(state.get("train_seconds", 0.0), 1),
-            "wall_seconds": round(time.perf_counter() - started + state.get("wall_before", 0.0), 1),
-            "seed": config.seed, "history": history_csv.name, "command": command}
 
 
 # --- Training -------------------------------------------------------------------------------------------
@@ -476,14 +385,3 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _save_models(ckpt: Path, state: dict):
-    """A callback: last.keras (with the optimizer) to resume from; best.weights.h5 for the epoch we ship."""
-    import keras
-
-    class SaveModels(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            self.model.save(ckpt / "last.keras")
-            if state.get("best_epoch") == epoch + 1:
-                self.model.save_weights(ckpt / "best.weights.h5")
-
-    return SaveModels()

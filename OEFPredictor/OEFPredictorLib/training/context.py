@@ -6,7 +6,7 @@ drawn per patient from wide ranges, `lesion_free_share` without lesions) at 2 mm
 truth maps cropped to the brain. Each epoch draws `patients_per_epoch` of them and makes each anew:
 - an echo protocol (the paper's for `paper_protocol_share`, else drawn over the supported range: 5-16
   echoes, first echo, spacing, last echo, 1.5-7 T; `random_protocol`), with R2 grown as B0^p;
-- noise (train_spatial.add_noise: SNR 18-250 log-uniform, QSM noise 1-4 ppb white or correlated, a
+- noise (noise.add_noise: SNR 18-250 log-uniform, QSM noise 1-4 ppb white or correlated, a
   smooth bias) and a constant QSM offset (another QSM reference);
 - the network's inputs exactly as inference makes them (spatial.volume_features, spatial.network_inputs),
 and the epoch samples `voxels_per_epoch` brain voxels (no CSF) from a pool of such draws (`VoxelPool`, of which
@@ -34,9 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import decay, evaluate, models, phantom, physics, sequences, spatial, train_spatial
-from .errors import InputError
-from .train_spatial import TRAIN_SEED, VALIDATION_SEED
+from .. import decay, evaluate, models, physics, sequences, spatial
+from ..errors import InputError
+from . import calibration, fitting
+from .data import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED, Patient, make_patient, random_protocol, signals
+from .noise import add_noise
 
 VALIDATION_SNRS = (40.0, 100.0, 200.0)  # cycled over the validation patients
 VALIDATION_QSM_NOISE_PPB = 2.0
@@ -82,67 +84,12 @@ class ContextTrainConfig:
         return decay.SUPPORTED
 
 
-@dataclasses.dataclass
-class Patient:
-    """One noise-free patient cropped to its brain: the truth (S0 relative to the mean brain S0, R2 at
-    3 T, Y, v, chi_nb) as float16; the echoes are made for each draw's protocol (`signals`)."""
-
-    params: np.ndarray  # (z, y, x, 5)
-    mask: np.ndarray
-    metric: np.ndarray
-    lesion_map: np.ndarray  # phantom.LESION_MAP_LABELS (lesions and their mirror regions)
 
 
-def make_patient(seed: int, index: int, config: ContextTrainConfig, wide: bool | None = None,
-                 lesions: bool | None = None) -> Patient:
-    ss = np.random.SeedSequence([seed, index])
-    rng = np.random.default_rng(ss.spawn(1)[0])
-    wide = rng.random() < config.wide_prior_share if wide is None else wide
-    lesions = rng.random() >= config.lesion_free_share if lesions is None else lesions
-    patient = phantom.make_patient(ss, phantom.PatientConfig.stroke(config.voxel_size_mm, wide, lesions))
-    inside = np.argwhere(patient.mask)
-    box = tuple(slice(int(lo), int(hi) + 1) for lo, hi in zip(inside.min(axis=0), inside.max(axis=0)))
-    params = np.stack([patient.params[n][box] for n in physics.PARAMETER_NAMES], axis=-1)
-    params[..., 0] /= float(params[..., 0][patient.mask[box]].mean())
-    return Patient(params.astype(np.float16), patient.mask[box], patient.metric_mask[box], patient.lesion_map[box])
 
 
-def random_protocol(rng: np.random.Generator, supported: decay.ProtocolRange, margin: float = 0.1) -> physics.Protocol:
-    """An mGRE protocol drawn over (a little beyond) the supported range: echo count, first echo, spacing
-    (uniform, or varying from echo to echo in a third of draws) and field strength (log-uniform)."""
-    def widened(lo_hi):
-        return lo_hi[0] * (1 - margin), lo_hi[1] * (1 + margin)
-
-    while True:
-        n = int(rng.integers(supported.echoes[0], supported.echoes[1] + 1))
-        first = rng.uniform(*widened(supported.first_echo_ms))
-        spacing = np.full(n - 1, rng.uniform(*widened(supported.spacing_ms)))
-        if rng.random() < 1 / 3:
-            spacing *= rng.uniform(0.75, 1.33, n - 1)
-        te = first + np.concatenate([[0.0], np.cumsum(spacing)])
-        lo, hi = widened(supported.last_echo_ms)
-        if lo <= te[-1] <= hi:
-            break
-    b0 = math.exp(rng.uniform(*(math.log(b) for b in widened(supported.field_strength_T))))
-    return physics.Protocol.from_milliseconds(te, b0)
 
 
-def signals(patient: Patient, protocol: physics.Protocol, r2_exponent: float):
-    """Noise-free echoes (relative to the mean brain echo 1), QSM (ppm) and the targets (S0, R2 in 3 T-
-    equivalent time, Y, v, chi_nb) of the patient at this protocol; R2 scales with the field as B0^p."""
-    p = {n: patient.params[..., i][patient.mask].astype(np.float64) for i, n in enumerate(physics.PARAMETER_NAMES)}
-    r2 = np.clip(p["R2"] * (protocol.field_strength / decay.REFERENCE_FIELD_T) ** r2_exponent,
-                 *physics.BOUNDS["R2"])
-    echoes = np.zeros(patient.mask.shape + (protocol.n_echoes,), np.float32)
-    echoes[patient.mask] = physics.qbold_signal(p["S0"], r2, p["Y"], p["v"], p["chi_nb"], protocol)
-    reference = float(echoes[..., 0][patient.mask].mean())
-    echoes /= reference
-    qsm = np.zeros(patient.mask.shape, np.float32)
-    qsm[patient.mask] = physics.qsm_value(p["Y"], p["v"], p["chi_nb"])
-    targets = patient.params.astype(np.float32)
-    targets[..., 0] /= reference  # S0 in the echoes' units
-    targets[..., 1][patient.mask] = r2 * decay.r2_3t_equivalent_factor(protocol)
-    return echoes, qsm, targets
 
 
 def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noise_ppb=None, protocol=None):
@@ -152,10 +99,12 @@ def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noi
         protocol = (physics.Protocol.default() if rng.random() < config.paper_protocol_share
                     else random_protocol(rng, config.protocols))
     echoes, qsm, t = signals(patient, protocol, rng.uniform(*config.r2_field_exponent))
-    echoes, qsm, bias = train_spatial.add_noise(echoes, qsm, rng, config, snr, qsm_noise_ppb)
+    echoes, qsm, bias = add_noise(echoes, qsm, rng, config, snr, qsm_noise_ppb)
     qsm = np.where(patient.mask, qsm + np.float32(rng.uniform(-1, 1) * config.qsm_offset_ppm), 0.0)
+    reference, _ = decay.qsm_reference(echoes[..., 0][patient.mask], echoes[..., -1][patient.mask], qsm[patient.mask],
+                                       protocol)
     features = spatial.volume_features(echoes, qsm, patient.mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"],
-                                       float(np.median(qsm[patient.mask])))
+                                       reference)
     x = spatial.network_inputs(features, patient.mask, config.spec, config.voxel_size_mm, protocol)
     t[..., 0] *= bias / np.where(patient.mask, echoes[..., 0], 1.0)
     return x, t
@@ -310,7 +259,7 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
             pool.refresh(config.patients_per_epoch)
 
     monitor = _lesion_monitor(x_val, validation_patients, val_voxels, scaling)
-    train_spatial.fit_keeping_best(model, EpochVoxels(), (x_val, y_val), monitor, ckpt, history_csv, config, state,
+    fitting.fit_keeping_best(model, EpochVoxels(), (x_val, y_val), monitor, ckpt, history_csv, config, state,
                                    started, verbose, plateau_patience=5, min_lr=2e-5)
     card = models.make_card(
         config.spec, physics.Protocol.default(), scaling, 1, "centre",
@@ -340,64 +289,34 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
                 "per voxel, lesion voxels weighted",
         "batch_size": config.batch_size,
         "best_val_lesions_and_rmse": _read_history(history_csv).get(best, {}) if best else {},
-        **train_spatial.run_record(config, state, started, history_csv, command),
+        **fitting.run_record(config, state, started, history_csv, command),
     }
     models.save_bundle(model, card, out)
     return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
 
 
-# --- Calibration of the interval ---------------------------------------------------------------------------
-WIDTH_BINS = 5  # quantile bins of the network's half-width
-ABNORMALITY_EDGES_PP = (5.0, 10.0)  # |OEF - brain median|: normal, unusual, lesion-like
-MIN_BIN_VOXELS = 200
+
+
 
 
 def calibrate(model, config: ContextTrainConfig, scaling: dict, progress=None) -> dict:
-    """Mondrian split-conformal calibration of the 90 % interval on population-prior patients (their own
-    seed), each at a drawn protocol, SNR and QSM noise: one factor per bin of half-width x abnormality
-    (spatial.interval_factors). Returns the card's "interval_scale" and "calibration" entries."""
-    n = len(physics.PARAMETER_NAMES)
-    scores, widths, abnormal = [], [], []
-    for i in range(config.calibration_patients):
-        p = make_patient(train_spatial.CALIBRATION_SEED, i, config, wide=False)
-        rng = np.random.default_rng([train_spatial.CALIBRATION_SEED, i, 9])
-        x, t = pyramid(p, rng, config)
-        raw = np.asarray(model.predict_on_batch(x[None]))[0][p.mask]
-        out = spatial.decode(raw, np.ones(len(raw), np.float32), scaling, 1.0)
-        oef = out["OEF"]
-        below, above = np.maximum(oef - out["OEF_p05"], 1e-3), np.maximum(out["OEF_p95"] - oef, 1e-3)
-        truth = 100.0 * physics.oef_from_Y(t[..., 2][p.mask])
-        keep = p.metric[p.mask]
-        scores.append(np.where(truth < oef, (oef - truth) / below, (truth - oef) / above)[keep])
-        half_below = spatial.softplus(raw[:, n]) * spatial.INTERVAL_UNIT * 100.0
-        half_above = spatial.softplus(raw[:, n + 1]) * spatial.INTERVAL_UNIT * 100.0
-        widths.append((0.5 * (half_below + half_above))[keep])
-        abnormal.append(np.abs(oef - np.median(oef))[keep])
-        if progress:
-            progress(i + 1, config.calibration_patients, "calibrating the interval")
-    scores, widths, abnormal = (np.concatenate(a) for a in (scores, widths, abnormal))
-    width_edges = np.quantile(widths, np.linspace(0, 1, WIDTH_BINS + 1)[1:-1])
-    w_bin = np.searchsorted(width_edges, widths)
-    a_bin = np.searchsorted(ABNORMALITY_EDGES_PP, abnormal)
-    overall = train_spatial.conformal_factor(scores)
-    factors = np.full((len(ABNORMALITY_EDGES_PP) + 1, WIDTH_BINS), overall)
-    counts = np.zeros(factors.shape, int)
-    for a in range(factors.shape[0]):
-        for w in range(WIDTH_BINS):
-            inside = (a_bin == a) & (w_bin == w)
-            counts[a, w] = int(inside.sum())
-            if counts[a, w] >= MIN_BIN_VOXELS:
-                factors[a, w] = train_spatial.conformal_factor(scores[inside])
-    return {"interval_scale": {"width_edges_pp": [round(float(e), 4) for e in width_edges],
-                               "abnormality_edges_pp": list(ABNORMALITY_EDGES_PP),
-                               "factors": [[round(float(f), 4) for f in row] for row in factors]},
-            "calibration": {"patients": config.calibration_patients, "seed": train_spatial.CALIBRATION_SEED,
-                            "voxels": int(len(scores)), "voxels_per_bin": counts.tolist(),
+    """Mondrian calibration of the interval on population-prior patients (their own seed, some lesion-free),
+    each at a drawn protocol, SNR and QSM noise, as training draws them: the card's "interval_scale"
+    and "calibration" entries."""
+    def draws():
+        for i in range(config.calibration_patients):
+            p = make_patient(CALIBRATION_SEED, i, config, wide=False)
+            x, t = pyramid(p, np.random.default_rng([CALIBRATION_SEED, i, 9]), config)
+            yield x, t, p.mask, p.metric
+            if progress:
+                progress(i + 1, config.calibration_patients, "calibrating the interval")
+
+    found = calibration.mondrian(model, draws(), scaling)
+    return {"interval_scale": found["interval_scale"],
+            "calibration": {"patients": config.calibration_patients, "seed": CALIBRATION_SEED,
                             "priors": "population (tissue priors of the design notes), stroke-like lesions",
                             "noise": f"SNR {config.snr_range[0]:g}-{config.snr_range[1]:g}, drawn protocols",
-                            "coverage_before": round(float(np.mean(scores <= 1.0)), 4),
-                            "single_factor": round(overall, 4),
-                            "method": "Mondrian split conformal, 90 %, by half-width x abnormality"}}
+                            **found["record"]}}
 
 
 def _lesion_monitor(x_val, patients: list[Patient], voxels: list[np.ndarray], scaling: dict):
