@@ -64,7 +64,8 @@ def test_the_inputs_ignore_a_per_voxel_scale_and_a_constant_qsm_offset():
     spec = models.CONTEXT_NET
 
     def inputs(q):
-        f = spatial.volume_features(echoes * mask[..., None], q * mask, mask, 10.0, float(np.median(q[mask])))
+        reference, _ = decay.qsm_reference(echoes[..., 0][mask], echoes[..., -1][mask], q[mask], protocol)
+        f = spatial.volume_features(echoes * mask[..., None], q * mask, mask, 10.0, reference)
         return spatial.network_inputs(f, mask, spec, 2.0, protocol)
 
     base = inputs(qsm)
@@ -131,3 +132,26 @@ def test_decode_gives_real_time_r2_and_mondrian_interval_factors():
     # normal voxels: 1 where the network's half-width is under 5 pp, else 2; far from the median: 3
     np.testing.assert_allclose(half[:4] > 5.0, [False, True, True, True])
     np.testing.assert_allclose(factor, [1.0, 2.0, 2.0, 2.0, 3.0, 3.0], rtol=1e-4)
+
+
+def test_qsm_is_referenced_to_the_brains_csf_and_a_mask_without_csf_is_named():
+    """On a virtual patient the slowest-decaying voxels are CSF, and their QSM is the reference."""
+    from OEFPredictorLib import phantom, simulate
+
+    patient = phantom.make_patient(np.random.SeedSequence([77, 0]), phantom.PatientConfig.stroke(4.0))
+    protocol = physics.Protocol.from_milliseconds([3.0 + 3.5 * i for i in range(10)], 3.0)
+    echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, protocol, simulate.NoiseModel(100.0, 2.0),
+                                         np.random.default_rng(0))
+    m = patient.mask
+    csf = patient.labels[m] == phantom.CSF_LABEL
+    reference, warning = decay.qsm_reference(echoes[..., 0][m], echoes[..., -1][m], qsm[m], protocol)
+    assert warning is None
+    # the CSF's level (partial-volume CSF voxels included: within a few ppb), not the brain's median
+    assert abs(reference - np.median(qsm[m][csf])) < 0.005 < abs(reference - np.median(qsm[m]))
+    shifted, _ = decay.qsm_reference(echoes[..., 0][m], echoes[..., -1][m], qsm[m] + 0.04, protocol)
+    assert abs(shifted - reference - 0.04) < 1e-6
+    tissue = ~csf
+    reference, warning = decay.qsm_reference(echoes[..., 0][m][tissue], echoes[..., -1][m][tissue],
+                                             qsm[m][tissue], protocol)
+    assert "no CSF" in warning and "\n" not in warning
+    assert abs(reference - (np.median(qsm[m][tissue]) - decay.BRAIN_MINUS_CSF_PPM)) < 1e-6
