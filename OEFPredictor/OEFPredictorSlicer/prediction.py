@@ -195,22 +195,7 @@ class PredictionLogic:
 
     @staticmethod
     def _volumeEchoTimeMs(node):
-        for attribute in ("DICOM.EchoTime", "EchoTime"):
-            value = node.GetAttribute(attribute)
-            if value:
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-        uids = node.GetAttribute("DICOM.instanceUIDs")
-        db = getattr(slicer, "dicomDatabase", None)
-        if uids and db is not None:
-            try:
-                value = db.fileValue(db.fileForInstance(uids.split()[0]), "0018,0081")
-                return float(value) if value else None
-            except Exception:
-                return None
-        return None
+        return PredictionLogic._dicomValue(node, ("DICOM.EchoTime", "EchoTime"), "0018,0081")
 
     # --- inputs -----------------------------------------------------------------------------------
     def echoVolumeNodes(self, echoes):
