@@ -1,12 +1,13 @@
 # The two README commands. Both set up the environment on a fresh machine (Python 3.11, no GPU).
 #   make demo   the main job on the bundled demo data
 #   make test   the test suite (what CI runs)
+#   make test-fast  the fast lane: the suite without the tests marked slow (Testing/conftest.py), ~1 min
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup benchmarks clean
+.PHONY: demo test test-fast setup benchmarks clean
 
 setup: $(STAMP)
 
@@ -24,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/bench_simulate.py

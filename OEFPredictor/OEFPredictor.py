@@ -99,7 +99,7 @@ PARAMETER_NODE_FIELDS = {
     "mask": ("vtkMRMLScalarVolumeNode", None, None),
     "cbf": ("vtkMRMLScalarVolumeNode", None, None),
     "echoTimesMs": (str, None, None),
-    "fieldStrength": (float, 3.0, (0.1, 21.0)),
+    "fieldStrength": (float, 0.0, (0.0, 21.0)),  # 0: unknown (shown so; never assumed)
     "useBundledModel": (bool, True, None),
     "modelPath": (str, None, None),
     "device": (Device, Device.auto, None),
@@ -315,6 +315,11 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ValueError as exc:
             raise InputError(str(exc)) from None
 
+    def fieldStrength(self):
+        """The panel's field strength (T); None while it shows 'unknown' (0)."""
+        value = qtProperty(self.ui.fieldStrengthSpinBox, "value")
+        return float(value) if value and value > 0 else None
+
     def method(self):
         return list(Method)[qtProperty(self.ui.methodComboBox, "currentIndex")].value
 
@@ -332,7 +337,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         times are parsed (InputError) unless echoTimes is False."""
         return PredictionSettings(
             echoTimesMs=self.echoTimesMs() if echoTimes else None,
-            fieldStrength=qtProperty(self.ui.fieldStrengthSpinBox, "value"), model=self.model(), device=self.device(),
+            fieldStrength=self.fieldStrength(), model=self.model(), device=self.device(),
             method=self.method(), opacity=qtProperty(self.ui.opacitySliderWidget, "value"),
             outputNodes={name: getattr(self.ui, selector).currentNode() for name, selector in OUTPUT_SELECTORS.items()})
 
@@ -361,6 +366,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 missing.append(_("Give {n} echo times (ms); {m} are typed.").format(n=n, m=len(tes)))
         except InputError as exc:
             missing.append(str(exc))
+        if self.fieldStrength() is None:
+            missing.append(_("Set the field strength (T): the echoes carry no DICOM MagneticFieldStrength."))
         model = self.modelFile()
         if model == "" and self.model() is None:
             missing.append(_("The bundled model is not installed; choose a model file."))
@@ -380,7 +387,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onEchoSourceNodesChanged()
 
     def onEchoSourceNodesChanged(self, *args):
-        """Fill the echo times from the sequence index or the volumes' DICOM attributes."""
+        """Fill the echo times from the sequence index or the volumes' DICOM attributes, and the
+        field strength from their DICOM MagneticFieldStrength."""
         echoes = self.echoInput()
         if self._parameterNode and not self.ui.echoSequenceRadioButton.isChecked():
             self._parameterNode.echoVolumes = list(echoes or [])
@@ -391,6 +399,9 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 tes = None
             if tes:
                 self.ui.echoTimesLineEdit.setText(", ".join(f"{t:g}" for t in tes))
+            field = self.logic.prediction.fieldStrengthFromNodes(echoes)
+            if field:
+                self.ui.fieldStrengthSpinBox.setValue(field)
         self.updateApplyState()
 
     def onModelChanged(self, *args):

@@ -35,3 +35,33 @@ def tiny_noisy_dataset(tmp_path_factory) -> Path:
     simulate.simulate_dataset(out, n_patients=3, seed=12, voxel_size=4.0, lesions=True,
                               noise=simulate.NoiseModel(snr=100.0, qsm_noise_ppb=2.0))
     return out
+
+
+# The fast lane (`make test-fast`, pytest -m "not slow"): tests that train or load networks on whole
+# patients, start Dask clusters, Qt panels or command-line subprocesses, or simulate cohorts are
+# marked slow here, by module or by name, from their measured times (--durations); `make test` runs
+# everything, as CI does. A test may also carry @pytest.mark.slow itself.
+SLOW_MODULES = {
+    "test_batch.py", "test_cli_help.py", "test_cli_predict.py", "test_context.py", "test_models_jax.py",
+    "test_reliability.py", "test_rnst_cli.py", "test_rnst_module.py", "test_rnst_run.py", "test_rnst_widget.py",
+    "test_slicer_comparison.py", "test_slicer_logic.py", "test_slicer_widget.py", "test_spatial.py",
+    "test_train_evaluate.py",
+}
+SLOW_TESTS = {
+    "test_console_command_simulates_and_draws_a_montage", "test_cat_recovers_noise_free_patient",
+    "test_registered_in_evaluate", "test_predict_voxels_contract[cat]",
+    "test_engine_equals_plain_model_predict_across_chunks", "test_cli_equals_library",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES or item.name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_ignore_collect(collection_path, config):
+    # in the fast lane the slow modules are not even imported (their imports alone take seconds)
+    if config.getoption("markexpr") == "not slow" and collection_path.name in SLOW_MODULES:
+        return True
+    return None

@@ -83,12 +83,18 @@ def ijk_to_ras(geometry) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry.ijk_to_lps()
 
 
-def add_echo_volumes(patient, ijkToRAS=None):
+def add_echo_volumes(patient, ijkToRAS=None, dicom_field=True):
+    """The echoes as volumes; `dicom_field`: with the DICOM MagneticFieldStrength attribute, as
+    Slicer's DICOM import gives them (without it the field strength must be given)."""
     import slicer
 
     m = ijk_to_ras(patient.geometry) if ijkToRAS is None else ijkToRAS
-    return [slicer.util.addVolumeFromArray(np.ascontiguousarray(patient.echoes[..., e]), m, f"echo {e + 1}")
-            for e in range(patient.echoes.shape[-1])]
+    nodes = [slicer.util.addVolumeFromArray(np.ascontiguousarray(patient.echoes[..., e]), m, f"echo {e + 1}")
+             for e in range(patient.echoes.shape[-1])]
+    if dicom_field:
+        for node in nodes:
+            node.SetAttribute("DICOM.MagneticFieldStrength", f"{patient.protocol.field_strength:g}")
+    return nodes
 
 
 def add_echo_sequence(patient, with_browser=True, ijkToRAS=None):
@@ -106,6 +112,7 @@ def add_echo_sequence(patient, with_browser=True, ijkToRAS=None):
         v = slicer.vtkMRMLScalarVolumeNode()
         v.SetIJKToRASMatrix(m)
         slicer.util.updateVolumeFromArray(v, np.ascontiguousarray(patient.echoes[..., e]))
+        v.SetAttribute("DICOM.MagneticFieldStrength", f"{patient.protocol.field_strength:g}")  # as DICOM import
         seq.SetDataNodeAtValue(v, f"{te:g}")
     browser = None
     if with_browser:

@@ -53,7 +53,7 @@ def _run(args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'OEFPredictor'}{os.pathsep}{REPO / 'RNSTFieldTransfer'}",
            **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "OEFPredictorLib.cli", *map(str, args)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace", timeout=600)
 
 
 def _library_lines(text: str) -> list[str]:

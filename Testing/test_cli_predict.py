@@ -134,19 +134,19 @@ def test_refuses_another_echo_count_naming_the_model_protocol(capsys, tmp_path, 
         echoes = np.concatenate([echoes, echoes[..., -1:] * 0.9], axis=-1)
     path = _write(files, tmp_path, f"megre{n_echoes}.nii.gz", echoes[..., :n_echoes])
     te = ",".join(f"{4.5 + 5 * i:g}" for i in range(n_echoes))
-    assert_refused(capsys, tmp_path, ["predict", "--echoes", path, "--te", te, "--qsm", files["qsm"],
+    assert_refused(capsys, tmp_path, ["predict", "--echoes", path, "--te", te, "--field-strength", "3", "--qsm", files["qsm"],
                                       "--model", model], "model's (8 echoes at TE = [4.5, 9.5")
 
 
 def test_refuses_other_echo_times(capsys, tmp_path, files, model):
     te = ",".join(f"{5 + 5 * i:g}" for i in range(8))  # (no sidecar: it would add a warning that --te wins)
-    assert_refused(capsys, tmp_path, ["predict", "--echoes", files["dir"] / "nosidecar.nii.gz", "--te", te, "--qsm", files["qsm"],
+    assert_refused(capsys, tmp_path, ["predict", "--echoes", files["dir"] / "nosidecar.nii.gz", "--te", te, "--field-strength", "3", "--qsm", files["qsm"],
                                       "--model", model], "differs in its echo times from the model's")
 
 
 def test_refuses_echo_times_in_seconds(capsys, tmp_path, files, model):
     te = ",".join(f"{(4.5 + 5 * i) / 1000:g}" for i in range(8))
-    assert_refused(capsys, tmp_path, ["predict", "--echoes", files["echoes"], "--te", te, "--qsm", files["qsm"],
+    assert_refused(capsys, tmp_path, ["predict", "--echoes", files["echoes"], "--te", te, "--field-strength", "3", "--qsm", files["qsm"],
                                       "--model", model], "looks like seconds")
 
 
@@ -185,7 +185,7 @@ def test_nan_voxels_warn_and_stay_local(capsys, tmp_path, files, model):
     echoes[where + (2,)] = np.nan
     path = _write(files, tmp_path, "nan.nrrd", echoes)  # NRRD: ITK's NIfTI reader turns NaN into 0
     out_dir = tmp_path / "nan_out"
-    code, out, err = run_cli(capsys, "predict", "--echoes", path, "--te", TE_MS, "--qsm", files["qsm"], "--mask",
+    code, out, err = run_cli(capsys, "predict", "--echoes", path, "--te", TE_MS, "--field-strength", "3", "--qsm", files["qsm"], "--mask",
                              files["mask"], "--model", model, "--out", out_dir)
     assert code == 0, err
     assert "warning: 1 voxel(s) with NaN/Inf" in err
@@ -240,7 +240,7 @@ def test_echoes_as_a_list_of_3d_files_give_the_same_maps(capsys, tmp_path, files
 
     paths = [_write(files, tmp_path, f"e{i}.nii.gz", files["arrays"][0][..., i]) for i in range(8)]
     a = tmp_path / "a"
-    code, _, err = run_cli(capsys, "predict", "--echoes", *paths, "--te", TE_MS, "--qsm", files["qsm"], "--mask",
+    code, _, err = run_cli(capsys, "predict", "--echoes", *paths, "--te", TE_MS, "--field-strength", "3", "--qsm", files["qsm"], "--mask",
                            files["mask"], "--model", model, "--out", a)
     assert code == 0, err
     b = tmp_path / "b"

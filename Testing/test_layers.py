@@ -2,70 +2,32 @@
 cycles (function-level imports included), and the names follow the method registry."""
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+import importlib.util
 
 from conftest import REPO
 
-CORE = REPO / "OEFPredictor" / "OEFPredictorLib"
 
-
-def import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports (relative imports, at any level of the code)."""
-    modules = {".".join(f.relative_to(CORE).with_suffix("").parts) for f in CORE.rglob("*.py")}
-    graph = {}
-    for f in CORE.rglob("*.py"):
-        name = ".".join(f.relative_to(CORE).with_suffix("").parts)
-        package = name.split(".")[:-1]
-        deps = set()
-        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
-                for alias in node.names:
-                    target = ".".join(base + [alias.name])
-                    deps.add(target if target in modules else ".".join(base))
-        graph[name] = {d for d in deps if d in modules and d != name and not d.endswith("__init__")}
-    return graph
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan)."""
-    index, low, stack, out = {}, {}, [], []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while not component or component[-1] != v:
-                component.append(stack.pop())
-            if len(component) > 1:
-                out.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
+def _structure():
+    """benchmarks/structure.py: the import graph and its cycles (the numbers of docs/architecture.md)."""
+    spec = importlib.util.spec_from_file_location("structure", REPO / "benchmarks" / "structure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_core_never_imports_the_command_line():
-    graph = import_graph()
+    graph = _structure().import_graph()
     assert "cohort" in graph and "cli.predict" in graph  # the graph sees both layers
     up = sorted((m, d) for m, deps in graph.items() if not m.startswith("cli") for d in deps if d.startswith("cli"))
     assert up == []
 
 
 def test_the_core_has_no_import_cycles():
-    graph = import_graph()
+    structure = _structure()
+    graph = structure.import_graph()
     assert "spatial" not in graph["models"] and "predict" in graph["files"]
-    assert cycles(graph) == []
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]  # it finds one
+    assert structure.cycles(graph) == []
+    assert structure.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]  # it finds one
 
 
 def test_names_follow_the_registry():

@@ -392,3 +392,28 @@ def test_quality_and_interval_maps_reach_the_outputs(case, env):
     oef_display = outputs["OEF"].GetDisplayNode()
     assert outputs["OEF_p05"].GetDisplayNode().GetColorNodeID() == oef_display.GetColorNodeID()
     assert outputs["OEF_p95"].GetDisplayNode().GetWindow() == pytest.approx(oef_display.GetWindow())
+
+
+def test_the_field_strength_comes_from_dicom_or_the_panel_never_assumed(case, env):
+    """Echoes without the DICOM MagneticFieldStrength and no field strength given: refused in one
+    message, nothing added to the scene; the attribute of 7 T DICOM echoes is used, and a given
+    value wins."""
+    patient, _ = case
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    tes = patient.protocol.echo_times_ms
+    logic = module.OEFPredictorLogic()
+    plain = add_echo_volumes(patient, dicom_field=False)
+    before = scene_node_ids(env.scene)
+    with pytest.raises(InputError, match="field strength is unknown"):
+        logic.process(plain, qsm, echoTimesMs=tes, method="nlls", device="cpu")
+    assert scene_node_ids(env.scene) == before
+    for node in plain:
+        node.SetAttribute("DICOM.MagneticFieldStrength", "7")
+    inputs, _ = logic.prediction.collectInputs(plain, qsm, echoTimesMs=tes)
+    assert inputs.protocol.field_strength == 7.0
+    outputs = logic.process(plain, qsm, echoTimesMs=tes, method="nlls", device="cpu")
+    assert outputs["OEF"].GetAttribute("OEFPredictor.FieldStrength") == "7"  # the field used, recorded
+    inputs, _ = logic.prediction.collectInputs(plain, qsm, echoTimesMs=tes, fieldStrength=1.5)
+    assert inputs.protocol.field_strength == 1.5
+    seq, _browser = add_echo_sequence(patient)
+    assert logic.prediction.fieldStrengthFromNodes(seq) == patient.protocol.field_strength

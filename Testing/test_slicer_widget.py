@@ -407,8 +407,8 @@ def test_parameter_node_fields_become_the_wrappers_annotations(monkeypatch):
     monkeypatch.setattr(module, "WithinRange", lambda lo, hi: ("range", lo, hi))
     monkeypatch.setattr(module, "Default", lambda value: ("default", value))
     fields = module.PARAMETER_NODE_FIELDS
-    assert typing.get_args(module._annotation(*fields["fieldStrength"])) == (float, ("range", 0.1, 21.0),
-                                                                           ("default", 3.0))
+    assert typing.get_args(module._annotation(*fields["fieldStrength"])) == (float, ("range", 0.0, 21.0),
+                                                                           ("default", 0.0))  # 0: unknown
     assert typing.get_args(module._annotation(*fields["method"]))[1] == ("default", module.Method[module.methods.DEFAULT_METHOD])
     assert module._annotation(*fields["outputOEF"]) is slicer.vtkMRMLScalarVolumeNode
     assert typing.get_args(module._annotation(*fields["echoVolumes"])) == (slicer.vtkMRMLScalarVolumeNode,)

@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent)
+REPO = Path(__file__).resolve().parent.parent  # the checkout measured (the command line may name another)
 CORE = REPO / "OEFPredictor" / "OEFPredictorLib"
 
 
@@ -100,6 +100,9 @@ def cycles(graph) -> list[list[str]]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        REPO = Path(sys.argv[1]).resolve()
+        CORE = REPO / "OEFPredictor" / "OEFPredictorLib"
     graph = import_graph()
     result = {
         "files_naming_a_map": files_with_constants({"OEF_p95", "oef_p95.nii.gz", "OEFp95", "outputOEFp95",

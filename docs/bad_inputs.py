@@ -1,4 +1,4 @@
-"""Build docs/bad_inputs.md: every bad-input case of issue 12 and what the tool does with it.
+"""Build docs/bad_inputs.md: every bad-input case of issues 12 and 20 and what the tool does with it.
 
 Each case is run for real on a small simulated patient (6 mm, SNR 100) with the bundled LSTM, and
 the table shows what happened: the exit code and the line the tool printed. The test named in each
@@ -352,7 +352,8 @@ def c_field_strength(ctx):
 def c_dicom_no_te(ctx):
     d = ctx.fresh()
     _dicom(d / "dcm", np.random.default_rng(2).integers(100, 1000, (5, 12, 14)))
-    return predict(d, "--echoes", d / "dcm", "--te", "4.5,9.5,14.5,19.5,24.5,29.5,34.5,39.5", "--out", d / "out")
+    return predict(d, "--echoes", d / "dcm", "--te", "4.5,9.5,14.5,19.5,24.5,29.5,34.5,39.5", "--field-strength", "3",
+                   "--out", d / "out")
 
 
 def c_non_zip(ctx):
@@ -399,6 +400,133 @@ def c_warnings_once(ctx):
     io.write_volume(q, g, d / "qsm.nrrd")
     code, text = predict(d, "--qsm", d / "qsm.nrrd", "--mask", Ctx.p(d, "desc-brain_mask.nii.gz"), "--out", d / "out")
     return code, f"{said(text)} (printed {text.count('1 voxel(s) with NaN/Inf')} time)"
+
+
+# --- issue 20: inputs as scanners and pipelines write them ---------------------------------------
+FS = "Testing/test_field_strength_and_masks.py::"
+BI = "Testing/test_batch_inputs.py::"
+
+
+def _without_field(ctx):
+    d = ctx.fresh()
+    side = Ctx.p(d, "MEGRE.json")
+    data = json.loads(side.read_text())
+    data.pop("MagneticFieldStrength")
+    side.write_text(json.dumps(data))
+    return d
+
+
+def c_no_field(ctx):
+    d = _without_field(ctx)
+    return predict(d, "--out", d / "out")
+
+
+def c_field_given(ctx):
+    d = _without_field(ctx)
+    code, text = predict(d, "--field-strength", "7", "--method", "nlls", "--out", d / "out")
+    used = json.loads((d / "out" / "prediction.json").read_text())["protocol"]["field_strength_T"] if code == 0 else None
+    return code, f"maps at the field given; prediction.json field_strength_T: {used}"
+
+
+def c_dicom_no_field(ctx):
+    from OEFPredictorLib import io
+
+    d = ctx.fresh()
+    e, _ = io.read_volume(Ctx.p(d, "MEGRE.nii.gz"))
+    _dicom(d / "dcm", np.round(e[..., :2] / e.max() * 3000), [4.5, 9.5])
+    return predict(d, "--echoes", d / "dcm", "--qsm", Ctx.p(d, "Chimap.nii.gz"), "--out", d / "out")
+
+
+def c_help(ctx):
+    try:
+        code, text = cli("predict", "--help")
+    except SystemExit as exc:
+        code, text = exc.code, ""
+    return code, "the help is printed (a literal % in the method list crashed it)"
+
+
+def c_stats_slice(ctx):
+    d = ctx.fresh()
+    return cli("stats", "--map", Ctx.p(d, "desc-truth_OEFmap.nii.gz"), "--labels", Ctx.p(d, "dseg.nii.gz"),
+               "--truth", Ctx.p(d, "desc-truth_OEFmap.nii.gz"), "--figure", d / "f.png", "--slice", "999")
+
+
+def c_montage_slice(ctx):
+    d = ctx.fresh()
+    return cli("montage", d / "P03", "--out", d / "m.png", "--slice", "-1")
+
+
+def c_montage_dir(ctx):
+    d = ctx.fresh()
+    (d / "figures").mkdir()
+    code, text = cli("montage", d / "P03", "--out", d / "figures")
+    return code, text.strip()
+
+
+def c_mask_skull(ctx):
+    from scipy import ndimage
+
+    from OEFPredictorLib import io
+
+    d = ctx.fresh()
+    m, g = io.read_volume(Ctx.p(d, "desc-brain_mask.nii.gz"))
+    io.write_volume(ndimage.binary_dilation(m > 0, iterations=1).astype(np.uint8), g, d / "grown_mask.nii.gz")
+    return predict(d, "--mask", d / "grown_mask.nii.gz", "--method", "nlls", "--out", d / "out")
+
+
+def c_no_mask(ctx):
+    d = ctx.fresh()
+    code, text = predict(d, "--method", "nlls", "--out", d / "out")
+    return code, said(text, "note:")
+
+
+def _raw_bids(ctx):
+    """The patient as a BIDS raw data set without derivatives (no masks), as converters write it:
+    sub-P03 with two runs, sub-P04 with EchoTime in ms, sub-P05 without MagneticFieldStrength."""
+    from OEFPredictorLib import bids
+
+    ctx.n += 1
+    d = ctx.root / f"case{ctx.n:02d}"
+    sim = d / "sim"
+    for pid in ("P03", "P04", "P05"):
+        shutil.copytree(ctx.patient, sim / pid)
+        for f in list((sim / pid).iterdir()):
+            f.rename(f.with_name(f.name.replace("P03_", f"{pid}_")))
+    (sim / "dataset_description.json").write_text(json.dumps({"Name": "bad inputs"}))
+    bids.write_simulated_bids(sim, d / "raw")
+    shutil.rmtree(d / "raw" / "derivatives")
+    anat = d / "raw" / "sub-P03" / "anat"
+    for f in sorted(anat.glob("sub-P03_echo-*")):
+        shutil.copy(f, f.with_name(f.name.replace("sub-P03_", "sub-P03_run-2_")))
+        f.rename(f.with_name(f.name.replace("sub-P03_", "sub-P03_run-1_")))
+    for pid, change in (("P04", lambda m: m.update(EchoTime=m["EchoTime"] * 1000)),
+                        ("P05", lambda m: m.pop("MagneticFieldStrength"))):
+        for side in (d / "raw" / f"sub-{pid}" / "anat").glob("*_MEGRE.json"):
+            meta = json.loads(side.read_text())
+            change(meta)
+            side.write_text(json.dumps(meta))
+    return d
+
+
+def c_raw_bids(ctx):
+    d = _raw_bids(ctx)
+    code, text = cli("batch", d / "raw", d / "out", "--method", "nlls", "--workers", "1")
+    log = (d / "out" / "logs" / "batch.log").read_text() if (d / "out" / "logs").exists() else ""
+    units = [line.split("\t")[1] + ": " + line.split("\t")[2] for line in log.splitlines()]
+    return code, said(text, "failed:", "subject(s)") + " / log: " + "; ".join(units)
+
+
+def c_batch_lock(ctx):
+    from OEFPredictorLib import cohort, io
+
+    d = ctx.fresh()
+    out = d / "out"
+    out.mkdir()
+    (out / io.OUTPUT_MARKER).write_text("x")
+    (d / "raw").mkdir()
+    (d / "raw" / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.10.0"}))
+    with cohort.output_lock(out):
+        return cli("batch", d / "raw", out, "--method", "nlls")
 
 
 T = TESTS + "::"
@@ -476,6 +604,46 @@ CASES = [
     Case("Concurrency and state", "`cancel()` after a finished `wait()`", "Testing/test_slicer_logic.py::test_cancel_after_a_finished_wait_keeps_the_run_finished"),
     Case("Concurrency and state", "a user-chosen output node deleted during a run", "Testing/test_slicer_logic.py::test_an_output_volume_deleted_during_the_run_gives_a_clear_message"),
     Case("Concurrency and state", "the first cancel waits for the model to load", "Testing/test_slicer_logic.py::test_cancel_while_the_model_loads_is_prompt"),
+    # issue 20
+    Case("Field strength", "7 T data whose sidecar lacks MagneticFieldStrength (was read as 3 T: +21.7 pp, exit 0)",
+         FS + "test_data_without_a_field_strength_is_refused_and_given_one_is_recorded", c_no_field),
+    Case("Field strength", "the same with `--field-strength 7` (the outputs said 3.0 for 7 T data)",
+         FS + "test_data_without_a_field_strength_is_refused_and_given_one_is_recorded", c_field_given),
+    Case("Field strength", "a DICOM echo folder without MagneticFieldStrength (0018,0087)",
+         FS + "test_the_dicom_field_strength_tag_is_read", c_dicom_no_field),
+    Case("Field strength", "Slicer: echo volumes without the DICOM MagneticFieldStrength and no field set in the panel",
+         "Testing/test_slicer_logic.py::test_the_field_strength_comes_from_dicom_or_the_panel_never_assumed"),
+    Case("Field strength", "`batch`: a subject whose sidecars lack MagneticFieldStrength (fails alone; `--field-strength`)",
+         BI + "test_batch_on_raw_data_fails_bad_subjects_alone"),
+    Case("Commands", "`predict --help` (a \"%\" in the method help crashed it); every command's `--help`",
+         "Testing/test_cli_help.py::test_help_of_every_command_works", c_help),
+    Case("Commands", "TensorFlow/absl/oneDNN log lines on every command; the result line not last",
+         "Testing/test_cli_help.py::test_predict_is_quiet_by_default_and_prints_its_result_last"),
+    Case("Commands", "`stats --slice 999` (an IndexError traceback)",
+         "Testing/test_cli_stats.py::test_a_slice_out_of_range_is_one_line_before_any_output", c_stats_slice),
+    Case("Commands", "`montage --slice -1` (a negative slice was counted from the end)",
+         "Testing/test_cli_stats.py::test_montage_slice_out_of_range_is_one_line", c_montage_slice),
+    Case("Commands", "`montage --out DIR` (it wrote DIR.png and said DIR)",
+         "Testing/test_cli_stats.py::test_montage_names_the_file_it_wrote", c_montage_dir),
+    Case("Masks", "a mask that includes skull and scalp (the brain mask grown by a voxel; +5.4 pp, no warning)",
+         FS + "test_a_mask_with_skull_is_named_in_a_warning", c_mask_skull),
+    Case("Masks", "no mask: the default mask (was from echo 1, now where the QSM is defined, and said so)",
+         FS + "test_without_a_mask_the_mask_is_where_the_qsm_is_defined", c_no_mask),
+    Case("BIDS batch", "a raw data set without derivatives or masks (pybids: 'desc' is not a recognized entity), "
+         "run-1/run-2 (were merged into 16 echoes), EchoTime in ms in one subject (aborted the cohort), one subject "
+         "without the field strength", BI + "test_batch_on_raw_data_fails_bad_subjects_alone", c_raw_bids),
+    Case("BIDS batch", "run-/acq- entities, sessions with a subject-level mask (silently replaced), a sidecar that is "
+         "not JSON (pybids stopped the cohort)", BI + "test_inputs_of_raw_runs_sessions_and_bad_metadata"),
+    Case("BIDS batch", "the only worker killed (the batch hung without a message)",
+         BI + "test_a_cluster_that_loses_its_workers_or_scheduler_ends_the_run"),
+    Case("BIDS batch", "the Dask scheduler killed (distributed tracebacks)",
+         BI + "test_a_cluster_that_loses_its_workers_or_scheduler_ends_the_run"),
+    Case("BIDS batch", "the output folder deleted during the run",
+         BI + "test_an_output_folder_deleted_during_the_run_is_one_line"),
+    Case("BIDS batch", "Ctrl-C during a batch (said nothing partial was kept while a .partial folder stayed)",
+         BI + "test_ctrl_c_says_what_was_kept"),
+    Case("BIDS batch", "a second batch into the same output while one runs",
+         BI + "test_a_second_batch_into_the_same_output_is_refused", c_batch_lock),
 ]
 HEADER = ("| # | section | input | what the tool does (observed) | test |", "|---|---|---|---|---|")
 
@@ -497,8 +665,8 @@ def main() -> int:
         lines = [
             "# Bad inputs: what the tool does",
             "",
-            "Every case of issue 12, run for real by `docs/bad_inputs.py` (a 6 mm virtual patient, SNR 100, the",
-            "bundled LSTM, the `oefpredictor` command in-process); \"observed\" is the exit code and what it",
+            "Every case of issues 12 and 20, run for real by `docs/bad_inputs.py` (a 6 mm virtual patient, SNR 100,",
+            "the default method unless the row says otherwise, the `oefpredictor` command in-process); \"observed\" is the exit code and what it",
             "printed (temporary paths shortened). Exit code 2: a one-line error, nothing written. Rows without",
             "an observation are checked only by their test. Rebuild: `.venv/bin/python docs/bad_inputs.py`.",
             "",

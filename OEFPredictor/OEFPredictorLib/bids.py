@@ -10,8 +10,14 @@ beside the echoes in anat/ or in a derivatives folder:
     sub-<s>[_ses-<x>]_desc-brain_mask.nii.gz                   optional brain mask
     sub-<s>[_ses-<x>]_dseg.nii.gz + dseg.tsv                   optional tissue labels (index, name)
 
-Derivative names: sub-<s>[_ses-<x>]_desc-<Map>_map.nii.gz with a JSON sidecar each, the mask as
-desc-brain_mask (see derivative_name).
+Converters (dcm2niix, heudiconv) add entities: acq-<a> and run-<n> echo sets are separate units,
+each with its own outputs (sub-01_run-2_desc-OEF_map.nii.gz), and take the QSM, mask and
+segmentation with the same entities, else those without them. A session without its own mask or
+segmentation takes the subject-level one (sub-<s>/anat/, no ses-). A raw data set without
+derivatives and masks works: each unit then gets a derived mask (see predict).
+
+Derivative names: sub-<s>[_ses-<x>][_acq-<a>][_run-<n>]_desc-<Map>_map.nii.gz with a JSON sidecar
+each, the mask as desc-brain_mask (see derivative_name).
 """
 from __future__ import annotations
 
@@ -41,9 +47,22 @@ def label_of(text: str, what: str = "label") -> str:
     return label
 
 
-def unit_prefix(subject: str, session: str | None = None) -> str:
-    """'sub-01' or 'sub-01_ses-1': the start of every file name of a subject (and session)."""
-    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+def unit_prefix(subject: str, session: str | None = None, entities: str = "") -> str:
+    """'sub-01', 'sub-01_ses-1' or 'sub-01_ses-1_acq-fast_run-2': the start of every file name of a
+    unit (subject, session, and the entities that tell its echo sets apart)."""
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "") + (f"_{entities}" if entities else "")
+
+
+# Entities of raw file names that tell one subject's acquisitions apart (BIDS order); echo and part
+# belong to one echo of a set, desc/space/label to derivatives.
+SET_ENTITIES = ("acq", "ce", "rec", "dir", "run", "flip", "inv", "mt")
+
+
+def set_entities(path: str | Path) -> str:
+    """The acquisition entities of a file name ('acq-fast_run-2'; '' for none): what tells one
+    subject's echo sets apart, and which QSM or mask belongs to which."""
+    tokens = Path(path).name.split("_")[:-1]  # the last token is the suffix and extension
+    return "_".join(t for t in tokens if "-" in t and t.split("-", 1)[0] in SET_ENTITIES)
 
 
 def unit_dir(subject: str, session: str | None = None) -> Path:
@@ -52,8 +71,8 @@ def unit_dir(subject: str, session: str | None = None) -> Path:
 
 
 def derivative_name(subject: str, session: str | None, desc: str, suffix: str = MAP_SUFFIX,
-                    extension: str = ".nii.gz") -> str:
-    return f"{unit_prefix(subject, session)}_desc-{desc}_{suffix}{extension}"
+                    extension: str = ".nii.gz", entities: str = "") -> str:
+    return f"{unit_prefix(subject, session, entities)}_desc-{desc}_{suffix}{extension}"
 
 
 def read_label_table(path: str | Path) -> dict[int, str]:
@@ -83,10 +102,19 @@ class UnitInputs:
     dseg: str | None = None
     dseg_tsv: str | None = None
     missing: list[str] = dataclasses.field(default_factory=list)
+    entities: str = ""  # acq-/run- entities of the echo set ('' for most data sets)
+    problems: list[str] = dataclasses.field(default_factory=list)  # bad metadata: fails this unit only
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was chosen for it (e.g. a subject-level mask)
 
     @property
     def name(self) -> str:
-        return unit_prefix(self.subject, self.session)
+        return unit_prefix(self.subject, self.session, self.entities)
+
+    @property
+    def failure(self) -> str | None:
+        """Why this unit cannot run (missing files, bad metadata), or None."""
+        reasons = (["missing " + "; ".join(self.missing)] if self.missing else []) + self.problems
+        return "; ".join(reasons) or None
 
     def files(self) -> list[str]:
         """Every input file, sidecars included (what the resumption checksums cover)."""
@@ -106,12 +134,38 @@ def open_layout(bids_dir: str | Path, derivatives: list[str | Path] | None = Non
     for d in derivatives or []:
         if not (Path(d) / "dataset_description.json").is_file():
             raise InputError(f"--derivatives {d}: not a BIDS derivatives folder (no dataset_description.json).")
+    from bids.layout import BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    # pybids stops on the first JSON file it cannot parse: leave those out of the index, and fail
+    # only the units whose sidecars they are (unusable_sidecars).
+    broken = {}
+    for root in [bids_dir, *map(Path, derivatives or [])]:
+        for path in root.rglob("sub-*.json"):
+            try:
+                io.read_json(path)
+            except (OSError, ValueError) as exc:
+                broken[str(path.absolute())] = " ".join(str(exc).split())[:120]
+    ignore = [*DEFAULT_LOCATIONS_TO_IGNORE, *(re.compile(re.escape("/" + Path(b).name) + "$") for b in broken)]
     try:
-        return bids.BIDSLayout(str(bids_dir), validate=False,
-                               derivatives=[str(d) for d in derivatives] if derivatives else False)
+        layout = bids.BIDSLayout(str(bids_dir), indexer=BIDSLayoutIndexer(validate=False, ignore=ignore),
+                                 derivatives=[str(d) for d in derivatives] if derivatives else False)
     except Exception as exc:  # pybids raises its own types for a broken description
         raise InputError(f"{bids_dir}: pybids cannot read this data set ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]}).") from None
+    layout.oefpredictor_broken_json = broken
+    return layout
+
+
+def unusable_sidecars(layout, images: list[str]) -> list[str]:
+    """Why the JSON sidecars of these images cannot be read (those open_layout left out)."""
+    broken = getattr(layout, "oefpredictor_broken_json", {})
+    problems = []
+    for image in images:
+        side = str(io.sidecar_path(Path(image).absolute()))
+        if side in broken:
+            problems.append(f"the sidecar {Path(side).name} is not valid JSON ({broken[side]}): fix or replace it")
+    return problems
 
 
 def find_inputs(layout, participant_labels: list[str] | None = None) -> list[UnitInputs]:
@@ -132,7 +186,7 @@ def find_inputs(layout, participant_labels: list[str] | None = None) -> list[Uni
     for subject in subjects:
         sessions = sorted(layout.get_sessions(subject=subject)) or [None]
         for session in sessions:
-            units.append(_unit_inputs(layout, subject, session))
+            units += _session_units(layout, subject, session)
     return units
 
 
@@ -155,43 +209,106 @@ def layout_none():
     return Query.NONE
 
 
-def _unit_inputs(layout, subject: str, session: str | None) -> UnitInputs:
-    missing = []
-    echoes = _get(layout, subject, session, suffix="MEGRE", part="mag", scope="raw")  # not derivatives
-    if echoes:
-        echoes = sorted(echoes, key=lambda f: int(f.get_entities().get("echo", 0)))
-    else:  # one 4D file, or per-echo files without the part entity
-        echoes = [f for f in _get(layout, subject, session, suffix="MEGRE", scope="raw")
-                  if f.get_entities().get("part") in (None, "mag")]
-        echoes = sorted(echoes, key=lambda f: int(f.get_entities().get("echo", 0)))
+def _session_units(layout, subject: str, session: str | None) -> list[UnitInputs]:
+    """The units of one subject and session: one per echo set (acq-/run- entities). A unit whose
+    files or metadata are unusable carries the reason (missing / problems), so that it fails alone."""
+    echoes = _get(layout, subject, session, suffix="MEGRE", scope="raw")  # not derivatives
+    echoes = [f for f in echoes if f.get_entities().get("part") in (None, "mag")]
+    sets: dict[str, list] = {}
+    for f in echoes:
+        sets.setdefault(set_entities(f.path), []).append(f)
+    units = []
+    for entities in sorted(sets) or [""]:
+        try:
+            units.append(_unit_inputs(layout, subject, session, entities, sets.get(entities, [])))
+        except Exception as exc:  # unreadable metadata of this unit only
+            unit = UnitInputs(subject, session, [f.path for f in sets.get(entities, [])], None, None, None,
+                              entities=entities)
+            unit.problems.append(f"its files cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            units.append(unit)
+    return units
+
+
+def _matching(files: list, entities: str) -> list:
+    """Files of a unit's echo set: those with the same acq-/run- entities, else those without any
+    (they serve every echo set of the subject and session)."""
+    same = [f for f in files if set_entities(f.path) == entities]
+    return same or [f for f in files if set_entities(f.path) == ""]
+
+
+def _unit_inputs(layout, subject: str, session: str | None, entities: str, echoes: list) -> UnitInputs:
+    missing, problems, notes = [], [], []
+    # a part-mag file per echo, or one 4D file (no echo entity)
+    echoes = sorted(echoes, key=lambda f: int(f.get_entities().get("echo", 0)))
+    echo_numbers = [int(f.get_entities().get("echo", 0)) for f in echoes]
     tes, field = None, None
     if not echoes:
         missing.append("mGRE magnitudes (*_echo-<n>_part-mag_MEGRE.nii.gz or one 4D *_MEGRE.nii.gz)")
+    elif len(set(echo_numbers)) != len(echo_numbers):
+        problems.append(f"several files for the same echo ({', '.join(Path(f.path).name for f in echoes[:4])}...): "
+                        "name each echo set with its own acq- or run- entity")
+    elif unusable_sidecars(layout, [f.path for f in echoes]):
+        problems += unusable_sidecars(layout, [f.path for f in echoes])
     else:
         meta = [f.get_metadata() for f in echoes]
         values = []
         for m in meta:
             te = m.get("EchoTime")
-            values += [] if te is None else [float(t) for t in (te if isinstance(te, list) else [te])]
-        if len(values) >= 2 and len(values) >= len(echoes):
+            values += [] if te is None else list(te if isinstance(te, list) else [te])
+        try:
+            values = [float(t) for t in values]
+        except (TypeError, ValueError):
+            problems.append(f"EchoTime {values} in the MEGRE JSON sidecars is not a list of numbers (seconds)")
+            values = []
+        if problems:
+            pass
+        elif len(values) >= 2 and len(values) >= len(echoes):
             if max(values) > 1.0:
-                raise InputError(f"{echoes[0].path}: EchoTime {values} looks like milliseconds; BIDS sidecars "
-                                 "give seconds.")
-            tes = [t * 1000.0 for t in values]
+                problems.append(f"EchoTime {values} looks like milliseconds; BIDS sidecars give seconds "
+                                "(e.g. 0.0045): fix the MEGRE JSON sidecars")
+            elif min(values) <= 0 or not all(np.isfinite(values)):
+                problems.append(f"EchoTime {values} must hold positive numbers of seconds")
+            else:
+                tes = [t * 1000.0 for t in values]
         else:
             missing.append("EchoTime (seconds) in the MEGRE JSON sidecars")
-        field = meta[0].get("MagneticFieldStrength")
-    qsm = _get(layout, subject, session, suffix="Chimap")
+        fields = {m.get("MagneticFieldStrength") for m in meta} - {None}
+        try:
+            fields = {float(f) for f in fields}
+        except (TypeError, ValueError):
+            problems.append(f"MagneticFieldStrength {sorted(map(str, fields))} in the MEGRE JSON sidecars is not a "
+                            "number (tesla)")
+            fields = set()
+        if len(fields) > 1:
+            problems.append(f"the MEGRE JSON sidecars give different MagneticFieldStrength values {sorted(fields)}")
+        elif fields:
+            field = fields.pop()
+    qsm = _matching(_get(layout, subject, session, suffix="Chimap"), entities)
     if not qsm:
         missing.append("QSM (*_Chimap.nii.gz in anat/ or in a --derivatives folder)")
-    mask = [f for f in _get(layout, subject, session, suffix="mask", desc="brain")]
-    dseg = [f for f in _get(layout, subject, session, suffix="dseg") if f.get_entities().get("desc") is None]
+    # 'desc' is an entity of derivatives only (pybids refuses it as a filter on a raw-only layout
+    # and does not parse it in raw anat/), so the names decide
+    def masks(ses):
+        return _matching([f for f in _get(layout, subject, ses, suffix="mask") if "_desc-brain_" in Path(f.path).name],
+                         entities)
+
+    def segmentations(ses):
+        return _matching([f for f in _get(layout, subject, ses, suffix="dseg") if "_desc-" not in Path(f.path).name],
+                         entities)
+
+    mask, dseg = masks(session), segmentations(session)
+    if session and not mask:  # BIDS inheritance: the subject-level mask serves every session
+        mask = masks(None)
+        if mask:
+            notes.append(f"the subject-level mask {Path(mask[0].path).name}")
+    if session and not dseg:
+        dseg = segmentations(None)
     dseg_tsv = _label_table_for(dseg[0].path, layout) if dseg else None
     if dseg and dseg_tsv is None:
         missing.append(f"the label table of {Path(dseg[0].path).name} (a dseg.tsv with index and name)")
-    return UnitInputs(subject, session, [f.path for f in echoes], tes, float(field) if field else None,
+    return UnitInputs(subject, session, [f.path for f in echoes], tes, field,
                       qsm[0].path if qsm else None, mask[0].path if mask else None,
-                      dseg[0].path if dseg else None, dseg_tsv, missing)
+                      dseg[0].path if dseg else None, dseg_tsv, missing, entities, problems, notes)
 
 
 def _label_table_for(dseg_path: str, layout) -> str | None:

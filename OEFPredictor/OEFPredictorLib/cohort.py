@@ -6,26 +6,33 @@ OUTPUT_DIR layout:
     dataset_description.json       DatasetType derivative, GeneratedBy (version, method, model SHA-256)
     sub-<s>/[ses-<x>/]anat/        sub-<s>[_ses-<x>]_desc-<Map>_map.nii.gz + .json per map of `predict`,
                                    sub-<s>[_ses-<x>]_desc-brain_mask.nii.gz (the voxels predicted)
-    sub-<s>/[ses-<x>/].oefpredictor-batch.json   the unit's record: checksums, statistics, outputs
+    sub-<s>/[ses-<x>/].oefpredictor-batch[_<entities>].json   a unit's record: checksums, statistics,
+                                   outputs (units of one folder: acq-/run- echo sets; see bids)
+    .oefpredictor-batch.lock       held while a batch writes here: a second one is refused
     logs/batch.log                 one line per finished or failed unit, per run
     logs/sub-<s>[_ses-<x>]_failed.json  the reason of a failed unit (removed once it succeeds)
     cohort_OEF.tsv + .json         one row per unit: status, reason, voxels, time, OEF statistics
     cohort_OEF.png                 OEF per subject (box plot)
 
-Isolation: a unit's failure (bad file, wrong protocol, a worker killed for memory) is caught and
-recorded; the others go on. Atomicity: a unit's folder is built under a temporary name and moved
+Isolation: a unit's failure (bad file or metadata, wrong protocol, a worker killed for memory) is
+caught and recorded; the others go on. The units of one folder (the echo sets of a subject and
+session) run one after the other in one task, so that no two workers write one folder. A cluster
+that loses all its workers, or its scheduler, ends the run (ClusterLost) in bounded time; the
+finished units are kept. Atomicity: a unit's folder is built under a temporary name and moved
 into place complete (io.atomic_directory), with its record inside, so a killed run loses nothing
 that was finished. Resumption: a unit whose record matches the SHA-256 of every input file, the
 model's SHA-256, the method and the version, and whose outputs all exist, is skipped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -37,6 +44,9 @@ from .errors import InputError
 log = logging.getLogger(__name__)
 
 RECORD_FILE = ".oefpredictor-batch.json"
+LOCK_FILE = ".oefpredictor-batch.lock"
+NO_WORKER_TIMEOUT_S = 120.0  # a cluster without any worker this long ends the run
+POLL_S = 1.0
 LOG_DIR = "logs"
 TABLE_FILE = "cohort_OEF.tsv"
 FIGURE_FILE = "cohort_OEF.png"
@@ -55,11 +65,12 @@ class BatchConfig:
     model_file: str | None  # None: the method needs no model file
     model_sha256: str | None
     device: str = "cpu"
+    field_strength: float | None = None  # --field-strength: overrides the sidecars (never assumed)
 
     def key(self, checksums: dict) -> dict:
         """What a finished unit must match to be skipped on a rerun."""
         return {"inputs": checksums, "method": self.method, "model_sha256": self.model_sha256,
-                "version": __version__}
+                "field_strength": self.field_strength, "version": __version__}
 
 
 def model_identity(method: str, model: str | None) -> tuple[str | None, str | None]:
@@ -114,13 +125,55 @@ def prepare_output(out: str | Path, bids_dir: str | Path, config: BatchConfig | 
         return out
     out.mkdir(parents=True, exist_ok=True)
     (out / io.OUTPUT_MARKER).write_text("Written by oefpredictor batch; reruns resume it.\n")
-    for stale in [*out.glob(".sub-*.partial-*"), *out.glob("sub-*/.ses-*.partial-*")]:  # a killed worker's
-        if (stale / io.OUTPUT_MARKER).exists():
-            shutil.rmtree(stale, ignore_errors=True)
     io.write_json(bids.derivative_description("OEFPredictor OEF maps", generated_by(config), bids_dir),
                   out / "dataset_description.json")
     (out / LOG_DIR).mkdir(exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Held while a batch writes OUTPUT_DIR: a second batch into it is refused (one line) instead
+    of both writing the same units. A lock left by a killed run (its process gone) is taken over."""
+    lock = out / LOCK_FILE
+    me = f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid, host = lock.read_text(encoding="utf-8").split()[:2]
+            except (OSError, ValueError):
+                pid, host = "?", ""
+            if host == socket.gethostname() and pid.isdigit() and not io._process_alive(int(pid)):
+                lock.unlink(missing_ok=True)  # its run was killed
+                continue
+            raise InputError(f"Another oefpredictor batch (process {pid} on {host or 'another machine'}) is writing "
+                             f"{out}; wait for it to finish or choose another output folder (if no batch runs, "
+                             f"remove {lock.name}).") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield lock
+    finally:
+        try:
+            if lock.read_text(encoding="utf-8").strip() == me:
+                lock.unlink()
+        except OSError:
+            pass
+
+
+def remove_partials(out: Path) -> list[Path]:
+    """Half-built unit folders (a killed or interrupted worker's) under OUTPUT_DIR: removed. Returns
+    those that could not be removed."""
+    left = []
+    for stale in [*out.glob(".sub-*.partial-*"), *out.glob("sub-*/.*.partial-*"), *out.glob("sub-*/ses-*/.*.partial-*")]:
+        if (stale / io.OUTPUT_MARKER).exists():
+            shutil.rmtree(stale, ignore_errors=True)
+            if stale.exists():
+                left.append(stale)
+    return left
 
 
 def _failure_path(out: Path, name: str) -> Path:
@@ -128,7 +181,18 @@ def _failure_path(out: Path, name: str) -> Path:
 
 
 def _record_path(out: Path, unit: bids.UnitInputs) -> Path:
-    return out / bids.unit_dir(unit.subject, unit.session) / RECORD_FILE
+    name = RECORD_FILE if not unit.entities else RECORD_FILE.replace(".json", f"_{unit.entities}.json")
+    return out / bids.unit_dir(unit.subject, unit.session) / name
+
+
+class OutputLost(RuntimeError):
+    """The output folder was deleted or moved during the run."""
+
+
+def check_output_present(out: Path) -> None:
+    if not (out / io.OUTPUT_MARKER).is_file():
+        raise OutputLost(f"{out} was deleted or moved during the run; nothing more was written. Rerun into a "
+                         "folder that stays in place.")
 
 
 def input_checksums(unit: bids.UnitInputs) -> dict:
@@ -156,15 +220,24 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, InputError) else f"{type(exc).__name__}: {text}"[:300]
 
 
+def unit_row(unit: bids.UnitInputs) -> dict:
+    return {"participant_id": f"sub-{unit.subject}", "session_id": f"ses-{unit.session}" if unit.session else "",
+            "name": unit.name}
+
+
+def process_folder(units: list[bids.UnitInputs], config: BatchConfig) -> list[dict]:
+    """The units of one output folder (a subject and session), one after the other: their rows."""
+    return [process_unit(unit, config) for unit in units]
+
+
 def process_unit(unit: bids.UnitInputs, config: BatchConfig) -> dict:
-    """Predict one subject (and session) and write its folder atomically. Returns its row; a
-    failure is returned as a row with its one-line reason, never raised."""
+    """Predict one unit and write its files atomically. Returns its row; a failure is returned as
+    a row with its one-line reason, never raised (except a lost output folder: OutputLost)."""
     start = time.perf_counter()
-    row = {"participant_id": f"sub-{unit.subject}", "session_id": f"ses-{unit.session}" if unit.session else "",
-           "name": unit.name}
+    row = unit_row(unit)
     try:
-        if unit.missing:
-            raise InputError("missing " + "; ".join(unit.missing))
+        if unit.failure:
+            raise InputError(unit.failure)
         key = config.key(input_checksums(unit))
         out = Path(config.out)
         done = completed_record(out, unit, key)
@@ -172,7 +245,9 @@ def process_unit(unit: bids.UnitInputs, config: BatchConfig) -> dict:
             return {**row, **done, "skipped": True}
         record = _predict_and_write(unit, config, key, out, start)
         return {**row, **record, "skipped": False}
-    except Exception as exc:  # isolation: every subject's own failure becomes its row
+    except OutputLost:
+        raise
+    except Exception as exc:  # isolation: every unit's own failure becomes its row
         return {**row, "status": STATUS_FAILED, "reason": one_line(exc), "skipped": False,
                 "time_s": round(time.perf_counter() - start, 2)}
 
@@ -180,8 +255,10 @@ def process_unit(unit: bids.UnitInputs, config: BatchConfig) -> dict:
 def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, out: Path, start: float) -> dict:
     from . import predict
 
+    notes = []
+    field = config.field_strength if config.field_strength is not None else unit.field_strength
     inputs, geometry = files.load_inputs(unit.echoes, unit.qsm, unit.mask, echo_times_ms=unit.echo_times_ms,
-                                      field_strength=unit.field_strength)
+                                         field_strength=field, notes=notes)
     labels, names = None, {}
     if unit.dseg:
         labels, geom = io.read_image(unit.dseg)
@@ -189,16 +266,22 @@ def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, ou
                            f"the segmentation ({Path(unit.dseg).name})", labels.shape, geom)
         names = bids.read_label_table(unit.dseg_tsv)
     result = predict.predict_maps(inputs, model=config.model_file, device=config.device, method=config.method)
+    result.warnings[:0] = notes
     stats = unit_statistics(result, labels, names)
+    # what was chosen for the unit, for the log: a derived or a subject-level mask
+    chosen = list(unit.notes) + ([f"mask {result.mask_source}"] if result.mask_derived else [])
     sources = [bids.source_uri(p, config.raw_root) for p in unit.echoes + [unit.qsm] + ([unit.mask] if unit.mask else [])]
-    with io.atomic_directory(out / bids.unit_dir(unit.subject, unit.session), overwrite=True) as tmp:
+    check_output_present(out)  # else atomic_directory would create it again
+    with io.atomic_directory(out / bids.unit_dir(unit.subject, unit.session), overwrite=True,
+                             command=f"batch {unit.name}") as tmp:
         outputs = write_unit_maps(result, geometry, Path(tmp), unit, config, inputs.protocol, sources)
-        record = {"status": STATUS_OK, "reason": "", "n_voxels": int(result.n_voxels),
+        record = {"name": unit.name, "status": STATUS_OK, "reason": "", "notes": chosen,
+                  "field_strength_T": inputs.protocol.field_strength, "n_voxels": int(result.n_voxels),
                   "predict_s": round(result.elapsed_s, 2), "device": result.device, "method": result.method,
                   "warnings": result.warnings, "stats": stats, "key": key, "outputs": outputs,
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         record["time_s"] = round(time.perf_counter() - start, 2)
-        io.write_json(record, Path(tmp) / RECORD_FILE)
+        io.write_json(record, Path(tmp) / _record_path(out, unit).name)
     return record
 
 
@@ -208,8 +291,9 @@ def write_unit_maps(result, geometry, folder: Path, unit: bids.UnitInputs, confi
     each with a JSON sidecar. Returns the file names relative to `folder`."""
     anat = folder / "anat"
     written = files.write_maps(  # the maps `predict` writes, and the mask
-        result, geometry, anat, lambda m: m.file and bids.derivative_name(unit.subject, unit.session, m.desc),
-        mask_file=bids.derivative_name(unit.subject, unit.session, "brain", "mask"))
+        result, geometry, anat,
+        lambda m: m.file and bids.derivative_name(unit.subject, unit.session, m.desc, entities=unit.entities),
+        mask_file=bids.derivative_name(unit.subject, unit.session, "brain", "mask", entities=unit.entities))
     model = {"File": Path(config.model_file).name, "SHA256": config.model_sha256} if config.model_file else None
     common = {"Sources": sources, "Method": result.method, "Model": model, **protocol.to_dict(),
               "MaskDerived": bool(result.mask_derived)}
@@ -217,7 +301,8 @@ def write_unit_maps(result, geometry, folder: Path, unit: bids.UnitInputs, confi
     for name, path in written.items():
         if name == "mask":
             sidecar = {"Type": "Brain", "Description": "The voxels predicted (the given or derived brain mask "
-                       "without voxels of unusable data)", "Sources": sources}
+                       "without voxels of unusable data)", "Sources": sources,
+                       "MaskDerived": bool(result.mask_derived), "MaskSource": result.mask_source}
         else:
             sidecar = {"Description": f"{maptable.MAPS[name].description} (oefpredictor)", "Units": maptable.unit(name),
                        **common}
@@ -280,29 +365,95 @@ def start_client(workers: int, scheduler: str | None, memory_limit: str):
     return Client(cluster), cluster
 
 
-def run_units(units: list[bids.UnitInputs], config: BatchConfig, client, on_row=None) -> list[dict]:
-    """Submit one task per unit and collect the rows as they finish (`on_row(row)` after each)."""
+class ClusterLost(RuntimeError):
+    """The Dask cluster lost all its workers, or its scheduler: the run cannot go on."""
+
+
+def folders_of(units: list[bids.UnitInputs]) -> list[list[bids.UnitInputs]]:
+    """The units grouped by output folder (subject and session), in order."""
+    groups: dict[tuple, list] = {}
+    for unit in units:
+        groups.setdefault((unit.subject, unit.session), []).append(unit)
+    return list(groups.values())
+
+
+def run_units(units: list[bids.UnitInputs], config: BatchConfig, client, on_row=None,
+              no_worker_timeout_s: float = NO_WORKER_TIMEOUT_S) -> list[dict]:
+    """Submit one task per output folder and collect the rows as they finish (`on_row(row)`
+    after each). Raises ClusterLost when the cluster has had no worker for no_worker_timeout_s or
+    lost its scheduler, and OutputLost when the output folder disappears; the rows of the units
+    finished by then are recorded."""
     from dask.distributed import as_completed
 
-    futures = {client.submit(process_unit, unit, config, pure=False, key=f"oefpredictor-{unit.name}-{time.time_ns()}"): unit
-               for unit in units}
-    rows = []
-    for future in as_completed(futures):
-        unit = futures[future]
-        try:
-            row = future.result()
-        except Exception as exc:  # the worker died (killed for memory) or the task could not run
-            if type(exc).__name__ == "KilledWorker":
-                reason = f"the worker running it died (out of memory? raise --memory-limit): {one_line(exc)}"
-            else:  # e.g. a remote worker without this package
-                reason = f"the task could not run on the cluster: {one_line(exc)}"
-            row = {"participant_id": f"sub-{unit.subject}", "session_id": f"ses-{unit.session}" if unit.session else "",
-                   "name": unit.name, "status": STATUS_FAILED, "skipped": False, "reason": reason}
-        record_outcome(Path(config.out), row)
-        rows.append(row)
-        if on_row:
-            on_row(row)
+    futures = {client.submit(process_folder, group, config, pure=False,
+                             key=f"oefpredictor-{group[0].name}-{time.time_ns()}"): group
+               for group in folders_of(units)}
+    rows, out = [], Path(config.out)
+    done = as_completed(futures)
+    no_workers_since = None
+
+    def check_cluster():
+        nonlocal no_workers_since
+        check_output_present(out)
+        if _worker_count(client):
+            no_workers_since = None
+            return
+        no_workers_since = no_workers_since or time.monotonic()
+        if time.monotonic() - no_workers_since > no_worker_timeout_s:
+            raise ClusterLost(f"the Dask cluster has had no worker for {no_worker_timeout_s:g} s (workers killed "
+                              "or stopped)")
+
+    while not done.is_empty():
+        if not done.has_ready():
+            check_cluster()
+            time.sleep(POLL_S)
+            continue
+        for future in done.next_batch(block=False):
+            group = futures[future]
+            group_rows = _rows_of(future, group, check_cluster)
+            for row in group_rows:
+                check_output_present(out)
+                try:
+                    record_outcome(out, row)
+                except OSError:
+                    check_output_present(out)  # deleted meanwhile: say so, not a traceback
+                    raise
+                rows.append(row)
+                if on_row:
+                    on_row(row)
     return rows
+
+
+def _worker_count(client) -> int:
+    try:
+        return len(client.scheduler_info().get("workers", {}))
+    except Exception:  # no answer from the scheduler: count as no worker (the timeout decides)
+        return 0
+
+
+def _rows_of(future, group: list[bids.UnitInputs], check_cluster) -> list[dict]:
+    """The rows of a finished task; a task that could not run fails each of its units. The rows
+    live on the worker until fetched: a worker lost meanwhile would leave the fetch waiting for
+    a recomputation, so the cluster is checked while waiting."""
+    try:
+        while True:
+            try:
+                return future.result(timeout=POLL_S * 5)
+            except TimeoutError:
+                check_cluster()
+    except Exception as exc:
+        name = type(exc).__name__
+        if isinstance(exc, (ClusterLost, OutputLost)):
+            raise
+        if "scheduler-connection-lost" in str(exc) or name in ("CommClosedError",):
+            raise ClusterLost("the connection to the Dask scheduler was lost (it stopped or crashed)") from None
+        if name == "OutputLost":
+            raise OutputLost(str(exc)) from None
+        if name == "KilledWorker":
+            reason = f"the worker running it died (out of memory? raise --memory-limit): {one_line(exc)}"
+        else:  # e.g. a remote worker without this package
+            reason = f"the task could not run on the cluster: {one_line(exc)}"
+        return [{**unit_row(unit), "status": STATUS_FAILED, "skipped": False, "reason": reason} for unit in group]
 
 
 def record_outcome(out: Path, row: dict) -> None:
@@ -315,8 +466,9 @@ def record_outcome(out: Path, row: dict) -> None:
         failure.unlink()
     what = "skipped (unchanged)" if row.get("skipped") else row["status"]
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    said = row.get("reason") or "; ".join(row.get("notes") or [])  # a failure's reason, else what was chosen
     with open(out / LOG_DIR / "batch.log", "a", encoding="utf-8") as f:
-        f.write(f"{stamp}\t{row['name']}\t{what}\t{row.get('reason', '')}\n")
+        f.write(f"{stamp}\t{row['name']}\t{what}\t{said}\n")
 
 
 # --- The group level: cohort table and figure ------------------------------------------------------
@@ -325,11 +477,12 @@ def collect_rows(out: str | Path) -> list[dict]:
     unit's maps wins: its maps are from earlier inputs)."""
     out = Path(out)
     rows = {}
-    for path in sorted(out.glob(f"sub-*/{RECORD_FILE}")) + sorted(out.glob(f"sub-*/ses-*/{RECORD_FILE}")):
+    pattern = RECORD_FILE.replace(".json", "*.json")
+    for path in sorted(out.glob(f"sub-*/{pattern}")) + sorted(out.glob(f"sub-*/ses-*/{pattern}")):
         record = io.read_json(path)
         rel = path.parent.relative_to(out).parts
         subject, session = rel[0], (rel[1] if len(rel) > 1 else "")
-        name = subject + (f"_{session}" if session else "")
+        name = record.get("name") or subject + (f"_{session}" if session else "")
         rows[name] = {"participant_id": subject, "session_id": session, **record}
     for path in sorted((out / LOG_DIR).glob("*_failed.json")):
         failure = io.read_json(path)
@@ -339,6 +492,9 @@ def collect_rows(out: str | Path) -> list[dict]:
 
 def table_columns(rows: list[dict]) -> list[str]:
     base = ["participant_id"] + (["session_id"] if any(r.get("session_id") for r in rows) else [])
+    if any(r.get("name") and r["name"] != r["participant_id"] + (f"_{r['session_id']}" if r.get("session_id") else "")
+           for r in rows):  # echo sets told apart by acq-/run- entities
+        base.append("name")
     base += ["status", "reason", "n_voxels", "time_s", "method", "OEF_mean", "OEF_median"]
     extra = []
     for r in rows:
@@ -378,6 +534,7 @@ def _atomic_text(path: Path, text: str) -> None:
 
 def _column_dictionary(columns: list[str]) -> dict:
     known = {"participant_id": "Subject", "session_id": "Session",
+             "name": "The unit: subject, session and the acq-/run- entities of its echo set",
              "status": "ok: maps written; failed: see reason", "reason": "Why the unit failed (one line)",
              "n_voxels": "Voxels predicted (in the mask)", "time_s": "Wall time of the unit on its worker (s)",
              "method": "Prediction method"}

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import maptable, physics, predict
 from .errors import InputError
-from .io import Geometry, check_same_grid, read_echo_series, read_image, write_volume
+from .io import Geometry, check_same_grid, read_echo_series, read_image, resolve_field_strength, write_volume
 
 
 def load_inputs(echoes, qsm, mask=None, cbf=None, echo_times_ms=None, field_strength: float | None = None,
@@ -27,10 +27,11 @@ def load_inputs(echoes, qsm, mask=None, cbf=None, echo_times_ms=None, field_stre
     echoes = [echoes] if isinstance(echoes, (str, os.PathLike)) else list(echoes)
     te_ms = None if echo_times_ms is None else [float(t) for t in echo_times_ms]
     array, geometry, tes, field = read_echo_series(echoes, te_ms, notes)
+    field = resolve_field_strength(echoes, field_strength, field, notes)  # never assumed
     try:
-        protocol = physics.Protocol.from_milliseconds(tes, field_strength or field or 3.0)
+        protocol = physics.Protocol.from_milliseconds(tes, field)
     except ValueError as exc:
-        raise InputError(f"Echo times of {echoes[0]}: {exc}") from None
+        raise InputError(f"Echo times and field strength of {echoes[0]}: {exc}") from None
     echo_name = f"the echoes ({Path(echoes[0]).name})"
 
     def read_3d(path, what):
@@ -77,7 +78,8 @@ def provenance(result, inputs: dict, protocol) -> dict:
     card = result.model_card or {}
     spatial = card.get("spatial")
     return {"method": result.method, "device": result.device, "elapsed_s": round(result.elapsed_s, 3),
-            "n_voxels": result.n_voxels, "mask_derived": result.mask_derived, "warnings": result.warnings,
+            "n_voxels": result.n_voxels, "mask_derived": result.mask_derived,
+            "mask": getattr(result, "mask_source", "given"), "warnings": result.warnings,
             "protocol": {"echo_times_ms": protocol.echo_times_ms, "field_strength_T": protocol.field_strength},
             "model": {"file": card.get("file"), "sha256": card.get("sha256"), "model": card.get("model")},
             "inputs": inputs,

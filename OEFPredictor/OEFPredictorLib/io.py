@@ -549,6 +549,32 @@ def read_dicom_series(folder: str | os.PathLike) -> tuple[np.ndarray, Geometry, 
     return np.stack(volumes, axis=-1), geometry, tes
 
 
+def dicom_field_strength(folder: str | os.PathLike) -> float | None:
+    """MagneticFieldStrength (tag 0018,0087, tesla) of the first DICOM file of a folder; None when
+    the tag is absent or empty."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    for name in sorted(Path(folder).iterdir()):
+        if not name.is_file() or not _has_dicom_preamble(name):
+            continue
+        reader.SetFileName(str(name))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            continue
+        if reader.HasMetaDataKey("0018|0087") and reader.GetMetaData("0018|0087").strip():
+            text = reader.GetMetaData("0018|0087").strip()
+            try:
+                value = float(text)
+            except ValueError:
+                raise InputError(f"{name}: the DICOM MagneticFieldStrength (0018,0087) {text!r} is not a number; "
+                                 "give --field-strength in tesla.") from None
+            return value if value > 0 else None
+        return None
+    return None
+
+
 def read_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, Geometry]:
     """An image file (NIfTI, NRRD, MHA, ...) or a DICOM series folder -> (array, geometry)."""
     path = Path(path)
@@ -568,8 +594,24 @@ def sidecar_path(image_path: str | os.PathLike) -> Path:
     return p.with_suffix(".json")
 
 
-def _sidecar_echo_times_s(path: Path) -> tuple[list[float], float | None] | None:
-    """EchoTime (seconds, BIDS) and MagneticFieldStrength from the sidecar of `path`, if any."""
+def _sidecar_field_strength(side: Path, data: dict) -> float | None:
+    """MagneticFieldStrength (tesla) of a sidecar's data; None when absent."""
+    field = data.get("MagneticFieldStrength")
+    if field is None:
+        return None
+    try:
+        field = float(field)
+    except (TypeError, ValueError):
+        field = float("nan")
+    if not (np.isfinite(field) and field > 0):
+        raise InputError(f"{side}: MagneticFieldStrength {data['MagneticFieldStrength']!r} is not a field strength "
+                         "in tesla (e.g. 3); fix the sidecar or give --field-strength.")
+    return field
+
+
+def _sidecar_echo_times_s(path: Path) -> tuple[list[float] | None, float | None] | None:
+    """EchoTime (seconds, BIDS; None when absent) and MagneticFieldStrength (tesla; None when
+    absent) from the sidecar of `path`; None without a sidecar."""
     side = sidecar_path(path)
     if not side.exists():
         return None
@@ -577,16 +619,17 @@ def _sidecar_echo_times_s(path: Path) -> tuple[list[float], float | None] | None
         data = read_json(side)
     except (OSError, ValueError) as exc:
         raise InputError(f"{side}: not a readable JSON sidecar ({exc}).") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{side}: not a BIDS sidecar (a JSON object of fields).")
+    field = _sidecar_field_strength(side, data)
     te = data.get("EchoTime")
     if te is None:
-        return None
+        return None, field
     try:
         values = [float(t) for t in (te if isinstance(te, (list, tuple)) else [te])]
-        field = data.get("MagneticFieldStrength")
-        field = None if field is None else float(field)
     except (TypeError, ValueError):
-        raise InputError(f"{side}: EchoTime and MagneticFieldStrength must be numbers (EchoTime in seconds, "
-                         "one per echo); fix the sidecar or give --te in milliseconds.") from None
+        raise InputError(f"{side}: EchoTime must be numbers (seconds, one per echo); fix the sidecar or give "
+                         "--te in milliseconds.") from None
     if not values or not all(np.isfinite(values)) or min(values) <= 0:
         raise InputError(f"{side}: EchoTime must hold positive numbers of seconds, got {te}; fix the sidecar "
                          "or give --te in milliseconds.")
@@ -610,6 +653,7 @@ def read_echo_series(paths, te_ms: list[float] | None = None, notes: list[str] |
     found_te, field = None, None
     if len(paths) == 1 and paths[0].is_dir():
         echoes, geometry, found_te = read_dicom_series(paths[0])
+        field = dicom_field_strength(paths[0])
         if found_te is None:  # read as one volume: the echoes' slices would be mixed up
             raise InputError(f"{paths[0]}: the DICOM files have no EchoTime tag (0018,0081), so the echoes cannot "
                              "be told apart. Export the series with its EchoTime tags, or give one 3D file per "
@@ -618,7 +662,7 @@ def read_echo_series(paths, te_ms: list[float] | None = None, notes: list[str] |
         echoes, geometry = read_volume(paths[0])
         side = _sidecar_echo_times_s(paths[0])
         if side:
-            found_te, field = [t * 1000.0 for t in side[0]], side[1]
+            found_te, field = side[0] and [t * 1000.0 for t in side[0]], side[1]
     else:
         volumes, geometry, tes = [], None, []
         for p in paths:
@@ -633,9 +677,12 @@ def read_echo_series(paths, te_ms: list[float] | None = None, notes: list[str] |
                 geometry = geom
             volumes.append(array)
             side = _sidecar_echo_times_s(p) if not p.is_dir() else None
-            tes.append(side[0][0] * 1000.0 if side and len(side[0]) == 1 else None)
-            if side:
-                field = side[1]
+            tes.append(side[0][0] * 1000.0 if side and side[0] and len(side[0]) == 1 else None)
+            file_field = dicom_field_strength(p) if p.is_dir() else side and side[1]
+            if file_field and field and abs(file_field - field) > 1e-3:
+                raise InputError(f"The echo files disagree on the field strength: {field:g} T and {file_field:g} T "
+                                 f"({p.name}); give echoes of one acquisition.")
+            field = file_field or field
         echoes = np.stack(volumes, axis=-1)
         found_te = tes if all(t is not None for t in tes) else None
     if echoes.ndim != 4:
@@ -657,3 +704,25 @@ def read_echo_series(paths, te_ms: list[float] | None = None, notes: list[str] |
                          "per echo.")
     return echoes, geometry, [float(t) for t in tes], (float(field) if field else None)
 
+
+def field_strength_source(echoes) -> str:
+    """Where the field strength of these echo files would come from, for messages."""
+    first = Path(echoes[0])
+    if len(echoes) == 1 and first.is_dir():
+        return "the DICOM tag MagneticFieldStrength (0018,0087)"
+    return f"MagneticFieldStrength (tesla) in the BIDS sidecar {sidecar_path(first).name}"
+
+
+def resolve_field_strength(echoes, given: float | None, found: float | None, notes: list[str] | None) -> float:
+    """The field strength of a prediction: the given one (command line, panel) or the files' one;
+    never assumed. A given value that contradicts the files is used, with a note."""
+    if given is not None:
+        if found is not None and abs(given - found) > 1e-3 and notes is not None:
+            notes.append(f"--field-strength {given:g} T contradicts {field_strength_source(echoes)} ({found:g} T); "
+                         f"{given:g} T was used, as the command line overrides the files. Check which is right.")
+        return float(given)
+    if found is None:
+        raise InputError(f"The field strength of {Path(echoes[0]).name} is unknown (no "
+                         f"{field_strength_source(echoes)}), and it changes every map: give --field-strength in "
+                         "tesla (e.g. --field-strength 3), or add MagneticFieldStrength to the sidecar.")
+    return float(found)

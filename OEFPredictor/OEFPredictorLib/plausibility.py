@@ -10,6 +10,13 @@ what is wrong and what to do:
   to the next by more than 2 % (shuffled order): a GRE magnitude decays with echo time, by about
   10 % per 5 ms in brain tissue, and the median over thousands of voxels is not moved by noise.
 
+check_mask (called by check_inputs when a mask is given) warns when the mask holds many voxels
+that are not brain: where the QSM is exactly 0 or undefined (a QSM pipeline has already masked the
+brain and set the rest so), with no tissue signal on echo 1 (under a tenth of the mask's median:
+skull, air, background), or with a decay no brain tissue has (an apparent R2* above
+MAX_TISSUE_R2_HZ between the first and last echo: bone, air-tissue interfaces). Such voxels bias
+the OEF of the whole brain (the spatial models normalise over the mask), most at its edge.
+
 check_fit (called by predict.predict_maps on the quality map) warns when the median normalised
 model residual is far above the noise level of usable data (quality ~ 1/SNR where the model
 explains the data: 0.01 at SNR 100, 0.04 at SNR 20): above MAX_MEDIAN_QUALITY the data do not fit
@@ -27,6 +34,9 @@ from .errors import InputError
 MAX_MEDIAN_ABS_QSM_PPM = 1.0  # above: the QSM is in ppb (or another unit)
 MAX_ECHO_RISE = 1.02  # brain-median signal of echo j+1 over echo j; above: echoes out of order
 MAX_MEDIAN_QUALITY = 0.15  # median normalised residual; ~1/SNR on valid data
+MAX_NON_BRAIN_FRACTION = 0.01  # of the mask's voxels that look like non-brain tissue; above: a warning
+MIN_TISSUE_SIGNAL = 0.1  # echo 1 over the mask's median echo 1; below: no tissue signal
+MAX_TISSUE_R2_HZ = 300.0  # apparent R2* (first to last echo); brain tissue and veins stay far below at 3-7 T
 MIN_VOXELS = 50  # fewer tissue voxels than this: too few to judge, no check
 SAMPLE_VOXELS = 200_000  # a regular subsample keeps the checks cheap on 1 mm brains
 
@@ -54,7 +64,7 @@ def tissue_sample(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray | None =
 
 
 def check_inputs(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray | None, echo_times_ms) -> list[str]:
-    """Raise InputError for implausible inputs (see the module doc); return warnings (none yet)."""
+    """Raise InputError for implausible inputs (see the module doc); return warnings (check_mask's)."""
     rows, q = tissue_sample(np.asarray(echoes), np.asarray(qsm), mask)
     if len(q) < MIN_VOXELS:
         return []
@@ -80,7 +90,38 @@ def check_inputs(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray | None, e
         raise InputError(f"Echo {j + 2} ({te[j + 1]}) is brighter than echo {j + 1} ({te[j]}) in the brain (median "
                          f"{medians[j + 1]:.4g} vs {medians[j]:.4g}), but a gradient echo decays with echo time: the "
                          "echoes look shuffled. Give them in increasing echo time, with matching echo times.")
-    return []
+    return [] if mask is None else check_mask(echoes, qsm, mask, list(echo_times_ms))
+
+
+def check_mask(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, echo_times_ms) -> list[str]:
+    """A warning naming the non-brain voxels inside a given mask (see the module doc), or []."""
+    inside = np.asarray(mask, bool)
+    n_mask = int(np.count_nonzero(inside))
+    if n_mask < MIN_VOXELS:
+        return []
+    q = np.asarray(qsm)[inside]
+    first = np.asarray(echoes[..., 0])[inside].astype(np.float64)
+    last = np.asarray(echoes[..., -1])[inside].astype(np.float64)
+    no_qsm = ~np.isfinite(q) | (q == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reference = np.median(first[np.isfinite(first) & (first > 0)]) if np.any(first > 0) else 0.0
+        no_signal = ~(first >= MIN_TISSUE_SIGNAL * reference)
+        span_s = (echo_times_ms[-1] - echo_times_ms[0]) / 1000.0
+        r2 = np.log(first / last) / span_s if span_s > 0 else np.zeros_like(first)
+        fast = ~no_signal & (r2 > MAX_TISSUE_R2_HZ)
+    non_brain = no_qsm | no_signal | fast
+    n = int(np.count_nonzero(non_brain))
+    if n <= MAX_NON_BRAIN_FRACTION * n_mask:
+        return []
+    signs = [f"{int(np.count_nonzero(a))} where {what}" for a, what in (
+        (no_qsm, "the QSM is exactly 0 or undefined (outside the QSM pipeline's brain)"),
+        (no_signal & ~no_qsm, f"echo 1 has no tissue signal (under {MIN_TISSUE_SIGNAL:g} of the mask's median)"),
+        (fast & ~no_qsm, f"the signal decays faster than any brain tissue (R2* above {MAX_TISSUE_R2_HZ:g} Hz)"))
+        if np.any(a)]
+    return [f"The mask includes non-brain tissue (skull, scalp or background?): {n} of its {n_mask} voxels "
+            f"({100.0 * n / n_mask:.1f} %) do not look like brain: {'; '.join(signs)}. They bias the OEF of the "
+            "whole brain; give the brain mask of the QSM pipeline, or leave the mask out to use where the QSM "
+            "is defined."]
 
 
 def check_fit(quality: np.ndarray) -> list[str]:

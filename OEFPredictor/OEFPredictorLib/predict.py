@@ -5,7 +5,8 @@ Used by the command line (`oefpredictor predict`, `oefpredictor demo`) and by th
 
 Steps of predict_maps:
 1. validate the arrays (shapes, 3D, echo count and echo times against the model's card);
-2. the mask: the given one, or one derived from echo 1 (see derive_brain_mask); voxels with
+2. the mask: the given one, or one derived from the data (where the QSM is defined, else from
+   echo 1; see derived_mask; the result says which in mask_source); voxels with
    NaN/Inf values or echo 1 <= 0 are taken out of it with a warning, so they never reach a window;
 3. per-voxel features (echoes / echo 1, QSM * qsm_scale; sequences.voxel_features);
 4. chunk by chunk (the chunk size follows from memory_budget_mb): make the windows of the chunk,
@@ -115,6 +116,24 @@ def invalid_voxels(echoes: np.ndarray, qsm: np.ndarray) -> np.ndarray:
     return bad
 
 
+# A QSM defined (finite, not exactly 0) in at most this share of the volume was masked by its
+# pipeline; one defined (almost) everywhere was not, and the mask comes from echo 1 instead.
+MAX_QSM_SUPPORT = 0.9
+MASK_FROM_QSM = "derived: where the QSM is defined (finite and not exactly 0; its pipeline masked the brain)"
+MASK_FROM_ECHO1 = "derived: from the echo-1 magnitude (the QSM is defined almost everywhere)"
+
+
+def derived_mask(echo1: np.ndarray, qsm: np.ndarray) -> tuple[np.ndarray, str]:
+    """The default mask and how it was made: a QSM pipeline has already masked the brain (the
+    QSM is 0 or NaN outside it), so where the QSM is defined is the brain mask of the data; a QSM
+    defined almost everywhere gives no mask, and then echo 1 does (derive_brain_mask)."""
+    with np.errstate(invalid="ignore"):
+        defined = np.isfinite(qsm) & (qsm != 0)
+    if defined.any() and defined.mean() <= MAX_QSM_SUPPORT:
+        return defined, MASK_FROM_QSM
+    return derive_brain_mask(echo1), MASK_FROM_ECHO1
+
+
 def derive_brain_mask(echo1: np.ndarray) -> np.ndarray:
     """A brain mask from the echo-1 magnitude: Otsu threshold over all voxels (background noise
     vs tissue),
@@ -175,6 +194,7 @@ class PredictionResult:
     method: str = methods.DEFAULT_METHOD
     mask_derived: bool = False
     n_voxels: int = 0
+    mask_source: str = "given"  # or how the mask was derived (MASK_FROM_QSM, MASK_FROM_ECHO1)
 
 
 # --- Models and devices ------------------------------------------------------------------------
@@ -475,7 +495,8 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     qsm = np.asarray(inputs.qsm)
     report(0.02, "Preparing the mask")
     mask_derived = inputs.mask is None
-    mask = derive_brain_mask(echoes[..., 0]) if mask_derived else np.asarray(inputs.mask).astype(bool)
+    mask, mask_source = derived_mask(echoes[..., 0], qsm) if mask_derived else (np.asarray(inputs.mask).astype(bool),
+                                                                                  "given")
     bad = invalid_voxels(echoes, qsm)
     # In a derived mask, zero-filled voxels (skull stripping, padding) are dropped without comment.
     n_warn = int(np.count_nonzero(bad & mask & (echoes[..., 0] != 0))) if mask_derived else 0
@@ -519,7 +540,7 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
         log.warning(w)
     card = predictor.bundle.card if predictor.bundle else None
     return PredictionResult(volumes, mask, run.warnings, elapsed, run.device, card, predictor.method.name,
-                            mask_derived, len(idx))
+                            mask_derived, len(idx), mask_source)
 
 
 def quality_map(echo_rows: np.ndarray, qsm_rows: np.ndarray, params: dict, protocol: physics.Protocol) -> np.ndarray:

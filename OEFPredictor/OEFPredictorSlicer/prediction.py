@@ -28,12 +28,13 @@ class PredictionSettings:
     the same settings, saved with the scene; the model kept as useBundledModel + modelPath).
 
     echoTimesMs: one per echo, in ms (None: from the sequence's index or the DICOM attributes).
+    fieldStrength: tesla (None: from the echoes' DICOM MagneticFieldStrength; never assumed).
     method: a name of OEFPredictorLib.methods.METHODS (the registry the command line uses too).
     model: None (the method's bundled model), a .keras path with its .json card, or a ModelBundle.
     outputNodes: {map name: existing scalar volume to overwrite}; the others are created."""
 
     echoTimesMs: list[float] | None = None
-    fieldStrength: float = 3.0
+    fieldStrength: float | None = None
     model: Any = None
     device: str = "auto"
     method: str | None = None  # None: the model's own method, else methods.DEFAULT_METHOD
@@ -155,24 +156,46 @@ class PredictionLogic:
             return None  # not echo times (e.g. a 4D NIfTI's frame numbers 0, 1, 2...)
         return [round(v, 6) for v in values]
 
+    def fieldStrengthFromNodes(self, echoes):
+        """The field strength (T) of the echoes' DICOM attributes (MagneticFieldStrength, tag
+        0018,0087); None when no echo carries it."""
+        if echoes is None:
+            return None
+        if isinstance(echoes, (list, tuple)):
+            nodes = list(echoes)
+        else:
+            nodes = [echoes] + [echoes.GetNthDataNode(i) for i in range(echoes.GetNumberOfDataNodes())]
+        for node in nodes:
+            value = self._dicomValue(node, ("DICOM.MagneticFieldStrength", "MagneticFieldStrength"), "0018,0087")
+            if value is not None and value > 0:
+                return value
+        return None
+
     @staticmethod
-    def _volumeEchoTimeMs(node):
-        for attribute in ("DICOM.EchoTime", "EchoTime"):
+    def _dicomValue(node, attributes, tag):
+        """A number from a node's attributes, else from its DICOM file's tag; None when absent."""
+        if node is None:
+            return None
+        for attribute in attributes:
             value = node.GetAttribute(attribute)
             if value:
                 try:
                     return float(value)
                 except ValueError:
                     pass
-        uids = node.GetAttribute("DICOM.instanceUIDs")
+        uids = node.GetAttribute("DICOM.instanceUIDs") if node.IsA("vtkMRMLScalarVolumeNode") else None
         db = getattr(slicer, "dicomDatabase", None)
         if uids and db is not None:
             try:
-                value = db.fileValue(db.fileForInstance(uids.split()[0]), "0018,0081")
+                value = db.fileValue(db.fileForInstance(uids.split()[0]), tag)
                 return float(value) if value else None
             except Exception:
                 return None
         return None
+
+    @staticmethod
+    def _volumeEchoTimeMs(node):
+        return PredictionLogic._dicomValue(node, ("DICOM.EchoTime", "EchoTime"), "0018,0081")
 
     # --- inputs -----------------------------------------------------------------------------------
     def echoVolumeNodes(self, echoes):
@@ -192,7 +215,7 @@ class PredictionLogic:
             raise InputError(_("At least two echoes are needed, got {n}.").format(n=len(nodes)))
         return nodes
 
-    def collectInputs(self, echoes, qsm, mask=None, cbf=None, echoTimesMs=None, fieldStrength=3.0):
+    def collectInputs(self, echoes, qsm, mask=None, cbf=None, echoTimesMs=None, fieldStrength=None):
         """Copy the arrays out of MRML (main thread): (PredictionInputs, context for the outputs).
 
         Refuses, with what to do, inputs that do not share the echoes' voxel grid."""
@@ -237,6 +260,11 @@ class PredictionLogic:
         if len(echoTimesMs) != len(nodes):
             raise InputError(_("{n} echo volumes but {m} echo times; give one echo time (ms) per echo.").format(
                 n=len(nodes), m=len(echoTimesMs)))
+        if fieldStrength is None:  # never assumed: it changes every map
+            fieldStrength = self.fieldStrengthFromNodes(echoes)
+            if fieldStrength is None:
+                raise InputError(_("The field strength is unknown: the echoes carry no DICOM MagneticFieldStrength. "
+                                   "Set Field strength (T) in the panel (fieldStrength)."))
         try:
             protocol = physics.Protocol.from_milliseconds(list(echoTimesMs), float(fieldStrength))
         except ValueError as exc:
@@ -255,6 +283,7 @@ class PredictionLogic:
             "transformID": refTransform,
             "background": self._echoOneDisplayNode(echoes, nodes),
             "baseName": (echoes.GetName() if not isinstance(echoes, (list, tuple)) else nodes[0].GetName()) or "OEF",
+            "fieldStrength": protocol.field_strength,  # recorded on the outputs: the field actually used
         }
         return inputs, context
 
@@ -364,6 +393,7 @@ class PredictionLogic:
                 unit = maptable.unit(name)
                 node.SetAttribute("OEFPredictor.Map", name)
                 node.SetAttribute("OEFPredictor.Unit", unit)
+                node.SetAttribute("OEFPredictor.FieldStrength", f"{context['fieldStrength']:g}")
                 node.SetVoxelValueUnits(display.unitsCode(unit)) if hasattr(node, "SetVoxelValueUnits") else None
                 display.setMapDisplay(node, name, array, resultMask)
         except Exception:

@@ -29,10 +29,14 @@ def register(sub):
                    help="one 4D image (echo on the 4th axis), several 3D images in echo order, or a DICOM "
                         "multi-echo series folder")
     p.add_argument("--qsm", required=True, metavar="FILE", help="QSM map in ppm (image or DICOM folder)")
-    p.add_argument("--mask", metavar="FILE", help="brain mask (nonzero inside); default: derived from echo 1")
+    p.add_argument("--mask", metavar="FILE", help="brain mask (nonzero inside); default: where the QSM is defined "
+                                                  "(finite, not 0), or from echo 1 when the QSM is defined everywhere")
     p.add_argument("--te", metavar="MS,MS,...",
                    help="echo times in milliseconds; default: the BIDS sidecar (EchoTime in seconds) next to "
                         "the echo file, or the DICOM EchoTime tags")
+    p.add_argument("--field-strength", type=float, metavar="T",
+                   help="B0 field strength in tesla; default: MagneticFieldStrength of the BIDS sidecar, or the DICOM "
+                        "tag (0018,0087). Never assumed: without any of these the command stops")
     p.add_argument("--cbf", metavar="FILE", help="CBF map (mL/100 g/min) for a CMRO2 map")
     p.add_argument("--model", metavar="FILE", help="a .keras model with its .json card (default: bundled)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
@@ -78,7 +82,11 @@ def run(args) -> int:
     args.method = method.name
     te_ms = parse_echo_times_ms(args.te).echo_times_ms if args.te else None
     notes = []
-    inputs, geometry = files.load_inputs(args.echoes, args.qsm, args.mask, args.cbf, te_ms, notes=notes)
+    if args.field_strength is not None and not 0 < args.field_strength <= 21:
+        raise InputError(f"--field-strength {args.field_strength:g}: give the field strength in tesla (e.g. 3).")
+    inputs, geometry = files.load_inputs(args.echoes, args.qsm, args.mask, args.cbf, te_ms, args.field_strength,
+                                         notes=notes)
+    args.field_strength_used = inputs.protocol.field_strength
     for note in notes:
         sys.stderr.write(f"oefpredictor predict: warning: {note}\n")
     predictor = predict.Predictor(method, bundle, inputs.protocol)  # refuses a model for another protocol
@@ -91,6 +99,10 @@ def run(args) -> int:
         io.write_json(files.provenance(result, record, inputs.protocol), Path(tmp) / maptable.PROVENANCE_FILE)
     for w in result.warnings[len(notes):]:  # those of loading were printed already
         sys.stderr.write(f"oefpredictor predict: warning: {w}\n")
+    if result.mask_derived:
+        sys.stderr.write(f"oefpredictor predict: note: no --mask given; the mask ({maptable.MASK_FILE}) is "
+                         f"{result.mask_source}.\n")
+    sys.stderr.flush()  # the result line comes last
     print(f"OEF maps of {result.n_voxels} voxels written to {out}/ ({', '.join(p.name for p in written.values())}) "
           f"in {time.perf_counter() - start:.1f} s (prediction {result.elapsed_s:.1f} s on the {result.device.upper()}).")
     return 0
