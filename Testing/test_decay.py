@@ -155,3 +155,15 @@ def test_qsm_is_referenced_to_the_brains_csf_and_a_mask_without_csf_is_named():
                                              qsm[m][tissue], protocol)
     assert "no CSF" in warning and "\n" not in warning
     assert abs(reference - (np.median(qsm[m][tissue]) - decay.BRAIN_MINUS_CSF_PPM)) < 1e-6
+
+
+def test_the_lesion_slice_shows_both_kinds_where_a_slice_does():
+    from OEFPredictorLib import figures
+
+    lesions = np.zeros((6, 4, 4), np.uint8)
+    lesions[1, :3, :3] = 1  # the biggest, penumbra only
+    lesions[3, 0, :2], lesions[3, 1, 0] = 1, 2  # both kinds
+    lesions[4, 0, 0] = 2
+    assert figures.lesion_slice(lesions, np.ones(lesions.shape, bool)) == 3
+    lesions[3] = 0
+    assert figures.lesion_slice(lesions, np.ones(lesions.shape, bool)) == 1

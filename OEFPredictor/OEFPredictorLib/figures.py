@@ -53,11 +53,13 @@ def montage_path(out: str | Path, patient: str) -> Path:
 
 
 def lesion_slice(lesion_map: np.ndarray | None, mask: np.ndarray) -> int:
-    """The axial slice with the most lesion voxels (the brain's central slice without lesions)."""
+    """The axial slice that shows both lesion kinds (misery perfusion and infarct core) with the most
+    lesion voxels; else the one with the most lesion voxels; the brain's central slice without lesions."""
     if lesion_map is None or not np.any((lesion_map == 1) | (lesion_map == 2)):
         return central_slice(mask)
-    counts = ((lesion_map == 1) | (lesion_map == 2)).sum(axis=(1, 2))
-    return int(np.argmax(counts))
+    penumbra, core = ((lesion_map == code).sum(axis=(1, 2)) for code in (1, 2))
+    both = (penumbra > 0) & (core > 0)
+    return int(np.argmax(np.where(both, penumbra + core, -1) if both.any() else penumbra + core))
 
 
 def outline_lesions(ax, lesion_slice_map: np.ndarray) -> None:
