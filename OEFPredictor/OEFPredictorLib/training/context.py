@@ -10,7 +10,7 @@ truth maps cropped to the brain. Each epoch draws `patients_per_epoch` of them a
   smooth bias) and a constant QSM offset (another QSM reference);
 - the network's inputs exactly as inference makes them (spatial.volume_features, spatial.network_inputs),
 and the epoch samples `voxels_per_epoch` brain voxels (no CSF) from a pool of such draws (`VoxelPool`, of which
-each epoch remakes a dozen). Lesion voxels count `lesion_weight` times in
+each epoch remakes). Lesion voxels count `lesion_weight` times in
 the loss (lesions are a few per cent of the brain; lesion-free patients keep the model from seeing
 lesions in noise).
 
@@ -51,13 +51,15 @@ class ContextTrainConfig:
     patients: int = 64
     validation_patients: int = 6
     calibration_patients: int = 16
-    pool_draws: int = 96  # (patient, protocol, noise) draws whose voxels the epochs sample
-    voxels_per_draw: int = 8000
-    patients_per_epoch: int = 12  # draws of the pool made anew each epoch
-    voxels_per_epoch: int = 480_000
+    # Every epoch sees fresh draws (a patient at a drawn protocol, noise and QSM offset): draws kept over
+    # epochs were memorised (each draw's protocol makes it recognisable) and the validation loss rose.
+    pool_draws: int = 24  # draws whose voxels an epoch samples
+    voxels_per_draw: int = 10000
+    patients_per_epoch: int = 24  # draws made anew after each epoch (all of them)
+    voxels_per_epoch: int = 240_000
     batch_size: int = 1024
     epochs: int = 300
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     patience: int = 15  # epochs without a better validation loss
     time_limit_min: float | None = 30.0  # plus ~2 min making the patients
     seed: int = 0  # weights, noise and voxel draws; the patients come from the fixed seeds
