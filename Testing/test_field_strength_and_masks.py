@@ -99,7 +99,7 @@ def test_the_dicom_field_strength_tag_is_read(patient, tmp_path, value, expected
     if expected is None:
         from OEFPredictorLib.errors import InputError
 
-        with pytest.raises(InputError, match=r"MagneticFieldStrength \(0018,0087\).*--field-strength"):
+        with pytest.raises(InputError, match=r"no MagneticFieldStrength tag \(0018,0087\).*--field-strength in tesla"):
             io.resolve_field_strength([folder], None, field, [])
 
 

@@ -705,12 +705,15 @@ def read_echo_series(paths, te_ms: list[float] | None = None, notes: list[str] |
     return echoes, geometry, [float(t) for t in tes], (float(field) if field else None)
 
 
-def field_strength_source(echoes) -> str:
-    """Where the field strength of these echo files would come from, for messages."""
+def field_strength_source(echoes) -> tuple[str, str]:
+    """(what the echo files lack, where to add the field strength), for messages."""
     first = Path(echoes[0])
     if len(echoes) == 1 and first.is_dir():
-        return "the DICOM tag MagneticFieldStrength (0018,0087)"
-    return f"MagneticFieldStrength (tesla) in the BIDS sidecar {sidecar_path(first).name}"
+        return "its DICOM files have no MagneticFieldStrength tag (0018,0087)", ""
+    side = sidecar_path(first)
+    lack = f"its BIDS sidecar {side.name} has no MagneticFieldStrength" if side.exists() else \
+        f"it has no BIDS sidecar ({side.name})"
+    return lack, f", or add MagneticFieldStrength (tesla) to {side.name}"
 
 
 def resolve_field_strength(echoes, given: float | None, found: float | None, notes: list[str] | None) -> float:
@@ -718,11 +721,11 @@ def resolve_field_strength(echoes, given: float | None, found: float | None, not
     never assumed. A given value that contradicts the files is used, with a note."""
     if given is not None:
         if found is not None and abs(given - found) > 1e-3 and notes is not None:
-            notes.append(f"--field-strength {given:g} T contradicts {field_strength_source(echoes)} ({found:g} T); "
+            notes.append(f"--field-strength {given:g} T contradicts the field strength of the echo files ({found:g} T); "
                          f"{given:g} T was used, as the command line overrides the files. Check which is right.")
         return float(given)
     if found is None:
-        raise InputError(f"The field strength of {Path(echoes[0]).name} is unknown (no "
-                         f"{field_strength_source(echoes)}), and it changes every map: give --field-strength in "
-                         "tesla (e.g. --field-strength 3), or add MagneticFieldStrength to the sidecar.")
+        lack, add = field_strength_source(echoes)
+        raise InputError(f"The field strength of {Path(echoes[0]).name} is unknown ({lack}), and it changes every "
+                         f"map: give --field-strength in tesla (e.g. --field-strength 3){add}.")
     return float(found)
