@@ -71,3 +71,15 @@ def test_the_shipped_requirement_files_parse():
                  resources.resource_path("..", "RNSTFieldTransfer", "Resources", "RNSTFieldTransfer-requirements.txt")):
         names = [r.name for r in environment.loadRequirements(path)]
         assert "tensorflow" in names and "keras" in names
+
+
+def test_the_model_summary_names_a_protocol_free_models_range(tmp_path):
+    import json
+
+    from OEFPredictorLib import decay
+    from OEFPredictorSlicer import environment
+
+    (tmp_path / "m.json").write_text(json.dumps({"supported_protocols": decay.SUPPORTED.to_dict(),
+                                                 "protocol": {"echo_times_ms": [4.5, 9.5], "field_strength_T": 3.0}}))
+    summary = environment.modelSummary(str(tmp_path / "m.keras"))
+    assert "5-16 echoes" in summary and "1.5-7 T" in summary and "9.5" not in summary

@@ -92,6 +92,12 @@ def modelSummary(modelPath, needsModel=True):
         return _("Choose a .keras model file; its .json card must be beside it.")
     try:
         card = json.loads(Path(modelPath).with_suffix(".json").read_text(encoding="utf-8"))
+        supported = card.get("supported_protocols")
+        if supported:  # a protocol-free model
+            return _("{name}: {n0}-{n1} echoes, last echo {a:g}-{b:g} ms, {t0:g}-{t1:g} T").format(
+                name=Path(modelPath).name, n0=supported["echoes"][0], n1=supported["echoes"][1],
+                a=supported["last_echo_ms"][0], b=supported["last_echo_ms"][1], t0=supported["field_strength_T"][0],
+                t1=supported["field_strength_T"][1])
         tes = card["protocol"]["echo_times_ms"]
         return _("{name}: {n} echoes, TE {a:g}-{b:g} ms, {t:g} T").format(
             name=Path(modelPath).name, n=len(tes), a=tes[0], b=tes[-1], t=card["protocol"]["field_strength_T"])
