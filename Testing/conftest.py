@@ -42,7 +42,8 @@ def tiny_noisy_dataset(tmp_path_factory) -> Path:
 # marked slow here, by module or by name, from their measured times (--durations); `make test` runs
 # everything, as CI does. A test may also carry @pytest.mark.slow itself.
 SLOW_MODULES = {
-    "test_batch.py", "test_cli_help.py", "test_cli_predict.py", "test_context.py", "test_models_jax.py",
+    "test_batch.py", "test_batch_inputs.py", "test_cli_help.py", "test_cli_predict.py", "test_context.py",
+    "test_field_strength_and_masks.py", "test_models_jax.py",
     "test_reliability.py", "test_rnst_cli.py", "test_rnst_module.py", "test_rnst_run.py", "test_rnst_widget.py",
     "test_slicer_comparison.py", "test_slicer_logic.py", "test_slicer_widget.py", "test_spatial.py",
     "test_train_evaluate.py",

@@ -187,3 +187,9 @@ def test_montage_names_the_file_it_wrote(tiny_dataset, tmp_path, capsys, given, 
     assert out.strip() == f"Wrote {tmp_path / written}"
     assert (tmp_path / written).is_file()
     assert sorted(p.name for p in tmp_path.rglob("*.png")) == [Path(written).name]
+
+
+def test_a_slice_out_of_range_without_a_figure_is_refused_too(patient, capsys):
+    code, out, err = run_cli(["--map", patient["pred_dir"] / "oef.nii.gz", "--labels", patient["files"]["labels"],
+                              "--slice", "-2"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--slice -2 is out of range" in err

@@ -149,3 +149,17 @@ def test_without_a_mask_the_mask_is_where_the_qsm_is_defined(patient, tiny_noisy
     assert "note: no --mask given; the mask (mask.nii.gz) is derived: where the QSM is defined" in err
     record = json.loads((tmp_path / "o" / "prediction.json").read_text())
     assert record["mask_derived"] and "QSM is defined" in record["mask"]
+
+
+def test_a_patient_folder_without_the_field_strength_is_refused(tiny_dataset, tmp_path, capsys):
+    """`montage` and `evaluate` read patient folders: a sidecar without MagneticFieldStrength is
+    refused in one line (it was read as 3 T)."""
+    folder = tmp_path / "P01"
+    shutil.copytree(tiny_dataset / "P01", folder)
+    side = folder / "P01_MEGRE.json"
+    data = json.loads(side.read_text())
+    data.pop("MagneticFieldStrength")
+    side.write_text(json.dumps(data))
+    code, out, err = run_cli(capsys, "montage", folder, "--out", tmp_path / "m.png")
+    assert code == 2 and err.count("\n") == 1 and "no MagneticFieldStrength" in err
+    assert not (tmp_path / "m.png").exists()

@@ -412,3 +412,29 @@ def test_parameter_node_fields_become_the_wrappers_annotations(monkeypatch):
     assert typing.get_args(module._annotation(*fields["method"]))[1] == ("default", module.Method[module.methods.DEFAULT_METHOD])
     assert module._annotation(*fields["outputOEF"]) is slicer.vtkMRMLScalarVolumeNode
     assert typing.get_args(module._annotation(*fields["echoVolumes"])) == (slicer.vtkMRMLScalarVolumeNode,)
+
+
+def test_the_panel_field_strength_comes_from_dicom_and_is_never_assumed(panel):
+    """Echo volumes without the DICOM MagneticFieldStrength leave the field 'unknown' and Apply off,
+    saying why; volumes that carry it (7 T) fill it in."""
+    from slicer_testing import add_echo_volumes, demo_case, ijk_to_ras
+
+    ui = panel.ui
+    patient, _ = demo_case()
+    assert ui.fieldStrengthSpinBox.value() == 0 and ui.fieldStrengthSpinBox.text() == "unknown"
+    ui.methodComboBox.setCurrentIndex(list(panel.module.Method).index(panel.module.Method.nlls))
+    ui.qsmSelector.setCurrentNode(slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM"))
+    ui.echoVolumesRadioButton.setChecked(True)
+    plain = add_echo_volumes(patient, dicom_field=False)
+    for node in plain:
+        ui.echoVolumesSelector.setCheckState(node, QtCore.Qt.CheckState.Checked)
+    ui.echoTimesLineEdit.setText(", ".join(f"{t:g}" for t in patient.protocol.echo_times_ms))
+    assert not ui.applyButton.isEnabled() and "field strength" in _tooltip(ui)
+    assert panel.widget.settings().fieldStrength is None
+    for node in plain:
+        ui.echoVolumesSelector.setCheckState(node, QtCore.Qt.CheckState.Unchecked)
+        node.SetAttribute("DICOM.MagneticFieldStrength", "7")
+    for node in plain:
+        ui.echoVolumesSelector.setCheckState(node, QtCore.Qt.CheckState.Checked)
+    assert panel.widget.settings().fieldStrength == 7.0
+    assert ui.applyButton.isEnabled(), _tooltip(ui)

@@ -130,7 +130,9 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Protocol":
-        return cls(tuple(d["EchoTime"]), d.get("MagneticFieldStrength", 3.0))
+        """From BIDS fields (EchoTime in s, MagneticFieldStrength in T); both needed: the field
+        strength of data is never assumed (KeyError names the missing field)."""
+        return cls(tuple(d["EchoTime"]), d["MagneticFieldStrength"])
 
 
 # --- The static dephasing function fs ---------------------------------------------------------

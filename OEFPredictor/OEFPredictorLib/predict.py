@@ -3,15 +3,17 @@
 Used by the command line (`oefpredictor predict`, `oefpredictor demo`) and by the Slicer module
 (through PredictionJob, which runs the engine in a background thread).
 
-Steps of predict_maps:
-1. validate the arrays (shapes, 3D, echo count and echo times against the model's card);
+A method is first built with the data's acquisition (Predictor: the registry entry, its model, the
+protocol, which is checked against the model there), then run by predict_maps:
+1. validate the arrays (shapes, 3D, echo count against the echo times);
 2. the mask: the given one, or one derived from the data (where the QSM is defined, else from
    echo 1; see derived_mask; the result says which in mask_source); voxels with
    NaN/Inf values or echo 1 <= 0 are taken out of it with a warning, so they never reach a window;
 3. per-voxel features (echoes / echo 1, QSM * qsm_scale; sequences.voxel_features);
-4. chunk by chunk (the chunk size follows from memory_budget_mb): make the windows of the chunk,
-   run the network on batches, decode, clamp to physics.BOUNDS (S0 relative to echo 1), and
-   compute the quality map; progress and cancellation are checked between batches;
+4. Predictor.fit: a spatial model on the whole volume, or, voxelwise, chunk by chunk (the chunk
+   size follows from memory_budget_mb) the windows of the chunk through the network on batches;
+   decoded and clamped to physics.BOUNDS (S0 relative to echo 1); progress and cancellation are
+   checked between batches; then the quality map, for every kind of method alike;
 5. OEF = 100 (1 - Y / 0.98) percent, CMRO2 = CBF * OEF * [H]a when CBF is given.
 
 Quality map (lower is better): the normalised RMS residual between the measurements and the QQ

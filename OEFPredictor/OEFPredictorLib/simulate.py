@@ -183,8 +183,14 @@ def load_patient(folder: str | Path, with_truth: bool = True) -> PatientData:
     sidecar = io.read_json(files["sidecar"])
     qsm, _ = io.read_volume(files["qsm"])
     mask, _ = io.read_volume(files["mask"], dtype=np.uint8)
-    data = PatientData(folder.name, echoes, qsm, mask.astype(bool), physics.Protocol.from_dict(sidecar),
-                       geometry, sidecar=sidecar)
+    try:
+        protocol = physics.Protocol.from_dict(sidecar)
+    except KeyError as exc:  # the field strength of data is never assumed
+        raise InputError(f"{files['sidecar']}: no {exc.args[0]} (EchoTime in seconds, MagneticFieldStrength in "
+                         "tesla); add it to the sidecar.") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{files['sidecar']}: {exc}") from None
+    data = PatientData(folder.name, echoes, qsm, mask.astype(bool), protocol, geometry, sidecar=sidecar)
     if with_truth:
         data.truth = {name: io.read_volume(files[f"truth_{name}"])[0] for name in TRUTH_FILE_KEYS}
         data.labels = io.read_volume(files["labels"], dtype=np.uint8)[0]

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and print where they come from")
     w.add_argument("--weights", help="a Keras application weights file to check instead")
     w.set_defaults(func=cmd_weights)
+    for command in (t, d, w):
+        command.add_argument("--verbose", action="store_true",
+                             help="also show TensorFlow's log lines (hidden by default)")
     return parser
 
 
@@ -179,9 +182,10 @@ def cmd_weights(args) -> int:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # before TensorFlow is imported: its C++ log (cpu_feature_guard, oneDNN...) only with --verbose
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") if args.verbose else "3"
     try:
         return int(args.func(args) or 0)
     except RNSTInputError as exc:

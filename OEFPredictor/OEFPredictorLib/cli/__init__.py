@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the spatial context network (the default method), the paper's LSTM, or another method "
                     "(oefpredictor predict --help).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--verbose", action="store_true", dest="verbose_all",
+                        help="also show the log lines of TensorFlow, absl and the other libraries")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     sub.required = True
     for name in COMMAND_MODULES:
@@ -84,6 +86,7 @@ def _raise_terminated(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose = args.verbose or args.verbose_all  # before or after the command's name
     quiet_libraries(args.verbose)
     previous = None
     if threading.current_thread() is threading.main_thread():

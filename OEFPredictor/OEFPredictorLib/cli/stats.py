@@ -191,7 +191,7 @@ def run(args) -> int:
     predicted = {n: images[("prediction mask", p)] > 0 for n, p in prediction_masks.items()}
     reference = {n: images[("truth", p)] for n, p in truth_of.items()}
     mask = images[("mask", Path(args.mask))] > 0 if args.mask else None
-    if out_png and args.slice is not None:  # before the table is printed: an error leaves nothing half done
+    if args.slice is not None:  # before the table is printed: an error leaves nothing half done
         from ..figures import axial_slice
 
         axial_slice(args.slice, next(iter(map_arrays.values())).shape[0])
