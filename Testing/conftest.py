@@ -52,6 +52,7 @@ SLOW_TESTS = {
     "test_console_command_simulates_and_draws_a_montage", "test_cat_recovers_noise_free_patient",
     "test_registered_in_evaluate", "test_predict_voxels_contract[cat]",
     "test_engine_equals_plain_model_predict_across_chunks", "test_cli_equals_library",
+    "test_training_targets_hold_r2_in_3t_equivalent_time", "test_qsm_is_referenced_to_the_brains_csf_and_a_mask_without_csf_is_named",
 }
 
 

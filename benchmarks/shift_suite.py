@@ -115,11 +115,12 @@ def run_condition(k, row, args, base: Path) -> dict:
             add_qsm_offset(folder, offset)
     patients = [p.name for p in pids]
     # whole brains for the fast methods; the LSTM (minutes per brain on 2 cores) and CAT on a subsample
-    methods = [("context", None), ("constant", None), ("lstm", args.lstm_voxels)]
+    methods = [(m, v) for m, v in (("context", None), ("constant", None), ("lstm", args.lstm_voxels))
+               if m in args.methods]
     result = {"condition": name, "group": group, "protocol": protocol.describe(), "snr": snr, "qsm_offset_ppm": offset,
               "r2_field_exponent": exponent, "seed": args.seed + k, "patients": len(patients), "methods": {}}
     context = evaluate.MethodContext(data, models={"context": args.model})
-    runs = methods + ([("cat", args.cat_voxels)] if args.cat_voxels and lesions else [])
+    runs = methods + ([("cat", args.cat_voxels)] if "cat" in args.methods and args.cat_voxels and lesions else [])
     for method, max_voxels in runs:
         try:
             ev = evaluate.evaluate(data, [method], context, patients=patients, max_voxels_per_patient=max_voxels)
@@ -141,19 +142,22 @@ def markdown(results: list[dict]) -> str:
 
     lines = ["| condition | context RMSE (pp) | penumbra / core recovered | coverage brain / lesions | width (pp) "
              "| invented lesions | LSTM RMSE | constant RMSE | CAT RMSE |", "|---|---|---|---|---|---|---|---|---|"]
+    def rmse(m, method):
+        if method not in m:
+            return "-"
+        return num(m[method]["rmse_OEF"]) if "rmse_OEF" in m[method] else "refused"
+
     for r in results:
         m = r["methods"]
         c = m["context"]
         if "refused" in c:
-            lines.append(f"| {r['condition']} | refused | | | | | {num(m['lstm'].get('rmse_OEF')) if 'rmse_OEF' in m['lstm'] else 'refused'} "
-                         f"| {num(m['constant']['rmse_OEF'])} | {num(m['cat']['rmse_OEF']) if 'cat' in m else '-'} |")
+            lines.append(f"| {r['condition']} | refused | | | | | {rmse(m, 'lstm')} | {rmse(m, 'constant')} | {rmse(m, 'cat')} |")
             continue
         lines.append(
             f"| {r['condition']} | {num(c['rmse_OEF'])} | {pct(c.get('recovered_misery_perfusion'))} / "
             f"{pct(c.get('recovered_infarct_core'))} | {pct(c.get('coverage_OEF'))} / {pct(c.get('coverage_OEF_lesions'))} "
-            f"| {num(c.get('width_OEF'), 1)} | {pct(c.get('invented_fraction')) if 'invented_fraction' in c else '-'} "
-            f"| {num(m['lstm']['rmse_OEF']) if 'rmse_OEF' in m['lstm'] else 'refused'} | {num(m['constant']['rmse_OEF'])} "
-            f"| {num(m['cat']['rmse_OEF']) if 'cat' in m else '-'} |")
+            f"| {num(c.get('width_OEF'), 1)} | {'%.2f %%' % (100 * c['invented_fraction']) if 'invented_fraction' in c else '-'} "
+            f"| {rmse(m, 'lstm')} | {rmse(m, 'constant')} | {rmse(m, 'cat')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -165,6 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(REPO / "data" / "shift_suite"), help="where the patients are written")
     parser.add_argument("--cat-voxels", type=int, default=2000, help="CAT voxels per patient (0: no CAT)")
     parser.add_argument("--lstm-voxels", type=int, default=20000, help="LSTM voxels per patient")
+    parser.add_argument("--methods", default="context,constant,lstm,cat", type=lambda t: t.split(","),
+                        help="methods to run (default context,constant,lstm,cat)")
     parser.add_argument("--only", default=None, help="comma-separated condition numbers (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "shift_suite.json"))
     args = parser.parse_args(argv)

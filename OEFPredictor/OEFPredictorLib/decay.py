@@ -1,5 +1,5 @@
 """A protocol-free description of the mGRE decay, so that one model serves any common echo protocol and
-field strength.
+field strength (docs/design/protocols.md).
 
 Two facts of the QQ model make this possible:
 
