@@ -182,3 +182,19 @@ def test_the_engine_runs_any_supported_protocol_and_refuses_others_in_one_line(t
     echoes = data.echoes[..., :1] * np.exp(-0.03 * np.arange(20, dtype=np.float32))
     with pytest.raises(InputError, match=r"20 echoes.*--method cat"):
         predict.predict_maps(predict.PredictionInputs(echoes, data.qsm, twenty, data.mask), model=str(out), device="cpu")
+
+
+def test_the_bundled_model_reads_qsm_from_csf_so_an_offset_does_not_move_the_map(tiny_dataset):
+    """Another QSM pipeline's reference (a constant offset) gives the same map; before, +-0.05 ppm moved
+    the OEF RMSE from 3.6 to 6-7 pp (benchmarks/results/shift_suite_previous_model.json)."""
+    from OEFPredictorLib import simulate
+
+    data = simulate.load_patient(tiny_dataset / "P02")
+    maps = []
+    for offset in (0.0, 0.05, -0.05):
+        qsm = np.where(data.mask, data.qsm + np.float32(offset), 0.0).astype(np.float32)
+        inputs = predict.PredictionInputs(data.echoes, qsm, data.protocol, data.mask, spacing=data.geometry.spacing)
+        maps.append(predict.predict_maps(inputs, method="context", device="cpu").maps["OEF"])
+    np.testing.assert_allclose(maps[1], maps[0], atol=0.02)
+    np.testing.assert_allclose(maps[2], maps[0], atol=0.02)
+    assert np.ptp(maps[0][data.mask]) > 1.0  # a map, not a constant

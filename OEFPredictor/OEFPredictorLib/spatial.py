@@ -471,6 +471,12 @@ def _model_grid_inputs(echoes, qsm, mask, factors, qsm_scale, qsm_reference=0.0)
     return grid, grid_mask
 
 
+def reads_qsm_from_csf(card: dict) -> bool:
+    """Whether the model reads QSM relative to the brain's CSF (decay.qsm_reference): protocol-free models,
+    and context models whose card says so (trained on QSM whose CSF is 0 within about 1 ppb)."""
+    return bool(card["model"].get("decay")) or card["input_normalisation"].get("qsm_reference") == "csf"
+
+
 def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
                    protocol: physics.Protocol | None = None, predict=None, check_cancel=None,
                    progress=None, warnings: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -488,7 +494,7 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     factors = resampling_factors(spacing_zyx, model_mm)
     report(0.08, "Resampling to the model grid" if np.any(factors != 1.0) else "Preparing the volume")
     reference = 0.0
-    if spec.get("decay"):
+    if reads_qsm_from_csf(card):
         reference, warning = decay.qsm_reference(echoes[..., 0][mask], echoes[..., -1][mask], qsm[mask], protocol)
         if warning and warnings is not None:
             warnings.append(warning)
