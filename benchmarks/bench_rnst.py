@@ -1,23 +1,26 @@
 """RNST against plain denoisers on held-out simulated low-field / high-field pairs
 -> benchmarks/results/rnst.json and rnst.md (rewritten after every case).
 
-Pairs (RNSTFieldTransferLib/pairs.py): axial slabs at 1.5 mm of the MNI152 T1 and of virtual
-patient 2 (styles: a deformed MNI, virtual patient 1002), Rician noise 0.03 / 0.06 / 0.10.
-Held out: the preset and the ablation were looked at on virtual patient 1 only.
-Stage 1, every case, the middle slice of the slab: the input, non-local means, BM3D (if the
-optional package is installed), RNST `fast` (VGG16, torchvision weights).
-Stage 2, one case: RNST `fast` with the Keras (Caffe-convention) VGG16 weights.
-Stage 3, one case: the whole 3-slice slab with RNST `fast`, for the time of a 140 x 118 slab.
-PSNR and SSIM with each image min-max scaled (volume.quality). Times: wall seconds and the
-process's CPU seconds (all threads); the 2 cores are shared with other work at lower priority,
-so the wall times are upper bounds; CPU seconds / 2 is the wall time on 2 idle cores if both are
-kept busy. The JSON records the load average. The `paper` preset is not run (about 7 hours of
-CPU per slice).
+Pairs (RNSTFieldTransferLib/pairs.py): 3-slice axial slabs at 1.5 mm of the MNI152 T1 and of
+virtual patient 2 (styles: a deformed MNI, virtual patient 1002), Rician noise 0.03 / 0.06 / 0.10.
+Held out: the denoiser and the presets were chosen on virtual patient 1 only
+(benchmarks/rnst_denoisers.py, rnst_ablation.py).
 
-    nice -n 5 .venv/bin/python benchmarks/bench_rnst.py [--keras-vgg16 FILE.h5|.npz]
+Stage 1, every case, the middle slice (its neighbours are there for the 2.5D denoiser, as in a
+volume): the input; non-local means (2D, the previous default's start); BM3D (2D, the optional
+package); nlm-2.5d alone (the default's start); RNST `fast` (the default).
+Stage 2, the 0.06 cases: RNST `fast` started from 2D non-local means (the previous default) and
+from BM3D (`--denoiser bm3d`).
+Stage 3, virtual patient 2 at 0.06, all 3 slices: RNST `fast` and RNST `fast --denoiser nlm`,
+for the time of a 3-slice slab and the through-plane error (volume.through_plane_error).
+The `paper` preset is not run (20 x 1,800 evaluations: about 7 CPU hours per slice).
 
---keras-vgg16: the Keras VGG16 weights (the published notop .h5, or an .npz of its 13
-convolutions); without it stage 2 is left out.
+Metrics: volume.quality (each image min-max scaled; PSNR and SSIM over the slice and inside
+the head of the reference). Times: wall seconds and the process's CPU seconds (all threads); the
+2 cores are shared with other work, so wall times are upper bounds; the JSON records the load
+average.
+
+    nice -n 5 .venv/bin/python benchmarks/bench_rnst.py [--resume]
 """
 from __future__ import annotations
 
@@ -38,132 +41,179 @@ sys.path.insert(0, str(REPO / "RNSTFieldTransfer"))
 from RNSTFieldTransferLib import nst, pairs, rnst, volume  # noqa: E402
 
 SOURCES = ("mni", "patient2")
-CAFFE_NOISE = 0.06
+STAGE2_NOISE = 0.06
+SLAB_CASE = ("patient2", 0.06)
+MIDDLE = 1
+
+METHODS = (("input", "input"), ("nlm", "NLM (2D)"), ("bm3d", "BM3D (2D)"),
+           ("nlm-2.5d", "NLM 2.5D (the default's start)"),
+           ("rnst_fast", "RNST `fast` (default)"),
+           ("rnst_fast_nlm", "RNST `fast --denoiser nlm` (previous default)"),
+           ("rnst_fast_bm3d", "RNST `fast --denoiser bm3d`"))
 
 
-def caffe_model(path):
-    from RNSTFieldTransferLib import weights as w
-    if str(path).endswith(".npz"):
-        with np.load(path) as data:
-            weights = {k: data[k] for k in data.files}
-    else:
-        _, top = w.identify_keras_file(path)
-        weights = w.keras_vgg16_weights(path, top)
-    return nst.build_vgg16_features(weights, nst.VGG16_CAFFE)
-
-
-def run_case(pair, model, backbone, preset, slices=None):
-    """RNST on `slices` of the slab (None: all): ((PSNR, SSIM), wall s, CPU s)."""
-    sl = slice(None) if slices is None else slices
-    low, style, ref = pair.low[sl], pair.style[sl], pair.reference[sl]
+def measured(fn):
+    """(result, wall s, CPU s) of fn()."""
     t0, c0 = time.time(), time.process_time()
-    res = volume.transfer_volume(low, style, preset=preset, axis=0, model=model,
-                                 backbone=backbone)
-    return volume.quality(res.output, ref), time.time() - t0, time.process_time() - c0
+    out = fn()
+    return out, time.time() - t0, time.process_time() - c0
 
 
-MIDDLE = slice(1, 2)
+def entry(q, wall=None, cpu=None):
+    e = dict(q._asdict())
+    if wall is not None:
+        e.update(wall_s=wall, cpu_s=cpu)
+    return e
+
+
+def denoised(low01, kind, slices):
+    """The denoiser alone on `slices` of the whole-slab-scaled low field (2.5D: with neighbours)."""
+    n = len(low01)
+    return np.stack([rnst.denoise(low01[s], kind, [low01[t] for t in (s - 1, s + 1) if 0 <= t < n]
+                                  if kind == "nlm-2.5d" else ()) for s in slices])
+
+
+def rnst_run(pair, model, backbone, denoiser, slices):
+    preset = rnst.get_preset("fast", denoiser=denoiser)
+    res, wall, cpu = measured(lambda: volume.transfer_volume(
+        pair.low, pair.style, preset=preset, axis=0, slices=slices, model=model,
+        backbone=backbone))
+    return res.output[list(slices)], wall, cpu
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keras-vgg16")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--resume", action="store_true", help="keep the cases already in rnst.json")
-    ap.add_argument("--skip-slab", action="store_true", help="leave out the 3-slice timing")
     args = ap.parse_args(argv)
-    preset = rnst.get_preset("fast")
     model, backbone = nst.build_model("vgg16")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": {"name": preset.name, "outer_iterations": preset.outer_iterations,
-                       "budgets": list(preset.budgets), "denoiser": preset.denoiser},
+    fast = rnst.get_preset("fast")
+    meta = {"preset": {"name": fast.name, "outer_iterations": fast.outer_iterations,
+                       "budgets": list(fast.budgets), "denoiser": fast.denoiser},
             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
-            "device": nst.compute_device()}
+            "device": nst.compute_device(), "bm3d": rnst.bm3d_available()}
     rows = []
     if args.resume and (out / "rnst.json").is_file():
         rows = json.loads((out / "rnst.json").read_text())["rows"]
-    done = {(r["pair"], r["noise_sigma"], r["slices"], tuple(k for k in r if k.startswith("rnst")))
-            for r in rows}
 
-    def have(source, noise, slices, key):
-        return any(d[:3] == (source, noise, slices) and key in d[3] for d in done)
+    def row_for(source, noise, slices):
+        for r in rows:
+            if (r["pair"], r["noise_sigma"], r["slices"]) == (source, noise, slices):
+                return r
+        r = {"pair": source, "noise_sigma": noise, "slices": slices, "methods": {}}
+        rows.append(r)
+        return r
 
     def save():
         meta["load_average"] = os.getloadavg()
         (out / "rnst.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (out / "rnst.md").write_text(table(rows))
+        (out / "rnst.md").write_text(table(rows) + "\n" + summary(rows))
 
-    pair_cache = {}
-    for source in SOURCES:
-        for noise in pairs.NOISE_LEVELS:
-            if have(source, noise, "middle", "rnst_fast_vgg16"):
+    cache = {}
+
+    def pair_of(source, noise):
+        if (source, noise) not in cache:
+            cache[(source, noise)] = pairs.make_pair(source, noise, seed=0)
+        return cache[(source, noise)]
+
+    def baselines(row, pair, slices):
+        ref = pair.reference[slices]
+        low01 = volume.minmax(pair.low)  # scaled as the whole slab, as RNST does
+        row["size"] = list(pair.low.shape[1:])
+        m = row["methods"]
+        m["input"] = entry(volume.quality(pair.low[slices], ref))
+        for kind in ("nlm", "bm3d", "nlm-2.5d"):
+            if kind == "bm3d" and not rnst.bm3d_available():
                 continue
-            pair = pair_cache[(source, noise)] = pairs.make_pair(source, noise, seed=0)
-            ref = pair.reference[MIDDLE]
-            row = {"pair": source, "noise_sigma": noise, "slices": "middle",
-                   "size": list(pair.low.shape[1:]), "input": volume.quality(pair.low[MIDDLE], ref)}
-            low01 = volume.minmax(pair.low)[MIDDLE]  # scaled as the whole slab, as RNST does
-            for kind in ("nlm", "bm3d") if rnst.bm3d_available() else ("nlm",):
-                t0 = time.time()
-                d = np.stack([rnst.denoise(s, kind) for s in low01])
-                row[kind], row[f"{kind}_seconds"] = volume.quality(d, ref), time.time() - t0
-            q, wall, cpu = run_case(pair, model, backbone, preset, MIDDLE)
-            row["rnst_fast_vgg16"], row["rnst_fast_vgg16_seconds"] = q, wall
-            row["rnst_fast_vgg16_cpu_seconds"] = cpu
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            save()
-    key = ("patient2", 0.06)
-    if key not in pair_cache:
-        pair_cache[key] = pairs.make_pair(*key, seed=0)
-    if args.keras_vgg16 and not have(*key, "middle", "rnst_fast_vgg16_keras"):
-        row = dict(next(r for r in rows if (r["pair"], r["noise_sigma"]) == key))
-        q, wall, cpu = run_case(pair_cache[key], caffe_model(args.keras_vgg16), nst.VGG16_CAFFE,
-                                preset, MIDDLE)
-        row = {k: v for k, v in row.items() if not k.startswith("rnst")}
-        row.update({"rnst_fast_vgg16_keras": q, "rnst_fast_vgg16_keras_seconds": wall,
-                    "rnst_fast_vgg16_keras_cpu_seconds": cpu})
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            d, wall, cpu = measured(lambda: denoised(low01, kind, slices))
+            m[kind] = entry(volume.quality(d, ref), wall, cpu)
+            if len(slices) > 1:
+                m[kind]["through_plane"] = volume.through_plane_error(d, ref)
+        if len(slices) > 1:
+            m["input"]["through_plane"] = volume.through_plane_error(pair.low[slices], ref)
+
+    def run(row, pair, slices, key, denoiser):
+        if key in row["methods"]:
+            return
+        output, wall, cpu = rnst_run(pair, model, backbone, denoiser, slices)
+        ref = pair.reference[slices]
+        row["methods"][key] = entry(volume.quality(output, ref), wall, cpu)
+        if len(slices) > 1:
+            row["methods"][key]["through_plane"] = volume.through_plane_error(output, ref)
+        print(json.dumps({"pair": row["pair"], "noise": row["noise_sigma"], key: row["methods"][key]}),
+              flush=True)
         save()
-    if args.skip_slab or have(*key, "all 3", "rnst_fast_vgg16"):
-        print(table(rows))
-        return
-    pair = pair_cache[key]
-    q, wall, cpu = run_case(pair, model, backbone, preset)
-    row = {"pair": key[0], "noise_sigma": key[1], "slices": "all 3", "size": list(pair.low.shape[1:]),
-           "input": volume.quality(pair.low, pair.reference),
-           "rnst_fast_vgg16": q, "rnst_fast_vgg16_seconds": wall, "rnst_fast_vgg16_cpu_seconds": cpu}
-    low01 = volume.minmax(pair.low)
-    for kind in ("nlm", "bm3d") if rnst.bm3d_available() else ("nlm",):
-        t0 = time.time()
-        d = np.stack([rnst.denoise(s, kind) for s in low01])
-        row[kind], row[f"{kind}_seconds"] = volume.quality(d, pair.reference), time.time() - t0
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+
+    stage2 = [k for k in ("nlm", "bm3d") if k == "nlm" or rnst.bm3d_available()]
+    for source in SOURCES:                                   # stage 1
+        for noise in pairs.NOISE_LEVELS:
+            pair = pair_of(source, noise)
+            row = row_for(source, noise, "middle")
+            if "input" not in row["methods"]:
+                baselines(row, pair, [MIDDLE])
+            run(row, pair, [MIDDLE], "rnst_fast", fast.denoiser)
+    for source in SOURCES:                                   # stage 2
+        for kind in stage2:
+            run(row_for(source, STAGE2_NOISE, "middle"), pair_of(source, STAGE2_NOISE), [MIDDLE],
+                f"rnst_fast_{kind}", kind)
+    pair = pair_of(*SLAB_CASE)                               # stage 3
+    row = row_for(*SLAB_CASE, "all 3")
+    everything = list(range(len(pair.low)))
+    if "input" not in row["methods"]:
+        baselines(row, pair, everything)
+    run(row, pair, everything, "rnst_fast", fast.denoiser)
+    run(row, pair, everything, "rnst_fast_nlm", "nlm")
     save()
     print(table(rows))
+    print(summary(rows))
 
 
-METHODS = (("input", "input"), ("nlm", "NLM"), ("bm3d", "BM3D"),
-           ("rnst_fast_vgg16", "RNST fast, VGG16 (torchvision)"),
-           ("rnst_fast_vgg16_keras", "RNST fast, VGG16 (Keras/Caffe)"))
+def summary(rows) -> str:
+    """The default against BM3D, case by case: PSNR dB / SSIM over the slice; inside the head."""
+    lines = ["| pair | noise | slices | BM3D | RNST `fast` (default) | default minus BM3D |",
+             "|---|---|---|---|---|---|"]
+    fields = ("psnr", "ssim", "psnr_head", "ssim_head")
+    for r in rows:
+        m = r["methods"]
+        if "bm3d" not in m or "rnst_fast" not in m:
+            continue
+        b, d = m["bm3d"], m["rnst_fast"]
+        diff = {f: d[f] - b[f] for f in fields}
+        lines.append(f"| {r['pair']} | {r['noise_sigma']:.2f} | {r['slices']} | "
+                     f"{b['psnr']:.2f} / {b['ssim']:.3f}; {b['psnr_head']:.2f} / {b['ssim_head']:.3f} | "
+                     f"{d['psnr']:.2f} / {d['ssim']:.3f}; {d['psnr_head']:.2f} / {d['ssim_head']:.3f} | "
+                     f"{diff['psnr']:+.2f} / {diff['ssim']:+.3f}; "
+                     f"{diff['psnr_head']:+.2f} / {diff['ssim_head']:+.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(rows) -> str:
-    lines = ["| pair (slice size) | noise | slices | method | PSNR dB | SSIM | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| pair (slice size) | noise | slices | method | PSNR dB: slice | SSIM: slice | "
+             "PSNR dB: head | SSIM: head | through-plane error | wall s | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        m = r["methods"]
+        best = {f: max(v[f] for k, v in m.items() if k != "input")
+                for f in ("psnr", "ssim", "psnr_head", "ssim_head")}
+
+        def cell(key, f, fmt):
+            v = m[key][f]
+            return f"**{v:{fmt}}**" if key != "input" and v == best[f] else f"{v:{fmt}}"
+
         for key, label in METHODS:
-            if key not in r:
+            if key not in m:
                 continue
-            (p, s), t, c = r[key], r.get(f"{key}_seconds"), r.get(f"{key}_cpu_seconds")
-            best = [m for m, _ in METHODS[1:] if m in r]
-            mark = lambda v, i: f"**{v}**" if max(r[m][i] for m in best) == r[key][i] and key != "input" else v
-            lines.append(f"| {r['pair']} ({'x'.join(map(str, r['size']))}) | {r['noise_sigma']:.2f} | "
-                         f"{r['slices']} | {label} | {mark(f'{p:.2f}', 0)} | {mark(f'{s:.3f}', 1)} | "
-                         f"{'' if t is None else f'{t:.1f}'} | {'' if c is None else f'{c:.0f}'} |")
+            e = m[key]
+            tp = f"{e['through_plane']:.4f}" if "through_plane" in e else ""
+            wall = f"{e['wall_s']:.1f}" if "wall_s" in e else ""
+            cpu = f"{e['cpu_s']:.0f}" if "cpu_s" in e else ""
+            lines.append(f"| {r['pair']} ({'x'.join(map(str, r['size']))}) | "
+                         f"{r['noise_sigma']:.2f} | {r['slices']} | {label} | "
+                         f"{cell(key, 'psnr', '.2f')} | {cell(key, 'ssim', '.3f')} | "
+                         f"{cell(key, 'psnr_head', '.2f')} | {cell(key, 'ssim_head', '.3f')} | "
+                         f"{tp} | {wall} | {cpu} |")
     return "\n".join(lines) + "\n"
 
 

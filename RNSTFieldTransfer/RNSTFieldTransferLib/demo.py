@@ -30,8 +30,11 @@ def run_demo(out_dir, *, preset, model, backbone, seed: int = 0, progress=None):
                 progress((level + f) / len(NOISE_LEVELS), f"noise {NOISE_LEVELS[level]}: {text}")
 
         t0 = time.time()
-        res = transfer_volume(low, style, preset=preset, axis=0, model=model,
-                              backbone=backbone, progress=prog)
+        # The whole slab goes in (the denoiser looks at the neighbouring slices); the middle
+        # slice is transferred.
+        res = transfer_volume(pair.low, pair.style, preset=preset, axis=0, slices=range(1, 2),
+                              model=model, backbone=backbone, progress=prog)
+        res.output = res.output[1:2]
         row = {"noise_sigma": noise, "preset": preset.name, "backbone": backbone.name,
                "denoiser": preset.denoiser, "outer_iterations": preset.outer_iterations,
                "budgets": list(preset.budgets), "rnst": quality(res.output, ref),

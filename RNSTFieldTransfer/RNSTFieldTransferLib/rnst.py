@@ -106,7 +106,11 @@ def denoise(image: np.ndarray, kind: str = "nlm", neighbours=()) -> np.ndarray:
         return denoise_nl_means(image, h=0.8 * sigma, sigma=sigma, patch_size=5,
                                 patch_distance=6, fast_mode=True)
     if kind == "nlm-2.5d":
-        stack = np.stack([image, *[np.asarray(n, np.float64) for n in neighbours]], axis=-1)
+        # Neighbours brought to the slice's brightness (99th percentile), so that patches are
+        # compared on one scale even where slice intensities differ.
+        top = np.percentile(image, 99)
+        stack = np.stack([image, *[np.asarray(n, np.float64) * top / max(np.percentile(n, 99), 1e-12)
+                                   for n in neighbours]], axis=-1)
         out = denoise_nl_means(stack, h=NLM_25D["h"] * sigma, sigma=sigma,
                                patch_size=NLM_25D["patch_size"],
                                patch_distance=NLM_25D["patch_distance"], fast_mode=True,
@@ -179,9 +183,9 @@ def rnst_slices(contents, styles, model, preset: Preset, backbone=None,
     hi = content.max(axis=(1, 2), keepdims=True).astype(np.float64)
 
     def scaled(a):
-        a_lo, a_hi = a.min(axis=(1, 2), keepdims=True), a.max(axis=(1, 2), keepdims=True)
-        unit = np.where(a_hi > a_lo, (a - a_lo) / np.where(a_hi > a_lo, a_hi - a_lo, 1), 0)
-        return lo + (hi - lo) * unit
+        a_lo = a.min(axis=(1, 2), keepdims=True)
+        span = a.max(axis=(1, 2), keepdims=True) - a_lo
+        return lo + (hi - lo) * (a - a_lo) / np.where(span > 0, span, 1.0)
 
     n = len(content)
     rows = np.arange(n)
