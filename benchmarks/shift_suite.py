@@ -149,7 +149,7 @@ def markdown(results: list[dict]) -> str:
 
     for r in results:
         m = r["methods"]
-        c = m["context"]
+        c = m.get("context", {"refused": "not run"})
         if "refused" in c:
             lines.append(f"| {r['condition']} | refused | | | | | {rmse(m, 'lstm')} | {rmse(m, 'constant')} | {rmse(m, 'cat')} |")
             continue
@@ -180,19 +180,20 @@ def main(argv=None) -> int:
         rows = [(k, r) for k, r in rows if k in keep]
     results = []
     started = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for k, row in rows:
         t0 = time.perf_counter()
         results.append(run_condition(k, row, args, Path(args.data)))
-        c = results[-1]["methods"]["context"]
+        c = results[-1]["methods"].get("context", {})
         print(f"[{k:2d}] {row[0]}: context RMSE {c.get('rmse_OEF', float('nan')):.2f} pp, coverage "
               f"{c.get('coverage_OEF', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"seed": args.seed, "patients_per_condition": args.patients, "voxel_size_mm": 2.0, "qsm_noise_ppb": 2.0,
-              "model": args.model or "bundled", "cat_voxels_per_patient": args.cat_voxels,
-              "lstm_voxels_per_patient": args.lstm_voxels,
-              "seconds": round(time.perf_counter() - started, 1), "conditions": results}
-    out.write_text(json.dumps(record, indent=1, default=float), encoding="utf-8")
+        # written after every condition: a long run interrupted keeps what it measured
+        record = {"seed": args.seed, "patients_per_condition": args.patients, "voxel_size_mm": 2.0,
+                  "qsm_noise_ppb": 2.0, "model": args.model or "bundled", "methods": args.methods,
+                  "cat_voxels_per_patient": args.cat_voxels, "lstm_voxels_per_patient": args.lstm_voxels,
+                  "seconds": round(time.perf_counter() - started, 1), "conditions": results}
+        out.write_text(json.dumps(record, indent=1, default=float), encoding="utf-8")
     out.with_suffix(".md").write_text(markdown(results), encoding="utf-8")
     print(markdown(results))
     return 0
