@@ -151,7 +151,8 @@ def markdown(results: list[dict]) -> str:
         m = r["methods"]
         c = m.get("context", {"refused": "not run"})
         if "refused" in c:
-            lines.append(f"| {r['condition']} | refused | | | | | {rmse(m, 'lstm')} | {rmse(m, 'constant')} | {rmse(m, 'cat')} |")
+            said = "not run" if "context" not in m else "refused"
+            lines.append(f"| {r['condition']} | {said} | | | | | {rmse(m, 'lstm')} | {rmse(m, 'constant')} | {rmse(m, 'cat')} |")
             continue
         lines.append(
             f"| {r['condition']} | {num(c['rmse_OEF'])} | {pct(c.get('recovered_misery_perfusion'))} / "
