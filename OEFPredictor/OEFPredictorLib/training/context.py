@@ -194,11 +194,7 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     config_dict = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items()
                                          if k not in ("epochs", "time_limit_min")}))
     if resume:
-        if not (ckpt / "state.json").exists() or not (ckpt / "last.keras").exists():
-            raise InputError(f"--resume: no checkpoint in {ckpt}; start without --resume.")
-        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-        if state["config"] != config_dict:
-            raise InputError(f"--resume: the options differ from the checkpointed run ({ckpt}/state.json).")
+        state = fitting.resumed_state(ckpt, config_dict)
     elif ckpt.exists():
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,17 @@ def epoch_callbacks(ckpt: Path, history_csv: Path, config, state: dict, started:
     ]
 
 
+def resumed_state(ckpt: Path, config_dict: dict) -> dict:
+    """The resume state of the run checkpointed in `ckpt`, refused in one line when there is none or it was
+    made with other options."""
+    if not (ckpt / "state.json").exists() or not (ckpt / "last.keras").exists():
+        raise InputError(f"--resume: no checkpoint in {ckpt}; start without --resume.")
+    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    if state["config"] != config_dict:
+        raise InputError(f"--resume: the options differ from the checkpointed run ({ckpt}/state.json).")
+    return state
+
+
 def fit_keeping_best(model, batches, validation, monitor, ckpt: Path, history_csv: Path, config, state: dict,
                      started: float, verbose: int, plateau_patience: int, min_lr: float) -> None:
     """Fit (or continue) with the voxel trainer's bookkeeping (epoch log, resume state, time budget,

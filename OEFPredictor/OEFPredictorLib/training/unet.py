@@ -41,7 +41,7 @@ from .. import models, physics, sequences, spatial
 from ..errors import InputError
 from .calibration import calibration_scores, conformal_factor
 from .data import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED, stroke_patient
-from .fitting import fit_keeping_best, run_record, save_models
+from .fitting import fit_keeping_best, resumed_state, run_record, save_models
 from .noise import add_noise
 
 
@@ -273,11 +273,7 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
     state: dict = {}
     config_dict = _config_dict(config)
     if resume:
-        if not (ckpt / "state.json").exists() or not (ckpt / "last.keras").exists():
-            raise InputError(f"--resume: no checkpoint in {ckpt}; start without --resume.")
-        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-        if state["config"] != config_dict:
-            raise InputError(f"--resume: the options differ from the checkpointed run ({ckpt}/state.json).")
+        state = resumed_state(ckpt, config_dict)
     elif ckpt.exists():
         # a fresh start keeps only the patch banks made with the same data settings (a deterministic cache)
         for item in ckpt.iterdir():
