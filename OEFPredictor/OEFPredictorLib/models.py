@@ -219,13 +219,14 @@ class ModelBundle:
 
     @property
     def protocol_range(self) -> "decay.ProtocolRange | None":
-        """The protocols a protocol-free model supports (None: bound to its card's protocol)."""
+        """The protocols a model reads (None: only its card's protocol): a protocol-free model's, or the range a
+        model trained on one protocol reads by resampling other decays to it (decay.resample_echoes)."""
         supported = self.card.get("supported_protocols")
         return decay.ProtocolRange.from_dict(supported) if supported else None
 
     @property
     def expected_protocol(self) -> physics.Protocol | None:
-        """The one protocol data must have (None for a protocol-free model)."""
+        """The one protocol data must have (None for a model that reads a range of protocols)."""
         return None if self.protocol_range else self.protocol
 
     def check_protocol(self, protocol: physics.Protocol) -> None:

@@ -491,6 +491,12 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     protocol = protocol or bundle.protocol
     model_mm = float(info["voxel_size_mm"])
     report = progress or (lambda fraction, message: None)
+    r2_factor = 1.0 / decay.r2_3t_equivalent_factor(protocol) if spec.get("decay") else 1.0
+    if not spec.get("decay") and not protocol.matches(bundle.protocol):  # checked supported by the Predictor
+        report(0.05, "Resampling the decay to the model's echo times")
+        echoes = decay.resample_echoes(echoes, mask, protocol, bundle.protocol, spacing_zyx, check_cancel)
+        r2_factor = decay.r2_factor_after_resampling(protocol, bundle.protocol)
+        protocol = bundle.protocol
     factors = resampling_factors(spacing_zyx, model_mm)
     report(0.08, "Resampling to the model grid" if np.any(factors != 1.0) else "Preparing the volume")
     reference = 0.0
@@ -512,5 +518,4 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     channels = from_model_grid(raw, grid_mask, mask, factors)
     del raw
     echo1 = echoes[..., 0][mask].astype(np.float32)
-    r2_factor = 1.0 / decay.r2_3t_equivalent_factor(protocol) if spec.get("decay") else 1.0
     return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor)
