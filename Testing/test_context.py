@@ -218,3 +218,20 @@ def test_the_bundled_model_maps_another_3t_echo_train_as_its_own(tiny_dataset, t
     oef_difference = maps[1]["OEF"][mask] - maps[0]["OEF"][mask]
     assert np.sqrt(np.mean(oef_difference ** 2)) < 1.0
     assert np.abs(np.median(maps[1]["R2"][mask] - maps[0]["R2"][mask])) < 0.5
+
+
+def test_recalibration_covers_90_percent_of_its_calibration_voxels_and_replaces_the_card_whole(trained, tmp_path):
+    """The interval recalibrated through the engine's own path (other protocols resampled) covers 88-92 %
+    of the calibration voxels; the command replaces the model's card atomically and leaves the model file."""
+    import shutil
+
+    out, _ = trained
+    model = tmp_path / "m.keras"
+    shutil.copy(out, model)
+    shutil.copy(out.with_suffix(".json"), model.with_suffix(".json"))
+    before = model.read_bytes()
+    assert calibration.main([str(model), "--patients", "2"]) == 0
+    card = models.load_bundle(model).card  # still loads: checksum of the unchanged model
+    record = card["spatial"]["calibration"]
+    assert 0.88 <= record["coverage_after"] <= 0.92 and len(record["protocols"]) == 2
+    assert model.read_bytes() == before and not model.with_suffix(".json.partial").exists()

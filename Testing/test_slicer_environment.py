@@ -83,3 +83,11 @@ def test_the_model_summary_names_a_protocol_free_models_range(tmp_path):
                                                  "protocol": {"echo_times_ms": [4.5, 9.5], "field_strength_T": 3.0}}))
     summary = environment.modelSummary(str(tmp_path / "m.keras"))
     assert "5-16 echoes" in summary and "1.5-7 T" in summary and "9.5" not in summary
+
+
+def test_the_model_summary_names_the_span_a_resampling_model_needs():
+    from OEFPredictorLib import resources
+    from OEFPredictorSlicer import environment
+
+    summary = environment.modelSummary(str(resources.bundled_model_path("context")))
+    assert "5-16 echoes covering TE 4.5-39.5 ms" in summary and "1.5-7 T" in summary

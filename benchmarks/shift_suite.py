@@ -12,7 +12,8 @@ and changes one thing from the paper's 3 T protocol at SNR 100:
 - SNR 30, 40, 100 and 200;
 - other tissue priors (less deoxygenated, less blood, higher R2, as other simulators use) with large
   blob lesions only;
-- lesion-free brains at SNR 40 and 100, for the invented-lesion volume.
+- lesion-free brains at SNR 40 and 100, for the invented-lesion volume;
+- 7 T and 2.89 T echo trains that cover the default model's span, and several shifts at once.
 Metrics (evaluate.py): OEF RMSE over the brain without CSF, the lesion contrast recovered (lesion vs its
 contralateral mirror), the 90 % interval's coverage over the brain and inside lesions, and its width;
 the LSTM runs only where the protocol is its own (it refuses the others), on --lstm-voxels voxels per patient
@@ -79,6 +80,15 @@ def conditions():
         ("other tissue priors, large blob lesions", "priors", PAPER, 100, 0.0, 0.0, other, True),
         ("lesion-free, SNR 40", "specificity", PAPER, 40, 0.0, 0.0, None, False),
         ("lesion-free, SNR 100", "specificity", PAPER, 100, 0.0, 0.0, None, False),
+        # added later (the rows above keep their seeds): 7 T echoes that cover the model's span, a Siemens
+        # "3 T" (2.89 T) train, and several shifts at once
+        ("7 T, 12 echoes 1.8/1.6 ms, R2 as at 3 T", "field", ([1.8 + 1.6 * i for i in range(12)], 7.0), 100, 0.0, 0.0, None, True),
+        ("7 T, 12 echoes 1.8/1.6 ms, R2 x (B0/3)^0.75", "field", ([1.8 + 1.6 * i for i in range(12)], 7.0), 100, 0.0, 0.75, None, True),
+        ("2.89 T, 16 echoes 2.0/2.6 ms", "field", ([2.0 + 2.6 * i for i in range(16)], 2.89), 100, 0.0, 0.0, None, True),
+        ("all at once: 12 echoes 3.5/4.1 ms, SNR 40, QSM +0.03 ppm, other priors", "combined",
+         ([3.5 + 4.1 * i for i in range(12)], 3.0), 40, 0.03, 0.0, other, True),
+        ("lesion-free, 12 echoes 3.5/4.1 ms, SNR 40", "specificity", ([3.5 + 4.1 * i for i in range(12)], 3.0), 40, 0.0, 0.0,
+         None, False),
     ]
     return rows
 

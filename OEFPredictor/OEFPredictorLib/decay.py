@@ -21,10 +21,12 @@ linear, so averaging it over neighbourhoods (the context pyramid) equals fitting
 A model trained on one protocol (the default context model) reads other echo trains by resampling their
 decay to its own echo times (`resample_echoes`): the basis fit, corrected by each voxel's best qBOLD curve
 so that it is exact on QQ-model data, with R2 scaled back to real time (`r2_factor_after_resampling`).
-It only interpolates: the echoes must cover the model's span (`ProtocolRange.spans_ms`), because a noisy
-decay continued beyond the data biases the map by several points. And it serves the model's own field
-strength only: at 1.5 T or 7 T tissue R2, read in 3 T-equivalent time, falls outside what the model learnt,
-and with noise the map is biased by 6-13 points (noise-free it is right), so those are refused.
+It only interpolates: the echoes, in 3 T-equivalent time, must cover the model's span
+(`ProtocolRange.spans_ms`). A noisy decay continued beyond the data biases the map: by 3 points when the
+first echo is 1.5 ms late (it normalises all the others), by 6 at 7 T with echoes from 5.8 ms (3 T-
+equivalent), while 7 T echoes covering the span give the 3 T accuracy whether tissue R2 grows with the
+field or not. At 1.5 T covering the span takes echoes up to 79 ms, beyond the supported 60 ms, so 1.5 T
+data are refused.
 
 QSM reference: QSM pipelines reference susceptibility to CSF, to the whole brain or to nothing, which
 leaves a constant offset of a few hundredths of a ppm. In the QQ model such an offset carries almost no
@@ -201,11 +203,11 @@ def fit_log_qbold(logs: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.nda
     """Per row of log echoes at tau: the best log qBOLD curve, as (a, R2, v) coefficients (N, 3) and dw (N,).
     Variable projection: linear least squares for every dw of DW_GRID, the best dw refined by a parabola
     in log dw, then the coefficients at that dw. No iteration, so no voxel fails to converge."""
-    residuals = np.empty((len(logs), len(DW_GRID)))
-    for k, dw in enumerate(DW_GRID):
-        a = _qbold_design(tau, np.array([dw]))[0]
-        coef = logs @ np.linalg.pinv(a).T
-        residuals[:, k] = ((logs - coef @ a.T) ** 2).sum(axis=1)
+    # residual of each dw's fit = |y|^2 - |Q^T y|^2 with Q an orthonormal basis of that dw's design: one
+    # matrix product for the whole grid
+    q = np.concatenate([np.linalg.qr(a)[0] for a in _qbold_design(tau, DW_GRID)], axis=1)  # (E, 3 K)
+    projected = (logs @ q).reshape(len(logs), len(DW_GRID), 3)
+    residuals = (logs ** 2).sum(axis=1)[:, None] - (projected ** 2).sum(axis=2)
     k = np.clip(residuals.argmin(axis=1), 1, len(DW_GRID) - 2)
     r0, r1, r2 = (np.take_along_axis(residuals, (k + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
     curvature = r0 - 2.0 * r1 + r2

@@ -93,6 +93,11 @@ def modelSummary(modelPath, needsModel=True):
     try:
         card = json.loads(Path(modelPath).with_suffix(".json").read_text(encoding="utf-8"))
         supported = card.get("supported_protocols")
+        if supported and supported.get("spans_ms"):  # a model that resamples other echo trains to its own
+            return _("{name}: {n0}-{n1} echoes covering TE {a:g}-{b:g} ms, {t0:g}-{t1:g} T").format(
+                name=Path(modelPath).name, n0=supported["echoes"][0], n1=supported["echoes"][1],
+                a=supported["spans_ms"][0], b=supported["spans_ms"][1], t0=supported["field_strength_T"][0],
+                t1=supported["field_strength_T"][1])
         if supported:  # a protocol-free model
             return _("{name}: {n0}-{n1} echoes, last echo {a:g}-{b:g} ms, {t0:g}-{t1:g} T").format(
                 name=Path(modelPath).name, n0=supported["echoes"][0], n1=supported["echoes"][1],

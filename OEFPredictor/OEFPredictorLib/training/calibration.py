@@ -65,7 +65,12 @@ def mondrian(model, draws, scaling: dict) -> dict:
         half = 0.5 * (spatial.softplus(raw[:, n]) + spatial.softplus(raw[:, n + 1])) * spatial.INTERVAL_UNIT * 100.0
         widths.append(half[keep])
         abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
-    scores, widths, abnormal = (np.concatenate(a) for a in (scores, widths, abnormal))
+    return mondrian_factors(*(np.concatenate(a) for a in (scores, widths, abnormal)))
+
+
+def mondrian_factors(scores: np.ndarray, widths: np.ndarray, abnormal: np.ndarray) -> dict:
+    """Per-bin conformal factors from per-voxel scores (interval_scores), half-widths (pp, before any factor)
+    and predicted abnormality (pp): the card's "interval_scale" (see spatial.interval_factors) and a record."""
     width_edges = np.quantile(widths, np.linspace(0, 1, WIDTH_BINS + 1)[1:-1])
     w_bin = np.searchsorted(width_edges, widths)
     a_bin = np.searchsorted(ABNORMALITY_EDGES_PP, abnormal)
@@ -84,3 +89,96 @@ def mondrian(model, draws, scaling: dict) -> dict:
             "record": {"voxels": int(len(scores)), "voxels_per_bin": counts.tolist(),
                        "coverage_before": round(float(np.mean(scores <= 1.0)), 4), "single_factor": round(overall, 4),
                        "method": "Mondrian split conformal, 90 %, by half-width x abnormality"}}
+
+
+# --- Recalibrating a trained model's interval over the acquisitions it reads ------------------------
+def draw_acquisition(rng: np.random.Generator, supported, paper_share: float = 0.3) -> physics.Protocol:
+    """The paper's protocol for `paper_share` of draws, else a random protocol the model reads."""
+    from .data import random_protocol
+
+    if supported is None or rng.random() < paper_share:
+        return physics.Protocol.default()
+    while True:
+        protocol = random_protocol(rng, supported, margin=0.0)
+        if not supported.problems(protocol):
+            return protocol
+
+
+def recalibrate(bundle, config, progress=None) -> dict:
+    """Mondrian calibration of a trained spatial model's interval through the engine's own path
+    (spatial.predict_volume: resampling of other protocols included), on `config.calibration_patients`
+    population-prior calibration patients (CALIBRATION_SEED; `config.lesion_free_share` of them without
+    lesions), each at a protocol the model reads, an SNR drawn log-uniformly over `config.snr_range`, QSM
+    noise over `config.qsm_noise_ppb_range`, a receive-field bias and a QSM offset. Returns the card's
+    "interval_scale" and "calibration" entries."""
+    from . import noise
+    from .data import make_patient, signals
+
+    raw_bundle = models.ModelBundle(bundle.model, dict(bundle.card, spatial=dict(bundle.card["spatial"],
+                                                                                 interval_scale=1.0)), bundle.path)
+    scores, widths, abnormal, lesion = [], [], [], []
+    protocols = []
+    for i in range(config.calibration_patients):
+        rng = np.random.default_rng([CALIBRATION_SEED, i, 11])
+        patient = make_patient(CALIBRATION_SEED, i, config, wide=False)
+        protocol = draw_acquisition(rng, bundle.protocol_range)
+        protocols.append(protocol.describe())
+        echoes, qsm, _ = signals(patient, protocol, rng.uniform(*config.r2_field_exponent))
+        echoes, qsm, _ = noise.add_noise(echoes, qsm, rng, config)
+        qsm = np.where(patient.mask, qsm + np.float32(rng.uniform(-1, 1) * config.qsm_offset_ppm), 0.0)
+        out = spatial.predict_volume(raw_bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3, protocol)
+        keep = patient.metric[patient.mask]
+        truth = 100.0 * physics.oef_from_Y(patient.params[..., 2][patient.mask].astype(np.float64))
+        scores.append(interval_scores(out, truth)[keep])
+        widths.append((0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep])
+        abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
+        lesion.append((patient.lesion_map[patient.mask] > 0)[keep])
+        if progress:
+            progress(i + 1, config.calibration_patients, "calibrating the interval")
+    scores, widths, abnormal, lesion = (np.concatenate(a) for a in (scores, widths, abnormal, lesion))
+    found = mondrian_factors(scores, widths, abnormal)
+    scale = found["interval_scale"]
+    factor = np.asarray(scale["factors"])[np.searchsorted(scale["abnormality_edges_pp"], abnormal),
+                                          np.searchsorted(scale["width_edges_pp"], widths)]
+    covered = scores <= factor
+    found["record"].update(coverage_after=round(float(covered.mean()), 4),
+                           lesion_coverage_before=round(float(np.mean(scores[lesion] <= 1.0)), 4),
+                           lesion_coverage_after=round(float(covered[lesion].mean()), 4))
+    found["record"].update(patients=config.calibration_patients, seed=CALIBRATION_SEED, protocols=protocols,
+                           noise=f"SNR {config.snr_range[0]:g}-{config.snr_range[1]:g} (log-uniform), QSM "
+                                 f"{config.qsm_noise_ppb_range[0]:g}-{config.qsm_noise_ppb_range[1]:g} ppb",
+                           priors="population (tissue priors of the design notes), stroke-like lesions",
+                           lesion_voxels=int(lesion.sum()))
+    return {"interval_scale": found["interval_scale"], "calibration": found["record"]}
+
+
+def main(argv=None) -> int:
+    """python -m OEFPredictorLib.training.calibration MODEL.keras: recalibrate the model's interval (its
+    .json card, written by `oefpredictor train`, is replaced whole, atomically)."""
+    import argparse
+    import json
+    import os
+
+    from .context import ContextTrainConfig
+
+    parser = argparse.ArgumentParser(prog="python -m OEFPredictorLib.training.calibration", description=main.__doc__)
+    parser.add_argument("model", help="a spatial model (.keras) with its .json card beside it")
+    parser.add_argument("--patients", type=int, default=ContextTrainConfig.calibration_patients)
+    args = parser.parse_args(argv)
+    bundle = models.load_bundle(args.model)
+    config = ContextTrainConfig(calibration_patients=args.patients,
+                                voxel_size_mm=float(bundle.card["spatial"]["voxel_size_mm"]))
+    found = recalibrate(bundle, config, lambda i, n, what: print(f"{what}: {i}/{n}", flush=True))
+    card = dict(bundle.card, spatial=dict(bundle.card["spatial"], **found))
+    path = Path(args.model).with_suffix(".json")
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    record = found["calibration"]
+    print(f"{path}: coverage {record['coverage_before']:.3f} -> {record['coverage_after']:.3f} over the brain, "
+          f"{record['lesion_coverage_before']:.3f} -> {record['lesion_coverage_after']:.3f} in lesions")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
