@@ -99,8 +99,10 @@ def test_short_run_with_style_of_another_size(images, capsys):
     code, stdout, err = _run(capsys, [
         "transfer", "--content", str(images["content"]), "--style", str(images["style"]),
         "--reference", str(images["reference"]), "--out", str(out), "--slices", "1:2",
-        "--iterations", "1", "--evaluations", "5,8,10", "--plane", "axial"])
+        "--iterations", "1", "--evaluations", "5,8,10", "--plane", "axial",
+        "--prior", "style"])
     assert code == 0, err
+    assert "prior style" in stdout  # the override reached the preset
     assert "PSNR (slices) input" in stdout and "SSIM (head) input" in stdout
     res = SimpleITK.ReadImage(str(out))
     low = SimpleITK.ReadImage(str(images["content"]))

@@ -70,6 +70,31 @@ def test_full_resolution_and_published_update(model):
     assert res.steps[0][0] in (3, 6)  # cumulative budgets: the second continues the first
 
 
+def test_the_denoiser_prior_is_the_denoised_slice(model):
+    """prior "denoiser": D in the candidate x - mu [(x - T) + lambda (x - D)] is the denoised
+    slice (scaled to the content's range); prior "style" (published): D = T_3. With one step
+    of mu = 0.1 and lambda = 1 (no clipping), the two outputs differ by mu (D - T_3) and share
+    x and T_3, so D can be read back from them."""
+    _, low, style = _phantom(8)
+    outputs = {}
+    for prior in rnst.PRIORS:
+        preset = rnst.get_preset("fast", outer_iterations=1, budgets=(20,), lam=1.0, mu=0.1,
+                                 step_multipliers=(1,), prior=prior)
+        outputs[prior] = rnst.rnst_slice(low, style, model, preset).image.astype(np.float64)
+    x = low.astype(np.float64)
+    t3 = (outputs["style"] - 0.8 * x) / 0.2            # style: 0.8 x + 0.2 T_3
+    d = (outputs["denoiser"] - 0.8 * x - 0.1 * t3) / 0.1  # denoiser: 0.8 x + 0.1 T_3 + 0.1 D
+    expected = volume.minmax(rnst.denoise(x, "nlm-2.5d"))  # low spans [0, 1]
+    assert np.abs(d - expected).max() < 2e-3
+    assert np.abs(expected - t3).max() > 0.02  # the two priors are different images
+
+
+def test_unknown_prior_is_a_clear_error():
+    with pytest.raises(rnst.RNSTInputError, match="unknown prior"):
+        rnst.get_preset("fast", prior="bm3d")
+    assert rnst.get_preset("fast").prior == "denoiser" and rnst.get_preset("paper").prior == "style"
+
+
 def test_noise_sigma_estimate():
     rng = np.random.default_rng(0)
     flat = np.full((64, 64), 0.5) + rng.normal(0, 0.05, (64, 64))

@@ -7,20 +7,21 @@ Held out: the denoiser and the presets were chosen on virtual patient 1 only
 (benchmarks/rnst_denoisers.py, rnst_ablation.py).
 
 Stage 1, every case, the middle slice (its neighbours are there for the 2.5D denoiser, as in a
-volume): the input; non-local means (2D, the previous default's start); BM3D (2D, the optional
-package); nlm-2.5d alone (the default's start); RNST `fast` (the default).
-Stage 2, the 0.06 cases: RNST `fast` started from 2D non-local means (the previous default) and
-from BM3D (`--denoiser bm3d`).
-Stage 3, virtual patient 2 at 0.06, all 3 slices: RNST `fast` and RNST `fast --denoiser nlm`,
-for the time of a 3-slice slab and the through-plane error (volume.through_plane_error).
+volume): the input; non-local means (2D); BM3D (2D, the optional package); nlm-2.5d alone (the
+default's start and its RED prior); RNST `fast` (the default); RNST `fast --prior style` (the
+previous default: the published prior D = T_3).
+Stage 2, the 0.06 cases: RNST `fast --denoiser bm3d`.
+Stage 3, virtual patient 2 at 0.06, all 3 slices: RNST `fast` and `fast --prior style`, for the
+time of a 3-slice slab and the through-plane error (volume.through_plane_error).
 The `paper` preset is not run (20 x 1,800 evaluations: about 7 CPU hours per slice).
 
 Metrics: volume.quality (each image min-max scaled; PSNR and SSIM over the slice and inside
 the head of the reference). Times: wall seconds and the process's CPU seconds (all threads); the
 2 cores are shared with other work, so wall times are upper bounds; the JSON records the load
-average.
+average and the thread settings. Run on one core (as below), a wall time is what one core takes.
 
-    nice -n 5 .venv/bin/python benchmarks/bench_rnst.py [--resume]
+    OMP_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 \
+        nice -n 10 .venv/bin/python benchmarks/bench_rnst.py [--resume]
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ MIDDLE = 1
 METHODS = (("input", "input"), ("nlm", "NLM (2D)"), ("bm3d", "BM3D (2D)"),
            ("nlm-2.5d", "NLM 2.5D (the default's start)"),
            ("rnst_fast", "RNST `fast` (default)"),
-           ("rnst_fast_nlm", "RNST `fast --denoiser nlm` (previous default)"),
+           ("rnst_fast_style", "RNST `fast --prior style` (previous default)"),
            ("rnst_fast_bm3d", "RNST `fast --denoiser bm3d`"))
 
 
@@ -73,8 +74,8 @@ def denoised(low01, kind, slices):
                                   if kind == "nlm-2.5d" else ()) for s in slices])
 
 
-def rnst_run(pair, model, backbone, denoiser, slices):
-    preset = rnst.get_preset("fast", denoiser=denoiser)
+def rnst_run(pair, model, backbone, overrides, slices):
+    preset = rnst.get_preset("fast", **overrides)
     res, wall, cpu = measured(lambda: volume.transfer_volume(
         pair.low, pair.style, preset=preset, axis=0, slices=slices, model=model,
         backbone=backbone))
@@ -91,7 +92,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     fast = rnst.get_preset("fast")
     meta = {"preset": {"name": fast.name, "outer_iterations": fast.outer_iterations,
-                       "budgets": list(fast.budgets), "denoiser": fast.denoiser},
+                       "budgets": list(fast.budgets), "denoiser": fast.denoiser,
+                       "prior": fast.prior},
+            "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                                                       "TF_NUM_INTEROP_THREADS")},
             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared)",
             "device": nst.compute_device(), "bm3d": rnst.bm3d_available()}
     rows = []
@@ -134,10 +138,10 @@ def main(argv=None):
         if len(slices) > 1:
             m["input"]["through_plane"] = volume.through_plane_error(pair.low[slices], ref)
 
-    def run(row, pair, slices, key, denoiser):
+    def run(row, pair, slices, key, **overrides):
         if key in row["methods"]:
             return
-        output, wall, cpu = rnst_run(pair, model, backbone, denoiser, slices)
+        output, wall, cpu = rnst_run(pair, model, backbone, overrides, slices)
         ref = pair.reference[slices]
         row["methods"][key] = entry(volume.quality(output, ref), wall, cpu)
         if len(slices) > 1:
@@ -146,25 +150,25 @@ def main(argv=None):
               flush=True)
         save()
 
-    stage2 = [k for k in ("nlm", "bm3d") if k == "nlm" or rnst.bm3d_available()]
     for source in SOURCES:                                   # stage 1
         for noise in pairs.NOISE_LEVELS:
             pair = pair_of(source, noise)
             row = row_for(source, noise, "middle")
             if "input" not in row["methods"]:
                 baselines(row, pair, [MIDDLE])
-            run(row, pair, [MIDDLE], "rnst_fast", fast.denoiser)
-    for source in SOURCES:                                   # stage 2
-        for kind in stage2:
+            run(row, pair, [MIDDLE], "rnst_fast")
+            run(row, pair, [MIDDLE], "rnst_fast_style", prior="style")
+    if rnst.bm3d_available():                                # stage 2
+        for source in SOURCES:
             run(row_for(source, STAGE2_NOISE, "middle"), pair_of(source, STAGE2_NOISE), [MIDDLE],
-                f"rnst_fast_{kind}", kind)
+                "rnst_fast_bm3d", denoiser="bm3d")
     pair = pair_of(*SLAB_CASE)                               # stage 3
     row = row_for(*SLAB_CASE, "all 3")
     everything = list(range(len(pair.low)))
     if "input" not in row["methods"]:
         baselines(row, pair, everything)
-    run(row, pair, everything, "rnst_fast", fast.denoiser)
-    run(row, pair, everything, "rnst_fast_nlm", "nlm")
+    run(row, pair, everything, "rnst_fast")
+    run(row, pair, everything, "rnst_fast_style", prior="style")
     save()
     print(table(rows))
     print(summary(rows))

@@ -31,12 +31,13 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def _add_run_options(p):
     from .nst import BACKBONES
-    from .rnst import DENOISERS, PRESETS
+    from .rnst import DENOISERS, PRESETS, PRIORS
     p.add_argument("--preset", choices=list(PRESETS), default="fast",
                    help="fast (default): 1 iteration, 40+40+40 evaluations, non-local means over "
-                        "the slice and its neighbours (about 50 CPU seconds per 140x118 slice); "
-                        "paper: the published 20 iterations, 500+600+700 evaluations, BM3D "
-                        "(hours per slice on a CPU)")
+                        "the slice and its neighbours, the denoised slice as the RED prior "
+                        "(about 80 CPU seconds per 140x118 slice); paper: the published 20 "
+                        "iterations, 500+600+700 evaluations, BM3D, the style transfer as the "
+                        "prior (hours per slice on a CPU)")
     p.add_argument("--iterations", type=int, help="override the preset's outer iterations")
     p.add_argument("--evaluations", type=_budgets, metavar="A,B,C",
                    help="override the preset's L-BFGS evaluations of the candidates (each "
@@ -45,6 +46,9 @@ def _add_run_options(p):
                    help="override the preset's denoiser: nlm-2.5d (non-local means with the "
                         "neighbouring slices), nlm (the slice alone), bm3d (needs the separately "
                         "installed, non-commercial 'bm3d' package)")
+    p.add_argument("--prior", choices=list(PRIORS),
+                   help="override the preset's RED prior D in lambda (x - D): denoiser (the "
+                        "denoised slice) or style (the style transfer's image, as published)")
     p.add_argument("--backbone", choices=list(BACKBONES), default="vgg16",
                    help="feature network (resnet50/152 need --weights)")
     p.add_argument("--weights", help="a Keras application weights file (VGG16, ResNet50 or "
@@ -126,11 +130,11 @@ def cmd_transfer(args) -> int:
                                                                  direction_matrix(s_img))
     slices = parse_slices(args.slices, content.shape[axis])
     preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser,
-                        budgets=args.evaluations)
+                        budgets=args.evaluations, prior=args.prior)
     model, backbone = build_model(args.backbone, args.weights)
 
     shape = [n for a, n in enumerate(content.shape) if a != axis]
-    print(f"RNST {preset.name} ({backbone.name}, {preset.denoiser}, {compute_device()}): "
+    print(f"RNST {preset.name} ({backbone.name}, {preset.denoiser}, prior {preset.prior}, {compute_device()}): "
           f"{len(slices)} {args.plane} slice(s) {slices.start}..{slices.stop - 1} of "
           f"{args.content}, style {args.style}; slice by slice; about "
           f"{estimate_seconds(preset, shape, len(slices)) / 60:.1f} min on 2 idle CPU cores "
@@ -159,7 +163,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     from .rnst import get_preset
     preset = get_preset(args.preset, outer_iterations=args.iterations, denoiser=args.denoiser,
-                        budgets=args.evaluations)
+                        budgets=args.evaluations, prior=args.prior)
     from .nst import build_model
     model, backbone = build_model(args.backbone, args.weights)
     run_demo(args.out, preset=preset, model=model, backbone=backbone, seed=args.seed,

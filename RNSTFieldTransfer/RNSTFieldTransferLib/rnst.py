@@ -26,6 +26,13 @@ default does not). Deliberate differences, and why:
   (its licence allows non-commercial use only, and no redistribution: this project does not
   install it). Their BM3D is given the known noise level; here it is estimated from the image
   (Immerkaer's method).
+- `prior`: the image D of the RED term lambda (x - D). Published: D = T_3, the style transfer's
+  own image ("style"). The `fast` preset uses the denoiser's image of the low-field slice
+  ("denoiser": D = denoise(x0), as in Romano et al.'s RED, where D is a denoiser), so that a
+  candidate is a blend of the style transfer and the denoised slice: where the style image is
+  another subject, the style transfer alone drifts from the low field's anatomy and contrast,
+  and the blend keeps it anchored (benchmarks/results/rnst.md). With one outer iteration D is
+  exactly the start of the style transfer; it stays that image in later iterations.
 - Several slices of one size may be optimised together (a GPU batch): one L-BFGS run on the sum
   of their independent losses, each slice keeping its own best images, candidates and choice.
 """
@@ -39,6 +46,7 @@ import numpy as np
 from .errors import RNSTInputError
 
 DENOISERS = ("nlm-2.5d", "nlm", "bm3d")
+PRIORS = ("denoiser", "style")   # D of the RED term: the denoised slice, or T_3 (published)
 
 
 @dataclass(frozen=True)
@@ -50,15 +58,20 @@ class Preset:
     step_multipliers: tuple = (1, 2, 3, 4, 5)
     lam: float = 0.7
     denoiser: str = "nlm-2.5d"
+    prior: str = "denoiser"   # see PRIORS
 
 
 PRESETS = {
-    # Sized for 2 CPU cores (a 3-slice 140 x 118 slab in about 2.5 CPU minutes): the published
+    # Sized for 2 CPU cores (a 3-slice 139 x 115 slab in about 3.5 CPU minutes): the published
     # loop with one outer iteration and 40 + 40 + 40 evaluations, started from non-local means
-    # over the slice and its neighbours (it beat BM3D as the start, benchmarks/rnst_denoisers.py).
-    "fast": Preset("fast", outer_iterations=1, budgets=(40, 40, 40), denoiser="nlm-2.5d"),
-    # The published settings (engine_settings (20, 0.15, 0.7, 5, 3), 500 + 100 j steps, BM3D).
-    "paper": Preset("paper", outer_iterations=20, budgets=(500, 600, 700), denoiser="bm3d"),
+    # over the slice and its neighbours (it beat BM3D as the start, benchmarks/rnst_denoisers.py),
+    # with that denoised slice as the RED prior D.
+    "fast": Preset("fast", outer_iterations=1, budgets=(40, 40, 40), denoiser="nlm-2.5d",
+                   prior="denoiser"),
+    # The published settings (engine_settings (20, 0.15, 0.7, 5, 3), 500 + 100 j steps, BM3D,
+    # D = T_3).
+    "paper": Preset("paper", outer_iterations=20, budgets=(500, 600, 700), denoiser="bm3d",
+                    prior="style"),
 }
 
 
@@ -67,6 +80,8 @@ def get_preset(name: str, **overrides) -> Preset:
         raise RNSTInputError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     preset = replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
     check_denoiser(preset.denoiser)
+    if preset.prior not in PRIORS:
+        raise RNSTInputError(f"unknown prior {preset.prior!r}: choose one of {', '.join(PRIORS)}")
     if preset.outer_iterations < 1:
         raise RNSTInputError("iterations must be at least 1")
     return preset
@@ -195,11 +210,13 @@ def rnst_slices(contents, styles, model, preset: Preset, backbone=None,
     best_loss, best_x = np.full(n, np.inf), x.copy()
     for i in range(preset.outer_iterations):
         x = scaled(x)
-        start = np.stack([denoise(xs, preset.denoiser, nb) for xs, nb in zip(x, neighbours)]) \
-            if i == 0 else x
+        if i == 0:
+            denoised = scaled(np.stack([denoise(xs, preset.denoiser, nb)
+                                        for xs, nb in zip(x, neighbours)]))
+        start = denoised if i == 0 else x
         nst = problem.run(scaled(start).astype(np.float32), preset.budgets, cancel=cancel,
                           on_eval=lambda _: count())
-        d = nst.images[-1].astype(np.float64)
+        d = denoised if preset.prior == "denoiser" else nst.images[-1].astype(np.float64)
         losses, choices, cands = [], [], []
         for k in preset.step_multipliers:
             step = preset.mu * k
