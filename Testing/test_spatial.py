@@ -367,3 +367,32 @@ def test_evaluate_reports_every_new_column_on_a_stroke_cohort(tmp_path, tiny_dat
     files = evaluate.write_reports(ev, tmp_path / "report")
     assert json.loads((tmp_path / "report" / "evaluation.json").read_text())["lesion_summary"]
     assert any(f.name == "lesion_summary.csv" for f in files)
+
+
+def test_interval_factors_by_noise_level_pick_the_volumes_bin():
+    """Mondrian factors with a noise axis: a quiet volume gets the first bin's factors, a noisy one the last;
+    without the volume's noise level such factors are refused rather than guessed."""
+    scale = {"width_edges_pp": [5.0], "abnormality_edges_pp": [5.0, 10.0], "noise_edges": [-4.0, -3.0],
+             "factors": [[[1.0, 1.1], [1.2, 1.3], [1.4, 1.5]], [[2.0, 2.1], [2.2, 2.3], [2.4, 2.5]],
+                         [[3.0, 3.1], [3.2, 3.3], [3.4, 3.5]]]}
+    half = np.array([2.0, 8.0, 2.0])
+    oef = np.array([40.0, 40.0, 60.0])  # median 40: the third voxel is lesion-like
+    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -5.0), [1.0, 1.1, 1.4])
+    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -2.0), [3.0, 3.1, 3.4])
+    with pytest.raises(ValueError, match="noise level"):
+        spatial.interval_factors(scale, half, half, oef)
+
+
+def test_the_noise_level_follows_the_snr_not_the_anatomy():
+    """decay.noise_level, which the interval's noise bins read: about log10(5) higher at SNR 40 than at 200,
+    and noise-free data far below both."""
+    from OEFPredictorLib import decay, phantom, physics, simulate
+
+    patient = phantom.make_patient(np.random.SeedSequence([5, 1]), phantom.PatientConfig.stroke(4.0))
+    levels = {}
+    for snr in (None, 200.0, 40.0):
+        echoes, _, _ = simulate.synthesize(patient.params, patient.mask, physics.Protocol.default(),
+                                           simulate.NoiseModel(snr, 2.0), np.random.default_rng(0))
+        levels[snr] = decay.noise_level(echoes[patient.mask], physics.Protocol.default())
+    assert 0.5 < levels[40.0] - levels[200.0] < 0.9
+    assert levels[None] < levels[200.0] - 0.3

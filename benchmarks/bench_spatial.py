@@ -6,6 +6,8 @@ experimental U-Net) against the paper's LSTM.
 - 1 mm: predict_maps with each bundled spatial model on a whole simulated 1 mm brain (stroke-like
   patient, SNR 100), end to end (mask, features, resampling to the 2 mm model grid, network, back to
   1 mm, quality map), in a fresh process whose peak RSS is sampled (psutil).
+- another echo train (12 echoes 3.5/4.1 ms, 3 T): the context model with its decay resampled to the
+  model's protocol (decay.resample_echoes), at 1 and 2 mm, time and peak memory;
 - 2 mm: the same end-to-end time on a whole 2 mm brain for the spatial model and for the paper's
   LSTM; the LSTM runs --lstm-voxels brain voxels and its whole-brain time is extrapolated from that
   throughput (said so in the JSON), since the whole brain takes minutes on two cores.
@@ -31,26 +33,34 @@ sys.path.insert(0, str(REPO / "OEFPredictor"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def make_volume(voxel_size: float):
-    from OEFPredictorLib import phantom, physics, simulate
+OTHER_ECHOES_MS = [3.5 + 4.1 * i for i in range(12)]  # an echo train the context model resamples
+
+
+def protocol_of(echoes_ms):
+    from OEFPredictorLib import physics
+
+    return physics.Protocol.from_milliseconds(echoes_ms, 3.0) if echoes_ms else physics.Protocol.default()
+
+
+def make_volume(voxel_size: float, echoes_ms=None):
+    from OEFPredictorLib import phantom, simulate
 
     patient = phantom.make_patient(np.random.SeedSequence([7, 4]), phantom.PatientConfig.stroke(voxel_size))
-    echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, physics.Protocol.default(),
+    echoes, qsm, _ = simulate.synthesize(patient.params, patient.mask, protocol_of(echoes_ms),
                                          simulate.NoiseModel(), np.random.default_rng(0))
     return echoes, qsm, patient.mask
 
 
-def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | None = None) -> dict:
-    from OEFPredictorLib import physics, predict
+def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | None = None, echoes_ms=None) -> dict:
+    from OEFPredictorLib import predict
 
-    echoes, qsm, mask = make_volume(voxel_size)
+    echoes, qsm, mask = make_volume(voxel_size, echoes_ms)
     n_brain = int(mask.sum())
     if max_voxels is not None and max_voxels < n_brain:
         sub = np.zeros(mask.size, bool)
         sub[np.flatnonzero(mask)[:max_voxels]] = True
         mask = sub.reshape(mask.shape)
-    inputs = predict.PredictionInputs(echoes, qsm, physics.Protocol.default(), mask,
-                                      spacing=(voxel_size,) * 3)
+    inputs = predict.PredictionInputs(echoes, qsm, protocol_of(echoes_ms), mask, spacing=(voxel_size,) * 3)
     predict.predict_maps(inputs, method=method, device="cpu")  # warm-up: load, trace
     times = []
     for _ in range(repeats):
@@ -59,16 +69,17 @@ def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | 
         times.append(time.perf_counter() - t0)
     seconds = float(np.median(times))
     n = int(mask.sum())
-    return {"method": method, "voxel_size_mm": voxel_size, "volume_shape": list(mask.shape), "brain_voxels": n_brain,
+    return {"method": method, "protocol": protocol_of(echoes_ms).describe(), "voxel_size_mm": voxel_size,
+            "volume_shape": list(mask.shape), "brain_voxels": n_brain,
             "voxels_predicted": n, "seconds": round(seconds, 3), "runs": [round(t, 3) for t in times],
             "seconds_per_brain": round(seconds * n_brain / n, 2),
             "whole_brain": "measured" if n == n_brain else f"extrapolated from {n} voxels"}
 
 
-def peak_rss_child(method: str, voxel_size: float) -> dict:
+def peak_rss_child(method: str, voxel_size: float, echoes_ms=None) -> dict:
     """Peak RSS of a fresh process that predicts one whole brain with a spatial model."""
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'OEFPredictor')!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r});"
-            f"import bench_spatial as b; print(b.time_method({method!r}, {voxel_size}, 1)['seconds'])")
+            f"import bench_spatial as b; print(b.time_method({method!r}, {voxel_size}, 1, None, {echoes_ms!r})['seconds'])")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     import psutil
 
@@ -80,7 +91,8 @@ def peak_rss_child(method: str, voxel_size: float) -> dict:
             break
         time.sleep(0.05)
     proc.communicate()
-    return {"method": method, "voxel_size_mm": voxel_size, "peak_rss_gib": round(peak / 2 ** 30, 3),
+    return {"method": method, "protocol": protocol_of(echoes_ms).describe(), "voxel_size_mm": voxel_size,
+            "peak_rss_gib": round(peak / 2 ** 30, 3),
             "note": "whole process: Python, TensorFlow, the simulated patient and its maps"}
 
 
@@ -101,6 +113,9 @@ def main() -> int:
         results[f"speedup_2mm_{method}_vs_lstm"] = round(results["lstm_2mm"]["seconds_per_brain"]
                                                          / results[f"{method}_2mm"]["seconds_per_brain"], 1)
         results["memory"].append(peak_rss_child(method, 1.0))
+    results["context_1mm_other_protocol"] = time_method("context", 1.0, args.repeats, None, OTHER_ECHOES_MS)
+    results["context_2mm_other_protocol"] = time_method("context", 2.0, args.repeats, None, OTHER_ECHOES_MS)
+    results["memory"].append(peak_rss_child("context", 1.0, OTHER_ECHOES_MS))
     results["targets"] = {"spatial_1mm_seconds_max": 10.0, "speedup_2mm_min": 10.0, "peak_rss_1mm_gib_max": 2.0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -208,12 +208,13 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_scale=1.0,
-           r2_factor: float = 1.0) -> dict:
+           r2_factor: float = 1.0, noise_level: float | None = None) -> dict:
     """(N, 7) network outputs of in-mask voxels -> clamped parameters, OEF and its interval (percent).
 
     `r2_factor`: real-time R2 per predicted R2 (B0 / 3 for protocol-free models, which predict R2 in
     3 T-equivalent time). `interval_scale`: the conformal factor(s), see interval_factors; the voxels are
-    one volume's brain (the abnormality is relative to its median)."""
+    one volume's brain (the abnormality is relative to its median) of noise level `noise_level`
+    (decay.noise_level)."""
     from . import models
 
     n = len(physics.PARAMETER_NAMES)
@@ -223,7 +224,7 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
     oef = 100.0 * physics.oef_from_Y(params["Y"])
     half_below = softplus(raw[:, n]) * INTERVAL_UNIT * 100.0
     half_above = softplus(raw[:, n + 1]) * INTERVAL_UNIT * 100.0
-    k = interval_factors(interval_scale, half_below, half_above, oef)
+    k = interval_factors(interval_scale, half_below, half_above, oef, noise_level)
     out = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
     out["OEF"] = oef.astype(np.float32)
     out["OEF_p05"] = np.clip(oef - k * half_below, 0.0, 100.0).astype(np.float32)
@@ -232,15 +233,21 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
     return out
 
 
-def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndarray, oef: np.ndarray):
+def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndarray, oef: np.ndarray,
+                     noise_level: float | None = None):
     """The conformal factor of each voxel's interval: one number for all, or Mondrian (a card's
-    {"width_edges_pp", "abnormality_edges_pp", "factors"}): voxels are calibrated among those of the same
-    bin of the network's own half-width and of predicted abnormality (|OEF - the brain's median OEF|),
-    so the interval is right where the network is unsure, and where it sees a lesion, not only on
-    average."""
+    {"width_edges_pp", "abnormality_edges_pp", "factors"}, and "noise_edges" where the factors are also by
+    the volume's noise level): voxels are calibrated among those of the same bin of the network's own
+    half-width and of predicted abnormality (|OEF - the brain's median OEF|), so the interval is right
+    where the network is unsure, and where it sees a lesion, not only on average; and among volumes of
+    about the same noise, because the network's own half-width does not grow enough with the noise."""
     if not isinstance(interval_scale, dict):
         return float(interval_scale)
-    factors = np.asarray(interval_scale["factors"], dtype=np.float32)  # (abnormality bins, width bins)
+    factors = np.asarray(interval_scale["factors"], dtype=np.float32)  # ([noise bins,] abnormality bins, width bins)
+    if "noise_edges" in interval_scale:
+        if noise_level is None:
+            raise ValueError("these interval factors need the volume's noise level")
+        factors = factors[int(np.searchsorted(np.asarray(interval_scale["noise_edges"]), noise_level))]
     width = np.searchsorted(np.asarray(interval_scale["width_edges_pp"]), 0.5 * (half_below + half_above))
     abnormal = np.searchsorted(np.asarray(interval_scale["abnormality_edges_pp"]),
                                np.abs(oef - (np.median(oef) if oef.size else 0.0)))
@@ -479,10 +486,12 @@ def reads_qsm_from_csf(card: dict) -> bool:
 
 def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray, spacing_zyx,
                    protocol: physics.Protocol | None = None, predict=None, check_cancel=None,
-                   progress=None, warnings: list[str] | None = None) -> dict[str, np.ndarray]:
+                   progress=None, warnings: list[str] | None = None,
+                   diagnostics: dict | None = None) -> dict[str, np.ndarray]:
     """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
     (C order), like the voxelwise engine. `protocol`: the data's acquisition, which the engine
-    (predict.Predictor) passes to every spatial model (protocol-free models need it; None: the card's)."""
+    (predict.Predictor) passes to every spatial model (protocol-free models need it; None: the card's).
+    `diagnostics`, when given, receives the volume's "noise_level" (decay.noise_level)."""
     from . import decay
 
     card = bundle.card
@@ -492,6 +501,9 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     model_mm = float(info["voxel_size_mm"])
     report = progress or (lambda fraction, message: None)
     r2_factor = 1.0 / decay.r2_3t_equivalent_factor(protocol) if spec.get("decay") else 1.0
+    noise_level = decay.noise_level(echoes[mask], protocol)  # of the data as measured
+    if diagnostics is not None:
+        diagnostics["noise_level"] = noise_level
     if not spec.get("decay") and not protocol.matches(bundle.protocol):  # checked supported by the Predictor
         report(0.05, "Resampling the decay to the model's echo times")
         echoes = decay.resample_echoes(echoes, mask, protocol, bundle.protocol, spacing_zyx, check_cancel)
@@ -518,4 +530,5 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     channels = from_model_grid(raw, grid_mask, mask, factors)
     del raw
     echo1 = echoes[..., 0][mask].astype(np.float32)
-    return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor)
+    return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor, noise_level)
+

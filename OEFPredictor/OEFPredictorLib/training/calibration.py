@@ -15,6 +15,7 @@ from .data import CALIBRATION_SEED, stroke_patient
 WIDTH_BINS = 5  # quantile bins of the network's half-width
 ABNORMALITY_EDGES_PP = (5.0, 10.0)  # |OEF - brain median|: normal, unusual, lesion-like
 MIN_BIN_VOXELS = 200  # a bin with fewer calibration voxels keeps the overall factor
+NOISE_BINS = 3  # recalibrate: bins of the volumes' noise level (spatial.volume_noise_level), by calibration volume
 
 
 def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
@@ -71,24 +72,37 @@ def mondrian(model, draws, scaling: dict) -> dict:
 def mondrian_factors(scores: np.ndarray, widths: np.ndarray, abnormal: np.ndarray) -> dict:
     """Per-bin conformal factors from per-voxel scores (interval_scores), half-widths (pp, before any factor)
     and predicted abnormality (pp): the card's "interval_scale" (see spatial.interval_factors) and a record."""
+    return _mondrian(scores, widths, abnormal, np.zeros(len(scores), int), None)
+
+
+def _mondrian(scores, widths, abnormal, noise_bin, noise_edges) -> dict:
+    """mondrian_factors, and per noise bin where noise_edges is given (factors (noise, abnormality, width))."""
     width_edges = np.quantile(widths, np.linspace(0, 1, WIDTH_BINS + 1)[1:-1])
     w_bin = np.searchsorted(width_edges, widths)
     a_bin = np.searchsorted(ABNORMALITY_EDGES_PP, abnormal)
     overall = conformal_factor(scores)
-    factors = np.full((len(ABNORMALITY_EDGES_PP) + 1, WIDTH_BINS), overall)
+    n_noise = 1 if noise_edges is None else len(noise_edges) + 1
+    factors = np.full((n_noise, len(ABNORMALITY_EDGES_PP) + 1, WIDTH_BINS), overall)
     counts = np.zeros(factors.shape, int)
-    for a in range(factors.shape[0]):
-        for w in range(WIDTH_BINS):
-            inside = (a_bin == a) & (w_bin == w)
-            counts[a, w] = int(inside.sum())
-            if counts[a, w] >= MIN_BIN_VOXELS:
-                factors[a, w] = conformal_factor(scores[inside])
-    return {"interval_scale": {"width_edges_pp": [round(float(e), 4) for e in width_edges],
-                               "abnormality_edges_pp": list(ABNORMALITY_EDGES_PP),
-                               "factors": [[round(float(f), 4) for f in row] for row in factors]},
+    for n in range(n_noise):
+        fallback = conformal_factor(scores[noise_bin == n]) if np.any(noise_bin == n) else overall
+        for a in range(factors.shape[1]):
+            for w in range(WIDTH_BINS):
+                inside = (noise_bin == n) & (a_bin == a) & (w_bin == w)
+                counts[n, a, w] = int(inside.sum())
+                factors[n, a, w] = conformal_factor(scores[inside]) if counts[n, a, w] >= MIN_BIN_VOXELS else fallback
+    scale = {"width_edges_pp": [round(float(e), 4) for e in width_edges],
+             "abnormality_edges_pp": list(ABNORMALITY_EDGES_PP)}
+    if noise_edges is None:
+        factors, counts = factors[0], counts[0]
+    else:
+        scale["noise_edges"] = [round(float(e), 4) for e in noise_edges]
+    scale["factors"] = np.round(factors, 4).tolist()
+    return {"interval_scale": scale,
             "record": {"voxels": int(len(scores)), "voxels_per_bin": counts.tolist(),
                        "coverage_before": round(float(np.mean(scores <= 1.0)), 4), "single_factor": round(overall, 4),
-                       "method": "Mondrian split conformal, 90 %, by half-width x abnormality"}}
+                       "method": "Mondrian split conformal, 90 %, by " + ("half-width x abnormality" if noise_edges is None
+                                                                          else "noise level x half-width x abnormality")}}
 
 
 # --- Recalibrating a trained model's interval over the acquisitions it reads ------------------------
@@ -116,7 +130,7 @@ def recalibrate(bundle, config, progress=None) -> dict:
 
     raw_bundle = models.ModelBundle(bundle.model, dict(bundle.card, spatial=dict(bundle.card["spatial"],
                                                                                  interval_scale=1.0)), bundle.path)
-    scores, widths, abnormal, lesion = [], [], [], []
+    scores, widths, abnormal, lesion, levels = [], [], [], [], []
     protocols = []
     for i in range(config.calibration_patients):
         rng = np.random.default_rng([CALIBRATION_SEED, i, 11])
@@ -126,20 +140,32 @@ def recalibrate(bundle, config, progress=None) -> dict:
         echoes, qsm, _ = signals(patient, protocol, rng.uniform(*config.r2_field_exponent))
         echoes, qsm, _ = noise.add_noise(echoes, qsm, rng, config)
         qsm = np.where(patient.mask, qsm + np.float32(rng.uniform(-1, 1) * config.qsm_offset_ppm), 0.0)
-        out = spatial.predict_volume(raw_bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3, protocol)
+        diagnostics = {}
+        out = spatial.predict_volume(raw_bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3, protocol,
+                                     diagnostics=diagnostics)
         keep = patient.metric[patient.mask]
         truth = 100.0 * physics.oef_from_Y(patient.params[..., 2][patient.mask].astype(np.float64))
         scores.append(interval_scores(out, truth)[keep])
         widths.append((0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep])
         abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
         lesion.append((patient.lesion_map[patient.mask] > 0)[keep])
+        levels.append(np.full(int(keep.sum()), np.nan if diagnostics["noise_level"] is None
+                              else diagnostics["noise_level"]))
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
-    scores, widths, abnormal, lesion = (np.concatenate(a) for a in (scores, widths, abnormal, lesion))
-    found = mondrian_factors(scores, widths, abnormal)
+    per_volume = [float(level[0]) for level in levels if len(level)]
+    scores, widths, abnormal, lesion, levels = (np.concatenate(a) for a in (scores, widths, abnormal, lesion, levels))
+    if np.isnan(levels).any():  # a model without local-noise channels: no noise axis
+        levels[:] = 0.0
+        noise_edges = None
+    else:
+        noise_edges = np.quantile(per_volume, np.linspace(0, 1, NOISE_BINS + 1)[1:-1])
+    noise_bin = np.zeros(len(levels), int) if noise_edges is None else np.searchsorted(noise_edges, levels)
+    found = _mondrian(scores, widths, abnormal, noise_bin, noise_edges)
     scale = found["interval_scale"]
-    factor = np.asarray(scale["factors"])[np.searchsorted(scale["abnormality_edges_pp"], abnormal),
-                                          np.searchsorted(scale["width_edges_pp"], widths)]
+    factors = np.asarray(scale["factors"]).reshape((-1,) + np.shape(scale["factors"])[-2:])
+    factor = factors[noise_bin, np.searchsorted(scale["abnormality_edges_pp"], abnormal),
+                     np.searchsorted(scale["width_edges_pp"], widths)]
     covered = scores <= factor
     found["record"].update(coverage_after=round(float(covered.mean()), 4),
                            lesion_coverage_before=round(float(np.mean(scores[lesion] <= 1.0)), 4),
