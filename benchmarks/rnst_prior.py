@@ -2,6 +2,7 @@
 levers tried against it -> appends one JSON line per run to benchmarks/results/rnst_prior.jsonl.
 
     .venv/bin/python benchmarks/rnst_prior.py SOURCE NOISE NAME [key=value ...]
+    .venv/bin/python benchmarks/rnst_prior.py SOURCE NOISE baselines   (input, nlm-2.5d, BM3D)
 
 SOURCE: mni, patient1 (tuning), patient2; NOISE: 0.03, 0.06, 0.10. Options (one change at a time
 from `fast`):
@@ -34,8 +35,32 @@ def project_discrepancy(out, x0):
     return (None if r <= bound else x0 + (out - x0) * bound / r), r / bound
 
 
+def write(rec):
+    print(json.dumps(rec), flush=True)
+    with open(REPO / "benchmarks" / "results" / "rnst_prior.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def baselines(source, noise):
+    """The middle slice alone: input, nlm-2.5d (the default's start and D), BM3D if installed."""
+    pair = pairs.make_pair(source, noise, seed=0)
+    low01 = volume.minmax(pair.low)
+    ref = pair.reference[1]
+
+    def q(a):
+        return [round(v, 3) for v in volume.quality(a, ref)]
+
+    rec = {"case": f"{source} {noise}", "variant": "baselines", "input": q(low01[1]),
+           "nlm-2.5d": q(rnst.denoise(low01[1], "nlm-2.5d", [low01[0], low01[2]]))}
+    if rnst.bm3d_available():
+        rec["bm3d"] = q(rnst.denoise(low01[1], "bm3d"))
+    write(rec)
+
+
 def main(argv):
     source, noise, name = argv[0], float(argv[1]), argv[2]
+    if name == "baselines":
+        return baselines(source, noise)
     opts = dict(a.split("=") for a in argv[3:])
     anchor = opts.get("anchor", "x0")
     stylehist = opts.get("stylehist", "0") == "1"
@@ -87,9 +112,7 @@ def main(argv):
            "cpu": round(cpu), "pick": int(np.argmin(losses)),
            "residual_over_sigma_sqrtN": round(ratio, 2),
            "projected": None if projected is None else q(projected)}
-    print(json.dumps(rec), flush=True)
-    with open(REPO / "benchmarks" / "results" / "rnst_prior.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    write(rec)
 
 
 if __name__ == "__main__":
