@@ -230,8 +230,9 @@ def test_recalibration_covers_90_percent_of_its_calibration_voxels_and_replaces_
     shutil.copy(out, model)
     shutil.copy(out.with_suffix(".json"), model.with_suffix(".json"))
     before = model.read_bytes()
-    assert calibration.main([str(model), "--patients", "2"]) == 0
+    assert calibration.main([str(model), "--patients", "3"]) == 0
     card = models.load_bundle(model).card  # still loads: checksum of the unchanged model
     record = card["spatial"]["calibration"]
-    assert 0.88 <= record["coverage_after"] <= 0.92 and len(record["protocols"]) == 2
+    assert 0.88 <= record["coverage_after"] <= 0.92 and len(record["protocols"]) == 3
+    assert set(card["spatial"]["interval_scale"]["noise"]) == {"intercept", "slope"}
     assert model.read_bytes() == before and not model.with_suffix(".json.partial").exists()

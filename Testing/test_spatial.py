@@ -369,16 +369,16 @@ def test_evaluate_reports_every_new_column_on_a_stroke_cohort(tmp_path, tiny_dat
     assert any(f.name == "lesion_summary.csv" for f in files)
 
 
-def test_interval_factors_by_noise_level_pick_the_volumes_bin():
-    """Mondrian factors with a noise axis: a quiet volume gets the first bin's factors, a noisy one the last;
-    without the volume's noise level such factors are refused rather than guessed."""
-    scale = {"width_edges_pp": [5.0], "abnormality_edges_pp": [5.0, 10.0], "noise_edges": [-4.0, -3.0],
-             "factors": [[[1.0, 1.1], [1.2, 1.3], [1.4, 1.5]], [[2.0, 2.1], [2.2, 2.3], [2.4, 2.5]],
-                         [[3.0, 3.1], [3.2, 3.3], [3.4, 3.5]]]}
+def test_interval_factors_grow_with_the_volumes_noise_level():
+    """Mondrian factors relative to a noise scale: 10^(intercept + slope x level) multiplies every bin's
+    factor; without the volume's noise level such factors are refused rather than guessed."""
+    scale = {"width_edges_pp": [5.0], "abnormality_edges_pp": [5.0, 10.0], "noise": {"intercept": 1.0, "slope": 0.5},
+             "factors": [[1.0, 1.1], [1.2, 1.3], [1.4, 1.5]]}
     half = np.array([2.0, 8.0, 2.0])
     oef = np.array([40.0, 40.0, 60.0])  # median 40: the third voxel is lesion-like
-    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -5.0), [1.0, 1.1, 1.4])
-    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -2.0), [3.0, 3.1, 3.4])
+    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -2.0), [1.0, 1.1, 1.4], rtol=1e-6)
+    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -1.0), np.sqrt(10) * np.array([1.0, 1.1, 1.4]),
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="noise level"):
         spatial.interval_factors(scale, half, half, oef)
 

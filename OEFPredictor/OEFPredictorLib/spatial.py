@@ -236,22 +236,28 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
 def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndarray, oef: np.ndarray,
                      noise_level: float | None = None):
     """The conformal factor of each voxel's interval: one number for all, or Mondrian (a card's
-    {"width_edges_pp", "abnormality_edges_pp", "factors"}, and "noise_edges" where the factors are also by
-    the volume's noise level): voxels are calibrated among those of the same bin of the network's own
-    half-width and of predicted abnormality (|OEF - the brain's median OEF|), so the interval is right
-    where the network is unsure, and where it sees a lesion, not only on average; and among volumes of
-    about the same noise, because the network's own half-width does not grow enough with the noise."""
+    {"width_edges_pp", "abnormality_edges_pp", "factors"}): voxels are calibrated among those of the same
+    bin of the network's own half-width and of predicted abnormality (|OEF - the brain's median OEF|),
+    so the interval is right where the network is unsure, and where it sees a lesion, not only on
+    average. With "noise" ({"intercept", "slope"}) the factors are relative to 10^(intercept + slope x
+    the volume's noise level), because the network's own half-width does not grow enough with the noise."""
     if not isinstance(interval_scale, dict):
         return float(interval_scale)
-    factors = np.asarray(interval_scale["factors"], dtype=np.float32)  # ([noise bins,] abnormality bins, width bins)
-    if "noise_edges" in interval_scale:
-        if noise_level is None:
-            raise ValueError("these interval factors need the volume's noise level")
-        factors = factors[int(np.searchsorted(np.asarray(interval_scale["noise_edges"]), noise_level))]
+    factors = np.asarray(interval_scale["factors"], dtype=np.float32)  # (abnormality bins, width bins)
     width = np.searchsorted(np.asarray(interval_scale["width_edges_pp"]), 0.5 * (half_below + half_above))
     abnormal = np.searchsorted(np.asarray(interval_scale["abnormality_edges_pp"]),
                                np.abs(oef - (np.median(oef) if oef.size else 0.0)))
-    return factors[abnormal, width]
+    return factors[abnormal, width] * noise_scale(interval_scale, noise_level)
+
+
+def noise_scale(interval_scale: dict, noise_level: float | None) -> float:
+    """The interval's scale for a volume's noise level (decay.noise_level): 1 without a "noise" entry."""
+    noise = interval_scale.get("noise")
+    if noise is None:
+        return 1.0
+    if noise_level is None or not np.isfinite(noise_level):
+        raise ValueError("these interval factors need the volume's noise level")
+    return float(10.0 ** (noise["intercept"] + noise["slope"] * noise_level))
 
 
 # --- Resampling between the data's grid and the model's -----------------------------------------
@@ -501,7 +507,9 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     model_mm = float(info["voxel_size_mm"])
     report = progress or (lambda fraction, message: None)
     r2_factor = 1.0 / decay.r2_3t_equivalent_factor(protocol) if spec.get("decay") else 1.0
-    noise_level = decay.noise_level(echoes[mask], protocol)  # of the data as measured
+    inside = np.flatnonzero(mask)
+    sample = inside[::max(1, len(inside) // decay.NOISE_SAMPLE)]  # no full copy of the brain's echoes
+    noise_level = decay.noise_level(echoes[np.unravel_index(sample, mask.shape)], protocol)  # as measured
     if diagnostics is not None:
         diagnostics["noise_level"] = noise_level
     if not spec.get("decay") and not protocol.matches(bundle.protocol):  # checked supported by the Predictor

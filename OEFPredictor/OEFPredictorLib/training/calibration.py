@@ -15,7 +15,6 @@ from .data import CALIBRATION_SEED, stroke_patient
 WIDTH_BINS = 5  # quantile bins of the network's half-width
 ABNORMALITY_EDGES_PP = (5.0, 10.0)  # |OEF - brain median|: normal, unusual, lesion-like
 MIN_BIN_VOXELS = 200  # a bin with fewer calibration voxels keeps the overall factor
-NOISE_BINS = 3  # recalibrate: bins of the volumes' noise level (spatial.volume_noise_level), by calibration volume
 
 
 def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
@@ -72,37 +71,24 @@ def mondrian(model, draws, scaling: dict) -> dict:
 def mondrian_factors(scores: np.ndarray, widths: np.ndarray, abnormal: np.ndarray) -> dict:
     """Per-bin conformal factors from per-voxel scores (interval_scores), half-widths (pp, before any factor)
     and predicted abnormality (pp): the card's "interval_scale" (see spatial.interval_factors) and a record."""
-    return _mondrian(scores, widths, abnormal, np.zeros(len(scores), int), None)
-
-
-def _mondrian(scores, widths, abnormal, noise_bin, noise_edges) -> dict:
-    """mondrian_factors, and per noise bin where noise_edges is given (factors (noise, abnormality, width))."""
     width_edges = np.quantile(widths, np.linspace(0, 1, WIDTH_BINS + 1)[1:-1])
     w_bin = np.searchsorted(width_edges, widths)
     a_bin = np.searchsorted(ABNORMALITY_EDGES_PP, abnormal)
     overall = conformal_factor(scores)
-    n_noise = 1 if noise_edges is None else len(noise_edges) + 1
-    factors = np.full((n_noise, len(ABNORMALITY_EDGES_PP) + 1, WIDTH_BINS), overall)
+    factors = np.full((len(ABNORMALITY_EDGES_PP) + 1, WIDTH_BINS), overall)
     counts = np.zeros(factors.shape, int)
-    for n in range(n_noise):
-        fallback = conformal_factor(scores[noise_bin == n]) if np.any(noise_bin == n) else overall
-        for a in range(factors.shape[1]):
-            for w in range(WIDTH_BINS):
-                inside = (noise_bin == n) & (a_bin == a) & (w_bin == w)
-                counts[n, a, w] = int(inside.sum())
-                factors[n, a, w] = conformal_factor(scores[inside]) if counts[n, a, w] >= MIN_BIN_VOXELS else fallback
-    scale = {"width_edges_pp": [round(float(e), 4) for e in width_edges],
-             "abnormality_edges_pp": list(ABNORMALITY_EDGES_PP)}
-    if noise_edges is None:
-        factors, counts = factors[0], counts[0]
-    else:
-        scale["noise_edges"] = [round(float(e), 4) for e in noise_edges]
-    scale["factors"] = np.round(factors, 4).tolist()
-    return {"interval_scale": scale,
+    for a in range(factors.shape[0]):
+        for w in range(WIDTH_BINS):
+            inside = (a_bin == a) & (w_bin == w)
+            counts[a, w] = int(inside.sum())
+            if counts[a, w] >= MIN_BIN_VOXELS:
+                factors[a, w] = conformal_factor(scores[inside])
+    return {"interval_scale": {"width_edges_pp": [round(float(e), 4) for e in width_edges],
+                               "abnormality_edges_pp": list(ABNORMALITY_EDGES_PP),
+                               "factors": [[round(float(f), 4) for f in row] for row in factors]},
             "record": {"voxels": int(len(scores)), "voxels_per_bin": counts.tolist(),
                        "coverage_before": round(float(np.mean(scores <= 1.0)), 4), "single_factor": round(overall, 4),
-                       "method": "Mondrian split conformal, 90 %, by " + ("half-width x abnormality" if noise_edges is None
-                                                                          else "noise level x half-width x abnormality")}}
+                       "method": "Mondrian split conformal, 90 %, by half-width x abnormality"}}
 
 
 # --- Recalibrating a trained model's interval over the acquisitions it reads ------------------------
@@ -119,11 +105,13 @@ def draw_acquisition(rng: np.random.Generator, supported, paper_share: float = 0
 
 
 def recalibrate(bundle, config, progress=None) -> dict:
-    """Mondrian calibration of a trained spatial model's interval through the engine's own path
+    """Calibration of a trained spatial model's interval through the engine's own path
     (spatial.predict_volume: resampling of other protocols included), on `config.calibration_patients`
     population-prior calibration patients (CALIBRATION_SEED; `config.lesion_free_share` of them without
     lesions), each at a protocol the model reads, an SNR drawn log-uniformly over `config.snr_range`, QSM
-    noise over `config.qsm_noise_ppb_range`, a receive-field bias and a QSM offset. Returns the card's
+    noise over `config.qsm_noise_ppb_range`, a receive-field bias and a QSM offset: a scale that grows
+    with the volume's noise level (decay.noise_level; fitted to the volumes' own conformal factors), then
+    Mondrian split conformal by half-width x abnormality on the scores relative to it. Returns the card's
     "interval_scale" and "calibration" entries."""
     from . import noise
     from .data import make_patient, signals
@@ -153,19 +141,24 @@ def recalibrate(bundle, config, progress=None) -> dict:
                               else diagnostics["noise_level"]))
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
-    per_volume = [float(level[0]) for level in levels if len(level)]
+    # The factor each volume needs grows with its noise: fitted as log10(factor) linear in the noise level,
+    # the scores divided by it, then the Mondrian bins on what is left
+    per_volume = np.array([[level[0], np.log10(conformal_factor(score))] for level, score in zip(levels, scores)
+                           if len(score)])
+    noise_fit = None
+    if np.isfinite(per_volume[:, 0]).all() and len(per_volume) >= 3:
+        slope, intercept = np.polyfit(per_volume[:, 0], per_volume[:, 1], 1)
+        noise_fit = {"intercept": round(float(intercept), 4), "slope": round(float(slope), 4)}
     scores, widths, abnormal, lesion, levels = (np.concatenate(a) for a in (scores, widths, abnormal, lesion, levels))
-    if np.isnan(levels).any():  # a model without local-noise channels: no noise axis
-        levels[:] = 0.0
-        noise_edges = None
-    else:
-        noise_edges = np.quantile(per_volume, np.linspace(0, 1, NOISE_BINS + 1)[1:-1])
-    noise_bin = np.zeros(len(levels), int) if noise_edges is None else np.searchsorted(noise_edges, levels)
-    found = _mondrian(scores, widths, abnormal, noise_bin, noise_edges)
+    scale_of_volume = 10.0 ** (noise_fit["intercept"] + noise_fit["slope"] * levels) if noise_fit else np.ones(len(scores))
+    found = mondrian_factors(scores / scale_of_volume, widths, abnormal)
     scale = found["interval_scale"]
-    factors = np.asarray(scale["factors"]).reshape((-1,) + np.shape(scale["factors"])[-2:])
-    factor = factors[noise_bin, np.searchsorted(scale["abnormality_edges_pp"], abnormal),
-                     np.searchsorted(scale["width_edges_pp"], widths)]
+    if noise_fit:
+        scale["noise"] = noise_fit
+        found["record"]["method"] += ", relative to a scale fitted to the volumes' noise level"
+    found["record"]["volumes_noise_level_and_log10_factor"] = np.round(per_volume, 3).tolist()
+    factor = np.asarray(scale["factors"])[np.searchsorted(scale["abnormality_edges_pp"], abnormal),
+                                          np.searchsorted(scale["width_edges_pp"], widths)] * scale_of_volume
     covered = scores <= factor
     found["record"].update(coverage_after=round(float(covered.mean()), 4),
                            lesion_coverage_before=round(float(np.mean(scores[lesion] <= 1.0)), 4),
