@@ -539,4 +539,3 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     del raw
     echo1 = echoes[..., 0][mask].astype(np.float32)
     return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor, noise_level)
-
