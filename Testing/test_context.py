@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from OEFPredictorLib import maptable, methods, models, physics, predict, spatial
-from OEFPredictorLib.training import calibration, data
+from OEFPredictorLib.training import calibration, data, recalibrate
 from OEFPredictorLib.training import context as train_context
 from OEFPredictorLib.errors import InputError
 
@@ -230,7 +230,7 @@ def test_recalibration_covers_90_percent_of_its_calibration_voxels_and_replaces_
     shutil.copy(out, model)
     shutil.copy(out.with_suffix(".json"), model.with_suffix(".json"))
     before = model.read_bytes()
-    assert calibration.main([str(model), "--patients", "3"]) == 0
+    assert recalibrate.main([str(model), "--patients", "3"]) == 0
     card = models.load_bundle(model).card  # still loads: checksum of the unchanged model
     record = card["spatial"]["calibration"]
     assert 0.88 <= record["coverage_after"] <= 0.92 and len(record["protocols"]) == 3
