@@ -31,12 +31,17 @@ def interval_scores(out: dict, truth: np.ndarray) -> np.ndarray:
     return np.where(truth < oef, (oef - truth) / below, (truth - oef) / above)
 
 
+def uncalibrated(model, card: dict, path: Path = Path(".")):
+    """The model as a bundle whose interval has no conformal factor yet (the raw network interval)."""
+    return models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), path)
+
+
 def calibration_scores(model, card: dict, config, progress=None) -> np.ndarray:
     """The U-Net's scores: per metric-mask voxel of population-prior calibration patients at the paper's
     protocol (SNR 50-200, QSM noise 1-3 ppb)."""
     scores = []
     protocol = physics.Protocol.default()
-    bundle = models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), Path("."))
+    bundle = uncalibrated(model, card)
     for i in range(config.calibration_patients):
         ss = np.random.SeedSequence([CALIBRATION_SEED, i])
         patient, _, _ = stroke_patient(ss, config, i, wide=False)
@@ -113,21 +118,18 @@ def recalibrate(bundle, config, progress=None) -> dict:
     with the volume's noise level (decay.noise_level; fitted to the volumes' own conformal factors), then
     Mondrian split conformal by half-width x abnormality on the scores relative to it. Returns the card's
     "interval_scale" and "calibration" entries."""
-    from . import noise
-    from .data import make_patient, signals
+    from .data import make_patient
+    from .noise import noisy_acquisition
 
-    raw_bundle = models.ModelBundle(bundle.model, dict(bundle.card, spatial=dict(bundle.card["spatial"],
-                                                                                 interval_scale=1.0)), bundle.path)
-    scores, widths, abnormal, lesion, levels = [], [], [], [], []
+    raw_bundle = uncalibrated(bundle.model, bundle.card, bundle.path)
+    scores, widths, abnormal, lesion, levels = [], [], [], [], []  # levels: one per volume
     protocols = []
     for i in range(config.calibration_patients):
         rng = np.random.default_rng([CALIBRATION_SEED, i, 11])
         patient = make_patient(CALIBRATION_SEED, i, config, wide=False)
         protocol = draw_acquisition(rng, bundle.protocol_range)
         protocols.append(protocol.describe())
-        echoes, qsm, _ = signals(patient, protocol, rng.uniform(*config.r2_field_exponent))
-        echoes, qsm, _ = noise.add_noise(echoes, qsm, rng, config)
-        qsm = np.where(patient.mask, qsm + np.float32(rng.uniform(-1, 1) * config.qsm_offset_ppm), 0.0)
+        echoes, qsm, _, _ = noisy_acquisition(patient, protocol, rng, config)
         diagnostics = {}
         out = spatial.predict_volume(raw_bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3, protocol,
                                      diagnostics=diagnostics)
@@ -137,19 +139,19 @@ def recalibrate(bundle, config, progress=None) -> dict:
         widths.append((0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep])
         abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
         lesion.append((patient.lesion_map[patient.mask] > 0)[keep])
-        levels.append(np.full(int(keep.sum()), np.nan if diagnostics["noise_level"] is None
-                              else diagnostics["noise_level"]))
+        levels.append(np.nan if diagnostics["noise_level"] is None else diagnostics["noise_level"])
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
     # The factor each volume needs grows with its noise: fitted as log10(factor) linear in the noise level,
     # the scores divided by it, then the Mondrian bins on what is left
-    per_volume = np.array([[level[0], np.log10(conformal_factor(score))] for level, score in zip(levels, scores)
+    per_volume = np.array([[level, np.log10(conformal_factor(score))] for level, score in zip(levels, scores)
                            if len(score)])
     noise_fit = None
     if np.isfinite(per_volume[:, 0]).all() and len(per_volume) >= 3:
         slope, intercept = np.polyfit(per_volume[:, 0], per_volume[:, 1], 1)
         noise_fit = {"intercept": round(float(intercept), 4), "slope": round(float(slope), 4)}
-    scores, widths, abnormal, lesion, levels = (np.concatenate(a) for a in (scores, widths, abnormal, lesion, levels))
+    levels = np.repeat(levels, [len(score) for score in scores])  # per voxel
+    scores, widths, abnormal, lesion = (np.concatenate(a) for a in (scores, widths, abnormal, lesion))
     scale_of_volume = 10.0 ** (noise_fit["intercept"] + noise_fit["slope"] * levels) if noise_fit else np.ones(len(scores))
     found = mondrian_factors(scores / scale_of_volume, widths, abnormal)
     scale = found["interval_scale"]

@@ -38,7 +38,7 @@ from .. import decay, evaluate, models, physics, sequences, spatial
 from ..errors import InputError
 from . import calibration, fitting
 from .data import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED, Patient, make_patient, random_protocol, signals
-from .noise import add_noise
+from .noise import noisy_acquisition
 
 VALIDATION_SNRS = (40.0, 100.0, 200.0)  # cycled over the validation patients
 VALIDATION_QSM_NOISE_PPB = 2.0
@@ -86,23 +86,13 @@ class ContextTrainConfig:
         return decay.SUPPORTED
 
 
-
-
-
-
-
-
-
-
 def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noise_ppb=None, protocol=None):
     """A noisy copy of the patient at `protocol` (None: drawn) -> (network inputs (z, y, x, F), targets
     with S0 relative to the noisy echo 1 (z, y, x, 5))."""
     if protocol is None:
         protocol = (physics.Protocol.default() if rng.random() < config.paper_protocol_share
                     else random_protocol(rng, config.protocols))
-    echoes, qsm, t = signals(patient, protocol, rng.uniform(*config.r2_field_exponent))
-    echoes, qsm, bias = add_noise(echoes, qsm, rng, config, snr, qsm_noise_ppb)
-    qsm = np.where(patient.mask, qsm + np.float32(rng.uniform(-1, 1) * config.qsm_offset_ppm), 0.0)
+    echoes, qsm, t, bias = noisy_acquisition(patient, protocol, rng, config, snr, qsm_noise_ppb)
     reference, _ = decay.qsm_reference(echoes[..., 0][patient.mask], echoes[..., -1][patient.mask], qsm[patient.mask],
                                        protocol)
     features = spatial.volume_features(echoes, qsm, patient.mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"],
@@ -291,10 +281,6 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     }
     models.save_bundle(model, card, out)
     return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
-
-
-
-
 
 
 def calibrate(model, config: ContextTrainConfig, scaling: dict, progress=None) -> dict:

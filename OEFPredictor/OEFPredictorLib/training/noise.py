@@ -31,3 +31,15 @@ def add_noise(echoes, qsm, rng, config, snr: float | None = None, qsm_noise_ppb:
         qsm_noise = ndimage.gaussian_filter(qsm_noise, rng.uniform(0.5, 1.2))
         qsm_noise /= qsm_noise.std() + 1e-12
     return echoes, qsm + np.float32(qsm_sd) * qsm_noise, bias
+
+
+def noisy_acquisition(patient, protocol, rng, config, snr: float | None = None, qsm_noise_ppb: float | None = None):
+    """A patient (data.Patient) seen through `protocol` as a scanner and a QSM pipeline would give it: R2 grown
+    with the field as B0^p (p drawn over `config.r2_field_exponent`), add_noise, and a constant QSM offset
+    (another pipeline's reference, within +-`config.qsm_offset_ppm`). Returns (echoes, qsm, targets, bias)."""
+    from .data import signals
+
+    echoes, qsm, targets = signals(patient, protocol, rng.uniform(*config.r2_field_exponent))
+    echoes, qsm, bias = add_noise(echoes, qsm, rng, config, snr, qsm_noise_ppb)
+    qsm = np.where(patient.mask, qsm + np.float32(rng.uniform(-1, 1) * config.qsm_offset_ppm), 0.0)
+    return echoes, qsm, targets, bias
