@@ -56,23 +56,6 @@ def calibration_scores(model, card: dict, config, progress=None) -> np.ndarray:
     return np.concatenate(scores)
 
 
-def mondrian(model, draws, scaling: dict) -> dict:
-    """Mondrian split-conformal factors, one per bin of the network's half-width x predicted abnormality
-    (spatial.interval_factors), from `draws`: (network inputs (z, y, x, F), targets (z, y, x, 5), brain
-    mask, metric mask) of calibration patients. Returns the card's "interval_scale" and a record."""
-    n = len(physics.PARAMETER_NAMES)
-    scores, widths, abnormal = [], [], []
-    for x, t, mask, metric in draws:
-        raw = np.asarray(model.predict_on_batch(x[None]))[0][mask]
-        out = spatial.decode(raw, np.ones(len(raw), np.float32), scaling, 1.0)
-        keep = metric[mask]
-        scores.append(interval_scores(out, 100.0 * physics.oef_from_Y(t[..., 2][mask]))[keep])
-        half = 0.5 * (spatial.softplus(raw[:, n]) + spatial.softplus(raw[:, n + 1])) * spatial.INTERVAL_UNIT * 100.0
-        widths.append(half[keep])
-        abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
-    return mondrian_factors(*(np.concatenate(a) for a in (scores, widths, abnormal)))
-
-
 def mondrian_factors(scores: np.ndarray, widths: np.ndarray, abnormal: np.ndarray) -> dict:
     """Per-bin conformal factors from per-voxel scores (interval_scores), half-widths (pp, before any factor)
     and predicted abnormality (pp): the card's "interval_scale" (see spatial.interval_factors) and a record."""
@@ -172,3 +155,14 @@ def recalibrate(bundle, config, progress=None) -> dict:
                            lesion_voxels=int(lesion.sum()))
     return {"interval_scale": found["interval_scale"], "calibration": found["record"]}
 
+
+def write_card(model_path: Path, card: dict) -> Path:
+    """Replace the model's .json card whole and atomically (the model file is left as it is)."""
+    import json
+    import os
+
+    path = models.card_path_for(Path(model_path))
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return path

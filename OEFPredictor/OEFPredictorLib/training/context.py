@@ -17,8 +17,9 @@ lesions in noise).
 Validation: whole validation patients (their own seed; every other one at the paper's protocol, the rest
 at drawn protocols) at SNR 40, 100 and 200, QSM noise 2 ppb; the epoch with the lowest validation loss
 is kept, and each epoch logs the lesion contrast recovered on them (val_penumbra, val_core: lesion vs
-contralateral mirror, as evaluate reports it). Then Mondrian split-conformal calibration of the interval
-on population-prior calibration patients (`calibrate`). No test patient is ever simulated here.
+contralateral mirror, as evaluate reports it). Then the interval is calibrated through the engine's own
+path, as the saved model runs, on population-prior calibration patients at drawn protocols and noise
+(calibration.recalibrate). No test patient is ever simulated here.
 
 Outputs next to MODEL.keras: the card MODEL.json (with the supported protocol range), the per-epoch log
 MODEL.history.csv, and the checkpoint folder MODEL.ckpt/ (last and best model, resume state).
@@ -50,7 +51,7 @@ class ContextTrainConfig:
 
     patients: int = 64
     validation_patients: int = 6
-    calibration_patients: int = 16
+    calibration_patients: int = 24
     # Every epoch sees fresh draws (a patient at a drawn protocol, noise and QSM offset): draws kept over
     # epochs were memorised (each draw's protocol makes it recognisable) and the validation loss rose.
     pool_draws: int = 24  # draws whose voxels an epoch samples
@@ -257,7 +258,6 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
         window={"length": 1, "target": "centre", "order": "whole volume (Gaussian pyramid, then voxel by voxel)",
                 "padding": "zeros"})
     card["supported_protocols"] = config.protocols.to_dict()
-    card["spatial"].update(calibrate(model, config, scaling, progress))
     best = state.get("best_epoch")
     card["training"] = {
         "data": "stroke-like virtual patients (phantom.PatientConfig.stroke), 2 mm, whole brains, noise per epoch",
@@ -280,27 +280,11 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
         **fitting.run_record(config, state, started, history_csv, command),
     }
     models.save_bundle(model, card, out)
+    # the interval is calibrated through the engine, as the saved model will run (calibration.recalibrate)
+    bundle = models.load_bundle(out)
+    found = calibration.recalibrate(bundle, config, progress)
+    calibration.write_card(out, dict(bundle.card, spatial=dict(bundle.card["spatial"], **found)))
     return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
-
-
-def calibrate(model, config: ContextTrainConfig, scaling: dict, progress=None) -> dict:
-    """Mondrian calibration of the interval on population-prior patients (their own seed, some lesion-free),
-    each at a drawn protocol, SNR and QSM noise, as training draws them: the card's "interval_scale"
-    and "calibration" entries."""
-    def draws():
-        for i in range(config.calibration_patients):
-            p = make_patient(CALIBRATION_SEED, i, config, wide=False)
-            x, t = pyramid(p, np.random.default_rng([CALIBRATION_SEED, i, 9]), config)
-            yield x, t, p.mask, p.metric
-            if progress:
-                progress(i + 1, config.calibration_patients, "calibrating the interval")
-
-    found = calibration.mondrian(model, draws(), scaling)
-    return {"interval_scale": found["interval_scale"],
-            "calibration": {"patients": config.calibration_patients, "seed": CALIBRATION_SEED,
-                            "priors": "population (tissue priors of the design notes), stroke-like lesions",
-                            "noise": f"SNR {config.snr_range[0]:g}-{config.snr_range[1]:g}, drawn protocols",
-                            **found["record"]}}
 
 
 def _lesion_monitor(x_val, patients: list[Patient], voxels: list[np.ndarray], scaling: dict):

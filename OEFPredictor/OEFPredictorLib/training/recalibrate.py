@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 from .. import models
@@ -27,10 +25,7 @@ def main(argv=None) -> int:
                                 voxel_size_mm=float(bundle.card["spatial"]["voxel_size_mm"]))
     found = calibration.recalibrate(bundle, config, lambda i, n, what: print(f"{what}: {i}/{n}", flush=True))
     card = dict(bundle.card, spatial=dict(bundle.card["spatial"], **found))
-    path = Path(args.model).with_suffix(".json")
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    path = calibration.write_card(Path(args.model), card)
     record = found["calibration"]
     print(f"{path}: coverage {record['coverage_before']:.3f} -> {record['coverage_after']:.3f} over the brain, "
           f"{record['lesion_coverage_before']:.3f} -> {record['lesion_coverage_after']:.3f} in lesions")
