@@ -567,9 +567,11 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
                       progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))
     report(0.86, "Back to the data grid")
     del grid_features
+    if first_echo_gain is not None:  # back to the data grid with the outputs: one interpolation
+        raw = np.concatenate([raw, first_echo_gain[..., None]], axis=-1)
     channels = from_model_grid(raw, grid_mask, mask, factors)
     del raw
     echo1 = echoes[..., 0][mask].astype(np.float32)
     if first_echo_gain is not None:  # the model's first echo, for S0
-        echo1 = echo1 * from_model_grid(first_echo_gain[..., None], grid_mask, mask, factors)[:, 0]
+        echo1, channels = echo1 * channels[:, -1], channels[:, :-1]
     return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor, noise_level)
