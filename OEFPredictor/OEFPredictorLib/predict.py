@@ -437,12 +437,22 @@ RUNNERS = {"spatial": Predictor._fit_spatial, "voxelwise": Predictor._fit_voxelw
 
 @dataclasses.dataclass
 class _Voxels:
-    """The data a method runs on: the inputs, the mask, and the mask's voxels as rows (C order)."""
+    """The data a method runs on: the inputs, the mask, and the mask's voxels as rows (C order), made when
+    first read (a spatial model reads the volumes; its rows, for the quality map, then do not add to the
+    network's peak memory)."""
 
     inputs: PredictionInputs
     mask: np.ndarray
-    echo_rows: np.ndarray
-    qsm_rows: np.ndarray
+    idx: np.ndarray  # the mask's flat indices
+
+    @functools.cached_property
+    def echo_rows(self) -> np.ndarray:
+        echoes = np.asarray(self.inputs.echoes)
+        return echoes.reshape(-1, echoes.shape[-1])[self.idx].astype(np.float32)
+
+    @functools.cached_property
+    def qsm_rows(self) -> np.ndarray:
+        return np.asarray(self.inputs.qsm).reshape(-1)[self.idx].astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -509,8 +519,7 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     if not mask.any():
         raise InputError("No voxel inside the mask has finite echoes and QSM with echo 1 > 0; nothing to predict.")
     idx = np.flatnonzero(mask)  # C order (z, y, x): the voxel list of sequences.py
-    data = _Voxels(inputs, mask, echoes.reshape(-1, echoes.shape[-1])[idx].astype(np.float32),
-                   qsm.reshape(-1)[idx].astype(np.float32))
+    data = _Voxels(inputs, mask, idx)
     run.check_cancel()
 
     values = predictor.fit(data, run)
@@ -530,10 +539,11 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
             run.warnings.append(f"{int((~finite).sum())} voxel(s) with NaN/Inf CBF get CMRO2 0.")
         values["CMRO2"] = np.where(finite, physics.cmro2(np.where(finite, cbf_rows, 0.0),
                                                          values["OEF"] / 100.0), 0.0)
+    del data  # the voxel rows are done with; each map's voxel list goes as its volume is made (peak memory)
     volumes = {}
-    for name in (n for n in maptable.MAPS if n in values):  # the table's order
+    for name in [n for n in maptable.MAPS if n in values]:  # the table's order
         volume = np.zeros(mask.size, dtype=np.float32)
-        volume[idx] = values[name]
+        volume[idx] = values.pop(name)
         volumes[name] = volume.reshape(mask.shape)
     run.check_cancel()
     elapsed = time.perf_counter() - start
