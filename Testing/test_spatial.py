@@ -370,8 +370,8 @@ def test_evaluate_reports_every_new_column_on_a_stroke_cohort(tmp_path, tiny_dat
 
 
 def test_interval_factors_grow_with_the_volumes_noise_level():
-    """Mondrian factors relative to a noise scale: 10^(intercept + slope x level) multiplies every bin's
-    factor; without the volume's noise level such factors are refused rather than guessed."""
+    """Mondrian factors relative to a noise scale: 10^(intercept + slope x level (+ resampled)) multiplies
+    every bin's factor; without the volume's noise level such factors are refused rather than guessed."""
     scale = {"width_edges_pp": [5.0], "abnormality_edges_pp": [5.0, 10.0], "noise": {"intercept": 1.0, "slope": 0.5},
              "factors": [[1.0, 1.1], [1.2, 1.3], [1.4, 1.5]]}
     half = np.array([2.0, 8.0, 2.0])
@@ -381,6 +381,14 @@ def test_interval_factors_grow_with_the_volumes_noise_level():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="noise level"):
         spatial.interval_factors(scale, half, half, oef)
+    # a decay resampled from another echo train steps the scale up by 10^resampled; without the entry
+    # (cards calibrated before it) resampling changes nothing
+    stepped = dict(scale, noise=dict(scale["noise"], resampled=0.25))
+    np.testing.assert_allclose(spatial.interval_factors(stepped, half, half, oef, -2.0, resampled=True),
+                               10 ** 0.25 * np.array([1.0, 1.1, 1.4]), rtol=1e-6)
+    np.testing.assert_allclose(spatial.interval_factors(stepped, half, half, oef, -2.0), [1.0, 1.1, 1.4], rtol=1e-6)
+    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -2.0, resampled=True),
+                               [1.0, 1.1, 1.4], rtol=1e-6)
 
 
 def test_the_noise_level_follows_the_snr_not_the_anatomy():

@@ -15,6 +15,7 @@ from .data import CALIBRATION_SEED, stroke_patient
 WIDTH_BINS = 5  # quantile bins of the network's half-width
 ABNORMALITY_EDGES_PP = (5.0, 10.0)  # |OEF - brain median|: normal, unusual, lesion-like
 MIN_BIN_VOXELS = 200  # a bin with fewer calibration voxels keeps the overall factor
+MIN_VOLUMES_PER_KIND = 4  # resampled and native volumes each, for the interval's resampling step
 
 
 def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
@@ -98,14 +99,15 @@ def recalibrate(bundle, config, progress=None) -> dict:
     population-prior calibration patients (CALIBRATION_SEED; `config.lesion_free_share` of them without
     lesions), each at a protocol the model reads, an SNR drawn log-uniformly over `config.snr_range`, QSM
     noise over `config.qsm_noise_ppb_range`, a receive-field bias and a QSM offset: a scale that grows
-    with the volume's noise level (decay.noise_level; fitted to the volumes' own conformal factors), then
-    Mondrian split conformal by half-width x abnormality on the scores relative to it. Returns the card's
-    "interval_scale" and "calibration" entries."""
+    with the volume's noise level (decay.noise_level) and steps up where its decay was resampled (both
+    fitted to the volumes' own conformal factors), then Mondrian split conformal by half-width x
+    abnormality on the scores relative to that scale. Returns the card's "interval_scale" and
+    "calibration" entries."""
     from .data import make_patient
     from .noise import noisy_acquisition
 
     raw_bundle = uncalibrated(bundle.model, bundle.card, bundle.path)
-    scores, widths, abnormal, lesion, levels = [], [], [], [], []  # levels: one per volume
+    scores, widths, abnormal, lesion, levels, resampled = [], [], [], [], [], []  # the last two: per volume
     protocols = []
     for i in range(config.calibration_patients):
         rng = np.random.default_rng([CALIBRATION_SEED, i, 11])
@@ -123,25 +125,35 @@ def recalibrate(bundle, config, progress=None) -> dict:
         abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
         lesion.append((patient.lesion_map[patient.mask] > 0)[keep])
         levels.append(np.nan if diagnostics["noise_level"] is None else diagnostics["noise_level"])
+        resampled.append(float(diagnostics["resampled"]))
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
-    # The factor each volume needs grows with its noise: fitted as log10(factor) linear in the noise level,
-    # the scores divided by it, then the Mondrian bins on what is left
-    per_volume = np.array([[level, np.log10(conformal_factor(score))] for level, score in zip(levels, scores)
-                           if len(score)])
+    # The factor each volume needs grows with its noise, and with the error of resampling another echo
+    # train: fitted as log10(factor) linear in the noise level (+ a step where resampled, when the set has
+    # enough volumes of both kinds), the scores divided by it, then the Mondrian bins on what is left
+    per_volume = np.array([[level, step, np.log10(conformal_factor(score))]
+                           for level, step, score in zip(levels, resampled, scores) if len(score)])
     noise_fit = None
     if np.isfinite(per_volume[:, 0]).all() and len(per_volume) >= 3:
-        slope, intercept = np.polyfit(per_volume[:, 0], per_volume[:, 1], 1)
-        noise_fit = {"intercept": round(float(intercept), 4), "slope": round(float(slope), 4)}
-    levels = np.repeat(levels, [len(score) for score in scores])  # per voxel
+        n_resampled = int(per_volume[:, 1].sum())
+        with_step = min(n_resampled, len(per_volume) - n_resampled) >= MIN_VOLUMES_PER_KIND
+        design = np.column_stack([np.ones(len(per_volume)), per_volume[:, 0]] + ([per_volume[:, 1]] if with_step else []))
+        coef = np.linalg.lstsq(design, per_volume[:, 2], rcond=None)[0]
+        noise_fit = {"intercept": round(float(coef[0]), 4), "slope": round(float(coef[1]), 4)}
+        if with_step:
+            noise_fit["resampled"] = round(float(coef[2]), 4)
+    counts = [len(score) for score in scores]
+    levels, resampled = np.repeat(levels, counts), np.repeat(resampled, counts)  # per voxel
     scores, widths, abnormal, lesion = (np.concatenate(a) for a in (scores, widths, abnormal, lesion))
-    scale_of_volume = 10.0 ** (noise_fit["intercept"] + noise_fit["slope"] * levels) if noise_fit else np.ones(len(scores))
+    scale_of_volume = (10.0 ** (noise_fit["intercept"] + noise_fit["slope"] * levels
+                                + noise_fit.get("resampled", 0.0) * resampled) if noise_fit else np.ones(len(scores)))
     found = mondrian_factors(scores / scale_of_volume, widths, abnormal)
     scale = found["interval_scale"]
     if noise_fit:
         scale["noise"] = noise_fit
-        found["record"]["method"] += ", relative to a scale fitted to the volumes' noise level"
-    found["record"]["volumes_noise_level_and_log10_factor"] = np.round(per_volume, 3).tolist()
+        found["record"]["method"] += (", relative to a scale fitted to the volumes' noise level"
+                                      + (" and resampling" if "resampled" in noise_fit else ""))
+    found["record"]["volumes_noise_level_resampled_and_log10_factor"] = np.round(per_volume, 3).tolist()
     factor = np.asarray(scale["factors"])[np.searchsorted(scale["abnormality_edges_pp"], abnormal),
                                           np.searchsorted(scale["width_edges_pp"], widths)] * scale_of_volume
     covered = scores <= factor
