@@ -520,6 +520,4 @@ def record_in_card(ev: Evaluation, model_path: str | Path, method: str = "lstm")
         "patients": ev.patients, "max_voxels_per_patient": ev.max_voxels_per_patient,
         **{f"rmse_{k}": round(r[f"rmse_{k}"], 5) for k in METRIC_NAMES},
         **{f"bias_{k}": round(r[f"bias_{k}"], 5) for k in METRIC_NAMES}}
-    tmp = card_file.with_name(card_file.name + ".partial")
-    tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(card_file)
+    models.write_card(model_path, card)

@@ -156,6 +156,15 @@ def card_path_for(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+def write_card(model_path: str | Path, card: dict) -> Path:
+    """Replace the model's .json card whole and atomically (the model file is left as it is)."""
+    path = card_path_for(model_path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
 def make_card(spec: dict, protocol: physics.Protocol, output_scaling: dict, window_length: int,
               target: str, input_normalisation: dict | None = None, **extra) -> dict:
     import keras
@@ -183,8 +192,7 @@ def save_bundle(model, card: dict, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".partial.keras")
     model.save(tmp)
     tmp.replace(path)
-    card = dict(card, sha256=sha256_of(path), file=path.name)
-    card_path_for(path).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    write_card(path, dict(card, sha256=sha256_of(path), file=path.name))
     return path
 
 

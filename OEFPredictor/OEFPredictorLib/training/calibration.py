@@ -4,9 +4,7 @@ interval holds the truth in 90 % of voxels where the network is unsure and where
 only on average."""
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +167,3 @@ def recalibrate(bundle, config, progress=None) -> dict:
                            lesion_voxels=int(lesion.sum()))
     return {"interval_scale": found["interval_scale"], "calibration": found["record"]}
 
-
-def write_card(model_path: Path, card: dict) -> Path:
-    """Replace the model's .json card whole and atomically (the model file is left as it is)."""
-    path = models.card_path_for(Path(model_path))
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)
-    return path

@@ -283,7 +283,7 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     # the interval is calibrated through the engine, as the saved model will run (calibration.recalibrate)
     bundle = models.load_bundle(out)
     found = calibration.recalibrate(bundle, config, progress)
-    calibration.write_card(out, dict(bundle.card, spatial=dict(bundle.card["spatial"], **found)))
+    models.write_card(out, dict(bundle.card, spatial=dict(bundle.card["spatial"], **found)))
     return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
 
 

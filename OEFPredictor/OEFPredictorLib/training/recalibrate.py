@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .. import models
 from . import calibration
@@ -25,7 +24,7 @@ def main(argv=None) -> int:
                                 voxel_size_mm=float(bundle.card["spatial"]["voxel_size_mm"]))
     found = calibration.recalibrate(bundle, config, lambda i, n, what: print(f"{what}: {i}/{n}", flush=True))
     card = dict(bundle.card, spatial=dict(bundle.card["spatial"], **found))
-    path = calibration.write_card(Path(args.model), card)
+    path = models.write_card(args.model, card)
     record = found["calibration"]
     print(f"{path}: coverage {record['coverage_before']:.3f} -> {record['coverage_after']:.3f} over the brain, "
           f"{record['lesion_coverage_before']:.3f} -> {record['lesion_coverage_after']:.3f} in lesions")
