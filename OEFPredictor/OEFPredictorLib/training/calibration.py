@@ -124,7 +124,7 @@ def recalibrate(bundle, config, progress=None) -> dict:
         widths.append((0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep])
         abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
         lesion.append((patient.lesion_map[patient.mask] > 0)[keep])
-        levels.append(np.nan if diagnostics["noise_level"] is None else diagnostics["noise_level"])
+        levels.append(diagnostics["noise_level"])  # NaN for an empty mask: no noise scale is fitted then
         resampled.append(float(diagnostics["resampled"]))
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")

@@ -38,7 +38,7 @@ import numpy as np
 from .. import decay, evaluate, models, physics, sequences, spatial
 from ..errors import InputError
 from . import calibration, fitting
-from .data import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED, Patient, make_patient, random_protocol, signals
+from .data import TRAIN_SEED, VALIDATION_SEED, Patient, make_patient, random_protocol, signals
 from .noise import noisy_acquisition
 
 VALIDATION_SNRS = (40.0, 100.0, 200.0)  # cycled over the validation patients
