@@ -68,7 +68,11 @@ class ContextTrainConfig:
     snr_range: tuple[float, float] = (18.0, 250.0)  # SNR 20 inside, not at the edge
     qsm_noise_ppb_range: tuple[float, float] = (1.0, 4.0)
     qsm_offset_ppm: float = 0.06  # QSM references differ by a constant: drawn uniformly within +-this
-    paper_protocol_share: float = 0.15  # epochs' patients at the paper's 3 T protocol; the rest random
+    paper_protocol_share: float = 0.15  # draws at the model's own echo times (protocol-free: the paper's); the rest random
+    # None: a protocol-free network (decay.py). Echo times (ms, at 3 T): a network bound to them, as the bundled
+    # models are, which reads any other echo train covering their span by resampling it (decay.resample_echoes);
+    # it is trained on such resampled draws, exactly as the engine will feed it.
+    echo_times_ms: tuple[float, ...] | None = None
     r2_field_exponent: tuple[float, float] = (0.0, 1.0)  # R2 grows as B0^p (0.5-1 in tissue; 0: a simulator that keeps it)
     wide_prior_share: float = 0.75
     lesion_free_share: float = 0.3
@@ -79,21 +83,45 @@ class ContextTrainConfig:
 
     @property
     def spec(self) -> dict:
-        return dict(models.CONTEXT_NET, sigmas_mm=list(self.sigmas_mm), local_noise=self.local_noise,
+        spec = dict(models.CONTEXT_NET, sigmas_mm=list(self.sigmas_mm), local_noise=self.local_noise,
                     dense=list(self.dense))
+        if self.echo_times_ms is not None:
+            del spec["decay"]  # a bound model reads its own echo ratios
+        return spec
+
+    @property
+    def own_protocol(self) -> physics.Protocol:
+        """The model's own echo times: the bound ones, else the paper's (a protocol-free model's reference)."""
+        if self.echo_times_ms is None:
+            return physics.Protocol.default()
+        return physics.Protocol.from_milliseconds(list(self.echo_times_ms), decay.REFERENCE_FIELD_T)
 
     @property
     def protocols(self) -> decay.ProtocolRange:
-        return decay.SUPPORTED
+        if self.echo_times_ms is None:
+            return decay.SUPPORTED
+        return dataclasses.replace(decay.SUPPORTED, spans_ms=(float(self.echo_times_ms[0]), float(self.echo_times_ms[-1])))
+
+    def draw_protocol(self, rng) -> physics.Protocol:
+        """A training acquisition: the model's own echo times for `paper_protocol_share` of draws, else another."""
+        return self.own_protocol if rng.random() < self.paper_protocol_share else self.other_protocol(rng)
+
+    def other_protocol(self, rng) -> physics.Protocol:
+        """An acquisition drawn over the supported range (for a bound model, one whose echoes cover its span)."""
+        if self.echo_times_ms is None:
+            return random_protocol(rng, self.protocols)
+        return calibration.draw_acquisition(rng, self.protocols, paper_share=0.0)
 
 
 def pyramid(patient: Patient, rng, config: ContextTrainConfig, snr=None, qsm_noise_ppb=None, protocol=None):
     """A noisy copy of the patient at `protocol` (None: drawn) -> (network inputs (z, y, x, F), targets
     with S0 relative to the noisy echo 1 (z, y, x, 5))."""
-    if protocol is None:
-        protocol = (physics.Protocol.default() if rng.random() < config.paper_protocol_share
-                    else random_protocol(rng, config.protocols))
+    protocol = protocol or config.draw_protocol(rng)
     echoes, qsm, t, bias = noisy_acquisition(patient, protocol, rng, config, snr, qsm_noise_ppb)
+    own = config.own_protocol
+    if config.echo_times_ms is not None and not protocol.matches(own):  # as the engine reads it (spatial.py)
+        echoes = decay.resample_echoes(echoes, patient.mask, protocol, own, (config.voxel_size_mm,) * 3)
+        protocol = own  # the targets' R2 is in 3 T-equivalent time already: the bound model's units
     reference, _ = decay.qsm_reference(echoes[..., 0][patient.mask], echoes[..., -1][patient.mask], qsm[patient.mask],
                                        protocol)
     features = spatial.volume_features(echoes, qsm, patient.mask, sequences.DEFAULT_INPUT_NORMALISATION["qsm_scale"],
@@ -117,9 +145,9 @@ def voxel_rows(x, t, patient: Patient, where: np.ndarray, scaling: dict, lesion_
     return xs[:, None, None, None, :], y[:, None, None, None, :]
 
 
-def fit_scaling(patients: list[Patient]) -> dict:
-    """z-scoring of the targets, from the noise-free patients at the paper's protocol."""
-    protocol = physics.Protocol.default()
+def fit_scaling(patients: list[Patient], protocol: physics.Protocol | None = None) -> dict:
+    """z-scoring of the targets, from the noise-free patients at `protocol` (default: the paper's)."""
+    protocol = protocol or physics.Protocol.default()
     rows = []
     for p in patients:
         echoes, _, t = signals(p, protocol, 1.0)
@@ -200,15 +228,15 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
 
     train_patients = made(TRAIN_SEED, config.patients, "train patients")
     validation_patients = made(VALIDATION_SEED, config.validation_patients, "validation patients")
-    scaling = state.get("output_scaling") or fit_scaling(train_patients)
+    scaling = state.get("output_scaling") or fit_scaling(train_patients, config.own_protocol)
     state.update(config=config_dict, output_scaling=scaling, wall_before=state.get("wall_so_far", 0.0))
 
     keras.utils.set_random_seed(config.seed)
     x_val, y_val, val_voxels = [], [], []
     val_rng = np.random.default_rng([VALIDATION_SEED, 1])
     for i, p in enumerate(validation_patients):
-        # the paper's protocol for every other patient, a drawn one for the rest
-        protocol = physics.Protocol.default() if i % 2 == 0 else random_protocol(val_rng, config.protocols)
+        # the model's own echo times for every other patient, a drawn acquisition for the rest
+        protocol = config.own_protocol if i % 2 == 0 else config.other_protocol(val_rng)
         x, t = pyramid(p, val_rng, config, VALIDATION_SNRS[i % len(VALIDATION_SNRS)], VALIDATION_QSM_NOISE_PPB,
                        protocol)
         where = np.flatnonzero(p.metric)
@@ -251,13 +279,18 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     fitting.fit_keeping_best(model, EpochVoxels(), (x_val, y_val), monitor, ckpt, history_csv, config, state,
                                    started, verbose, plateau_patience=5, min_lr=2e-5)
     card = models.make_card(
-        config.spec, physics.Protocol.default(), scaling, 1, "centre",
+        config.spec, config.own_protocol, scaling, 1, "centre",
         spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
             "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
             "interval_scale": 1.0},
         window={"length": 1, "target": "centre", "order": "whole volume (Gaussian pyramid, then voxel by voxel)",
                 "padding": "zeros"})
     card["supported_protocols"] = config.protocols.to_dict()
+    if config.echo_times_ms is not None:
+        card["other_protocols"] = (
+            "Other echo trains and field strengths whose echoes cover this protocol's span in 3 T-equivalent time "
+            "(TE x B0 / 3) are read by resampling their decay to this protocol's echo times (decay.resample_echoes: "
+            "basis fit corrected by the voxel's best qBOLD curve); R2 is scaled back by B0 / 3")
     best = state.get("best_epoch")
     card["training"] = {
         "data": "stroke-like virtual patients (phantom.PatientConfig.stroke), 2 mm, whole brains, noise per epoch",
@@ -269,8 +302,11 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
         "snr_range": list(config.snr_range), "qsm_noise_ppb_range": list(config.qsm_noise_ppb_range),
         "wide_prior_share": config.wide_prior_share, "lesion_free_share": config.lesion_free_share,
         "lesion_weight": config.lesion_weight,
-        "protocols": f"the paper's 3 T protocol for {config.paper_protocol_share:.0%} of draws, else drawn over the "
-                     f"supported range widened by 10 % ({config.protocols.describe()})",
+        "protocols": (f"its own echo times for {config.paper_protocol_share:.0%} of draws, else drawn over the "
+                      f"supported range ({config.protocols.describe()}) and resampled to them"
+                      if config.echo_times_ms is not None else
+                      f"the paper's 3 T protocol for {config.paper_protocol_share:.0%} of draws, else drawn over the "
+                      f"supported range widened by 10 % ({config.protocols.describe()})"),
         "r2_field_exponent": list(config.r2_field_exponent), "qsm_offset_ppm": config.qsm_offset_ppm,
         "optimizer": f"Adam(learning_rate={config.learning_rate:g}, clipnorm=1), halved on plateaus",
         "loss": "Huber on z-scored parameters (weights S0 .5, R2 .5, Y 2, v 1, chi_nb .5) + pinball 5/95 % on OEF, "
