@@ -46,6 +46,11 @@ def register(sub):
                    help="context: echo times in ms (comma-separated, at 3 T) to bind the network to; it then reads "
                         "any echo train covering their span in 3 T-equivalent time by resampling, as the bundled "
                         "context models do (default: a protocol-free network)")
+    p.add_argument("--pool-draws", type=int, default=None,
+                   help="context: noisy draws (a patient at an acquisition) whose voxels an epoch samples (default 24)")
+    p.add_argument("--voxels-per-draw", type=int, default=None, help="context: voxels sampled per draw (default 10000)")
+    p.add_argument("--draws-per-epoch", type=int, default=None,
+                   help="context: draws of the pool made anew after each epoch (default 24: all)")
     p.add_argument("--time-limit-min", type=float, default=None,
                    help="stop after the epoch that would pass this many minutes (CPU budgets)")
     p.add_argument("--seed", type=int, default=0, help="random seed (subsample, split, weights)")
@@ -107,8 +112,11 @@ def run_spatial(args) -> int:
              "patience": args.patience, "patients": args.n_patients, "seed": args.seed,
              "lesion_weight": args.lesion_weight}
     if args.arch == "unet":
-        if args.echo_times:
-            raise InputError("--echo-times is an option of --arch context; the U-Net reads the paper's protocol only.")
+        context_only = [o for o, v in (("--echo-times", args.echo_times), ("--pool-draws", args.pool_draws),
+                                       ("--voxels-per-draw", args.voxels_per_draw),
+                                       ("--draws-per-epoch", args.draws_per_epoch)) if v is not None]
+        if context_only:
+            raise InputError(f"{context_only[0]} is an option of --arch context; --arch unet does not take it.")
         trainer, defaults = train_spatial, train_spatial.SpatialTrainConfig()
         given.update(steps_per_epoch=args.steps_per_epoch, lesion_patch_share=args.lesion_patch_share,
                      init_from=args.init_from)
@@ -118,6 +126,8 @@ def run_spatial(args) -> int:
         if unused:
             raise InputError(f"{unused[0]} is an option of --arch unet; --arch context does not take it.")
         trainer, defaults = train_context, train_context.ContextTrainConfig()
+        given.update(pool_draws=args.pool_draws, voxels_per_draw=args.voxels_per_draw,
+                     patients_per_epoch=args.draws_per_epoch)
         if args.echo_times:
             try:
                 given["echo_times_ms"] = tuple(parse_echo_times_ms(args.echo_times))
