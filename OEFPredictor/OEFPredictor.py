@@ -341,6 +341,13 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             method=self.method(), opacity=qtProperty(self.ui.opacitySliderWidget, "value"),
             outputNodes={name: getattr(self.ui, selector).currentNode() for name, selector in OUTPUT_SELECTORS.items()})
 
+    def modelSummaryText(self, needsModel):
+        """The models the panel's choice may run, one summary each (the bundled ones in order of preference)."""
+        try:
+            return environment.modelsSummary(self.settings(echoTimes=False).modelFiles(), needsModel)
+        except FileNotFoundError:
+            return _("The bundled model is not installed; choose a model file.")
+
     def modelFile(self):
         """The model file the panel's choice runs (None: the method needs none; '': none available)."""
         try:
@@ -409,7 +416,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for w in (self.ui.bundledModelRadioButton, self.ui.modelFileRadioButton):
             w.setEnabled(needsModel)
         self.ui.modelPathLineEdit.setEnabled(needsModel and self.ui.modelFileRadioButton.isChecked())
-        self.ui.modelInfoLabel.setText(environment.modelSummary(self.modelFile(), needsModel))
+        self.ui.modelInfoLabel.setText(self.modelSummaryText(needsModel))
         if self._parameterNode:
             self._parameterNode.useBundledModel = self.ui.bundledModelRadioButton.isChecked()
         self.updateApplyState()
@@ -620,12 +627,12 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
 
     # --- environment --------------------------------------------------------------------------------
     def modelSummary(self, model=None, method=methods.DEFAULT_METHOD):
-        """One line about a model: a path, or None for the method's bundled model."""
+        """One line about a model: a path, or None for the method's bundled models."""
         try:
-            model = PredictionSettings(model=model, method=method).modelFile()
+            files = PredictionSettings(model=model, method=method).modelFiles()
         except FileNotFoundError:
             return _("The bundled model is not installed; choose a model file.")
-        return environment.modelSummary(model and str(model), methods.get(method).uses_model)
+        return environment.modelsSummary(files, methods.get(method).uses_model)
 
     def unmetRequirements(self):
         """Resources/requirements.txt lines that the installed versions do not meet."""

@@ -208,3 +208,17 @@ def test_a_subject_whose_worker_runs_out_of_memory_fails_alone_with_that_reason(
     line = [l for l in err.splitlines() if "sub-P01: failed:" in l]
     assert len(line) == 1 and "out of memory" in line[0] and "--memory-limit" in line[0], err
     assert not (out / "sub-P01").exists() and "failed" in (out / "cohort_OEF.tsv").read_text()
+
+
+def test_a_batch_with_the_bundled_context_models_names_them_all_and_skips_only_while_they_are_the_same():
+    """Without --model the context method's units each run the bundled model that reads their echo train:
+    the data set's description names every file, and the rerun key is a checksum of them all."""
+    from OEFPredictorLib import cohort, models, resources
+
+    file, key = cohort.model_identity("context", None)
+    paths = resources.bundled_model_paths("context")
+    assert file is None and len(paths) == 2 and key not in {models.sha256_of(p) for p in paths}
+    config = cohort.BatchConfig("out", "raw", "context", file, key)
+    description = cohort.generated_by(config)["Description"]
+    assert all(p.name in description for p in paths) and "Model" not in cohort.generated_by(config)
+    assert cohort.model_identity("nlls", None) == (None, None)

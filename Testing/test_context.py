@@ -248,6 +248,62 @@ def test_another_echo_train_at_1_mm_is_resampled_on_the_model_grid(tmp_path):
     assert np.ptp(paper["OEF"][mask]) > 1.0
 
 
+def test_a_network_bound_to_echo_times_trains_on_draws_resampled_to_them(tmp_path):
+    """--echo-times binds the network to a 3 T echo train (as the bundled models are): its card gives those
+    echo times and a span, its inputs are their echo ratios, and the engine resamples a 1.5 T train to it."""
+    from OEFPredictorLib import simulate
+
+    window = (8.0, 10.0, 12.0, 14.0, 16.0, 18.0)
+    config = dataclasses.replace(TINY, echo_times_ms=window, paper_protocol_share=0.0)
+    patient = data.make_patient(data.TRAIN_SEED, 0, config)
+    x, t = train_context.pyramid(patient, np.random.default_rng(1), config,
+                                 protocol=physics.Protocol.from_milliseconds([5.0 + 7.0 * i for i in range(8)], 1.5))
+    assert x.shape[-1] == (len(window) - 1 + 1) * 4 + len(spatial.LOCAL_NOISE_CHANNELS)  # ratios + QSM, 3 sigmas + 1
+    out = tmp_path / "w.keras"
+    card = train_context.train(out, config, verbose=0)
+    assert card["protocol"]["echo_times_ms"] == list(window) and "decay" not in card["model"]
+    assert card["supported_protocols"]["spans_ms"] == [8.0, 18.0] and "resampled" in card["training"]["protocols"]
+    one_and_a_half = physics.Protocol.from_milliseconds([5.0 + 7.0 * i for i in range(8)], 1.5)
+    folder = simulate.simulate_dataset(tmp_path / "d", 1, seed=3, protocol=one_and_a_half, voxel_size=4.0,
+                                       noise=simulate.NoiseModel(100.0, 2.0))[0]
+    d = simulate.load_patient(folder)
+    result = predict.predict_maps(predict.PredictionInputs(d.echoes, d.qsm, d.protocol, d.mask,
+                                                           spacing=d.geometry.spacing), model=str(out), device="cpu")
+    assert np.isfinite(result.maps["OEF"][result.mask]).all()
+    with pytest.raises(InputError, match=r"echoes covering 2.5-7.5 ms"):  # 1.5 T, up to 15 ms: short of 18 ms
+        predict.Predictor.build(physics.Protocol.from_milliseconds([5.0 + 2.0 * i for i in range(6)], 1.5), model=str(out))
+
+
+def test_the_bundled_context_models_are_chosen_by_the_data_s_echo_train():
+    """The paper's protocol runs the paper-protocol network; a 1.5 T train (echoes 2.5-27 ms in 3 T-equivalent
+    time, short of 39.5 ms) the network bound to 4.5-22 ms, with a warning; echoes that cover neither span
+    (a 3 T train starting at 6 ms) are refused in one line that names both spans and the method that runs."""
+    paper = predict.Predictor.build(physics.Protocol.default())
+    assert paper.bundle.path.name == "oef_context.keras" and paper.caveats() == []
+    one_and_a_half = predict.Predictor.build(physics.Protocol.from_milliseconds([5.0 + 7.0 * i for i in range(8)], 1.5))
+    assert one_and_a_half.bundle.path.name == "oef_context_short.keras"
+    assert "comes from oef_context_short.keras, which reads only 4.5-22 ms" in one_and_a_half.caveats()[0]
+    late = physics.Protocol.from_milliseconds([6.0 + 5.0 * i for i in range(8)], 3.0)
+    with pytest.raises(InputError, match=r"4.5-39.5 ms \(oef_context.keras\) or 4.5-22 ms \(oef_context_short.keras\)"
+                                         r".*covering 6-41 ms.*--method cat"):
+        predict.Predictor.build(late)
+
+
+def test_a_fallback_model_is_calibrated_only_on_echo_trains_that_reach_it():
+    """The 4.5-22 ms model never sees data that the paper-protocol model reads (the engine runs that one
+    first), so its calibration draws none of them; the preferred model draws any it reads."""
+    from OEFPredictorLib import resources
+
+    short = models.load_bundle(resources.resource_path("Models", "oef_context_short.keras"))
+    taken = calibration.preferred_ranges(short)
+    assert [r.spans_ms for r in taken] == [(4.5, 39.5)]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        protocol = calibration.draw_acquisition(rng, short.protocol_range, taken=taken)
+        assert not short.protocol_range.problems(protocol) and all(r.problems(protocol) for r in taken)
+    assert calibration.preferred_ranges(models.load_bundle(None)) == []
+
+
 def test_recalibration_covers_90_percent_of_its_calibration_voxels_and_replaces_the_card_whole(trained, tmp_path):
     """The interval recalibrated through the engine's own path (other protocols resampled) covers 88-92 %
     of the calibration voxels; the command replaces the model's card atomically and leaves the model file."""

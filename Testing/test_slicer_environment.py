@@ -91,3 +91,5 @@ def test_the_model_summary_names_the_span_a_resampling_model_needs():
 
     summary = environment.modelSummary(str(resources.bundled_model_path("context")))
     assert "5-16 echoes covering TE 4.5-39.5 ms" in summary and "1.5-7 T" in summary
+    both = environment.modelsSummary(resources.bundled_model_paths("context"))  # the panel's line
+    assert both.startswith(summary) and "; else oef_context_short.keras: 5-16 echoes covering TE 4.5-22 ms" in both

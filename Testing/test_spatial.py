@@ -313,8 +313,8 @@ def test_every_method_kind_has_a_runner_and_the_default_ships_a_model():
     assert default.name == methods.DEFAULT_METHOD and resources.resource_path("Models", default.model_file).exists()
     assert methods.get("LSTM").label == "LSTM (paper)"
     for m in methods.METHODS.values():  # every bundled model's card says it was trained for its method
-        if m.uses_model:
-            card = json.loads(resources.resource_path("Models", m.model_file).with_suffix(".json").read_text())
+        for name in m.model_files:
+            card = json.loads(resources.resource_path("Models", name).with_suffix(".json").read_text())
             assert methods.of_card(card) is m
     with pytest.raises(InputError, match="choose one of"):
         methods.get("svm")

@@ -14,7 +14,8 @@ and changes one thing from the paper's 3 T protocol at SNR 100:
 - other tissue priors (less deoxygenated, less blood, higher R2, as other simulators use) with large
   blob lesions only;
 - lesion-free brains at SNR 40 and 100, for the invented-lesion volume;
-- 7 T and 2.89 T echo trains that cover the default model's span, and several shifts at once.
+- 7 T and 2.89 T echo trains that cover the default model's span, and several shifts at once;
+- a 3 T train whose first echo is late, and lesion-free 1.5 T brains at SNR 40 (the window model).
 Metrics (evaluate.py): OEF RMSE over the brain without CSF, the lesion contrast recovered (lesion vs its
 contralateral mirror), the 90 % interval's coverage over the brain and inside lesions, and its width;
 the LSTM runs only where the protocol is its own (it refuses the others), on --lstm-voxels voxels per patient
@@ -90,6 +91,12 @@ def conditions():
          ([3.5 + 4.1 * i for i in range(12)], 3.0), 40, 0.03, 0.0, other, True),
         ("lesion-free, 12 echoes 3.5/4.1 ms, SNR 40", "specificity", ([3.5 + 4.1 * i for i in range(12)], 3.0), 40, 0.0, 0.0,
          None, False),
+        # added with the window model (oef_context_window.keras): a 3 T train whose first echo is late, and the
+        # window model's specificity at low SNR
+        ("3 T, 8 echoes 6/5 ms (first echo late)", "protocol", ([6.0 + 5.0 * i for i in range(8)], 3.0), 100, 0.0, 0.0,
+         None, True),
+        ("lesion-free, 1.5 T, 8 echoes 5/7 ms, SNR 40", "specificity", ([5.0 + 7.0 * i for i in range(8)], 1.5), 40, 0.0,
+         0.75, None, False),
     ]
     return rows
 
@@ -111,7 +118,7 @@ def add_qsm_offset(folder: Path, offset: float) -> None:
 
 
 def run_condition(k, row, args, base: Path) -> dict:
-    from OEFPredictorLib import evaluate, physics, simulate
+    from OEFPredictorLib import evaluate, physics, predict, simulate
     from OEFPredictorLib.errors import InputError
 
     name, group, (te_ms, b0), snr, offset, exponent, overrides, lesions = row
@@ -134,6 +141,11 @@ def run_condition(k, row, args, base: Path) -> dict:
                if m in args.methods]
     result = {"condition": name, "group": group, "protocol": protocol.describe(), "snr": snr, "qsm_offset_ppm": offset,
               "r2_field_exponent": exponent, "seed": args.seed + k, "patients": len(patients), "methods": {}}
+    if "context" in args.methods:  # which bundled context model reads this protocol (or the one given)
+        try:
+            result["context_model"] = predict.Predictor.build(protocol, "context", args.model).bundle.path.name
+        except InputError:
+            pass
     context = evaluate.MethodContext(data, models={"context": args.model})
     runs = methods + ([("cat", args.cat_voxels)] if "cat" in args.methods and args.cat_voxels and lesions else [])
     for method, max_voxels in runs:
@@ -152,7 +164,10 @@ def run_condition(k, row, args, base: Path) -> dict:
 
 def markdown(results: list[dict], lstm_results: list[dict] | None = None) -> str:
     """The table; `lstm_results`: the LSTM's rows of a separate run (it is slow), matched by condition."""
+    from OEFPredictorLib import methods
+
     lstm = {r["condition"]: r["methods"]["lstm"] for r in lstm_results or [] if "lstm" in r["methods"]}
+    preferred = methods.get("context").model_file
 
     def pct(x):
         return "-" if x is None or not np.isfinite(x) else f"{100 * x:.0f} %"
@@ -176,12 +191,20 @@ def markdown(results: list[dict], lstm_results: list[dict] | None = None) -> str
             continue
         paired = (f" ({num(c['rmse_OEF_without_offset'])} without the offset)" if "rmse_OEF_without_offset" in c
                   else "")
+        # a bundled model other than the method's first ran (its echoes do not cover that one's span)
+        fallback = f" ({r['context_model']})" if r.get("context_model") not in (None, preferred) else ""
         lines.append(
-            f"| {r['condition']} | {num(c['rmse_OEF'])}{paired} | {pct(c.get('recovered_misery_perfusion'))} / "
+            f"| {r['condition']}{fallback} | {num(c['rmse_OEF'])}{paired} | {pct(c.get('recovered_misery_perfusion'))} / "
             f"{pct(c.get('recovered_infarct_core'))} | {pct(c.get('coverage_OEF'))} / {pct(c.get('coverage_OEF_lesions'))} "
             f"| {num(c.get('width_OEF'), 1)} | {'%.2f %%' % (100 * c['invented_fraction']) if 'invented_fraction' in c else '-'} "
             f"| {rmse(m, 'lstm')} | {rmse(m, 'constant')} | {rmse(m, 'cat')} |")
     return "\n".join(lines) + "\n"
+
+
+def ordered(results: list[dict]) -> list[dict]:
+    """Rows in the order of conditions()."""
+    order = {row[0]: k for k, row in enumerate(conditions())}
+    return sorted(results, key=lambda r: order.get(r["condition"], len(order)))
 
 
 def main(argv=None) -> int:
@@ -197,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated condition numbers (default: all)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "shift_suite.json"))
     parser.add_argument("--lstm-from", default=None, help="a JSON of this script with the LSTM's rows, for the table")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: replace (or add) those conditions' rows in the existing --out JSON, same seed")
     args = parser.parse_args(argv)
     lstm_rows = json.loads(Path(args.lstm_from).read_text())["conditions"] if args.lstm_from else None
     rows = list(enumerate(conditions()))
@@ -207,6 +232,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    kept = []  # --update: the rows of the earlier run that are not run again
+    if args.update:
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+        if earlier["seed"] != args.seed or earlier["patients_per_condition"] != args.patients:
+            parser.error(f"--update: {out} was made with --seed {earlier['seed']} --patients "
+                         f"{earlier['patients_per_condition']}; give the same.")
+        rerun = {r[0] for _, r in rows}
+        kept = [c for c in earlier["conditions"] if c["condition"] not in rerun]
     for k, row in rows:
         t0 = time.perf_counter()
         results.append(run_condition(k, row, args, Path(args.data)))
@@ -218,8 +251,9 @@ def main(argv=None) -> int:
                   "qsm_noise_ppb": 2.0, "model": args.model or "bundled", "methods": args.methods,
                   "cat_voxels_per_patient": args.cat_voxels, "lstm_voxels_per_patient": args.lstm_voxels,
                   "seconds": round(time.perf_counter() - started, 1), "conditions": results}
-        out.write_text(json.dumps(record, indent=1, default=float), encoding="utf-8")
-    table = markdown(results, lstm_rows)
+        out.write_text(json.dumps(dict(record, conditions=ordered(kept + results)), indent=1, default=float),
+                       encoding="utf-8")
+    table = markdown(ordered(kept + results), lstm_rows)
     out.with_suffix(".md").write_text(table, encoding="utf-8")
     print(table)
     return 0

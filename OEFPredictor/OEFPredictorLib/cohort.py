@@ -62,8 +62,8 @@ class BatchConfig:
     out: str
     raw_root: str
     method: str
-    model_file: str | None  # None: the method needs no model file
-    model_sha256: str | None
+    model_file: str | None  # None: the method's bundled models (each unit runs the one reading its protocol), or none
+    model_sha256: str | None  # of the given model file, or of the bundled ones together
     device: str = "cpu"
     field_strength: float | None = None  # --field-strength: overrides the sidecars (never assumed)
 
@@ -74,29 +74,35 @@ class BatchConfig:
 
 
 def model_identity(method: str, model: str | None) -> tuple[str | None, str | None]:
-    """(model file, its SHA-256) of a method: the given file, else the bundled one; (None, None)
-    for methods without a model file."""
+    """(model file, SHA-256) of a method: the given file and its SHA-256; for the method's bundled models
+    (None, the SHA-256 of their SHA-256s: a rerun skips units only while the same models are bundled);
+    (None, None) for methods without a model file."""
+    import hashlib
+
     from . import models, resources
 
     if model:
         path = Path(model).absolute()
         if not path.is_file():
             raise InputError(f"--model {model}: no such model file.")
-    elif methods.get(method).model_file:
-        try:
-            path = resources.bundled_model_path(method)
-        except FileNotFoundError as exc:
-            raise InputError(f"The bundled {method} model is not installed ({exc})") from None
-    else:
+        return str(path), models.sha256_of(path)
+    if not methods.get(method).uses_model:
         return None, None
-    return str(path), models.sha256_of(path)
+    try:
+        paths = resources.bundled_model_paths(method)
+    except FileNotFoundError as exc:
+        raise InputError(f"The bundled {method} model is not installed ({exc})") from None
+    return None, hashlib.sha256(" ".join(models.sha256_of(p) for p in paths).encode()).hexdigest()
 
 
 
 
 def generated_by(config: BatchConfig) -> dict:
     model = Path(config.model_file).name if config.model_file else None
+    bundled = ", ".join(methods.get(config.method).model_files) if not model and config.model_sha256 else None
     described = f"method {config.method}" + (f", model {model} (SHA-256 {config.model_sha256})" if model else "")
+    if bundled:
+        described += f", bundled models {bundled} (each subject's maps name the one that read its echo protocol)"
     entry = {"Name": "oefpredictor", "Version": __version__,
              "Description": f"OEF maps from mGRE magnitudes + QSM; {described}",
              "Method": config.method}
@@ -294,7 +300,8 @@ def write_unit_maps(result, geometry, folder: Path, unit: bids.UnitInputs, confi
         result, geometry, anat,
         lambda m: m.file and bids.derivative_name(unit.subject, unit.session, m.desc, entities=unit.entities),
         mask_file=bids.derivative_name(unit.subject, unit.session, "brain", "mask", entities=unit.entities))
-    model = {"File": Path(config.model_file).name, "SHA256": config.model_sha256} if config.model_file else None
+    card = result.model_card  # the model that ran (a bundled one is chosen by the unit's protocol)
+    model = {"File": card.get("file"), "SHA256": card.get("sha256")} if card else None
     common = {"Sources": sources, "Method": result.method, "Model": model, **protocol.to_dict(),
               "MaskDerived": bool(result.mask_derived)}
     outputs = []

@@ -25,8 +25,11 @@ It only interpolates: the echoes, in 3 T-equivalent time, must cover the model's
 (`ProtocolRange.spans_ms`). A noisy decay continued beyond the data biases the map: by 3 points when the
 first echo is 1.5 ms late (it normalises all the others), by 6 at 7 T with echoes from 5.8 ms (3 T-
 equivalent), while 7 T echoes covering the span give the 3 T accuracy whether tissue R2 grows with the
-field or not. At 1.5 T covering the span takes echoes up to 79 ms, beyond the supported 60 ms, so 1.5 T
-data are refused.
+field or not. So the default method also bundles a network bound to 4.5-22 ms of 3 T-equivalent time
+(1.5 T trains and shorter 3 T ones), trained on other echo trains resampled to it, and the engine runs
+the first bundled model whose span the data cover (predict.bundled_for_protocol). A first echo later
+than 4.5 ms (3 T-equivalent) is still refused: a network bound to 8-18 ms did no better than a constant
+guess (docs/design/protocols.md).
 
 QSM reference: QSM pipelines reference susceptibility to CSF, to the whole brain or to nothing, which
 leaves a constant offset of a few hundredths of a ppm. In the QQ model such an offset carries almost no

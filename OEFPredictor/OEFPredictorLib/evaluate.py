@@ -59,13 +59,14 @@ Predict = Callable[[simulate.PatientData, np.ndarray], dict]
 
 
 # --- Built-in methods -------------------------------------------------------------------------
-def engine_predictor(method: methods.Method, bundle: models.ModelBundle) -> Predict:
+def engine_predictor(method: methods.Method, model=None) -> Predict:
     """predict() for a trained model: the call users run (predict.predict_maps on the whole brain:
-    the model's protocol check, the clamp to physical bounds, the OEF interval), the targets' rows out."""
+    the model's protocol check, the clamp to physical bounds, the OEF interval), the targets' rows out.
+    model: a ModelBundle or file, or None for the method's bundled model that reads each patient's protocol."""
     from . import predict
 
     def run(patient: simulate.PatientData, targets: np.ndarray) -> dict:
-        predictor = predict.Predictor(method, bundle, patient.protocol)
+        predictor = predict.Predictor.build(patient.protocol, method.name, model)
         inputs = predict.PredictionInputs(patient.echoes, patient.qsm, patient.protocol, mask=patient.mask,
                                           spacing=patient.geometry.spacing)
         result = predict.predict_maps(inputs, predictor)
@@ -80,7 +81,8 @@ def keras_method(name: str):
         # predict's rule: the given model file, else the method's bundled one, checked against the method
         from . import predict
 
-        return engine_predictor(*predict.resolve_method(name, ctx.models.get(name)))
+        method, _ = predict.resolve_method(name, ctx.models.get(name))  # a bad model fails here, in one line
+        return engine_predictor(method, ctx.models.get(name))
 
     return factory
 

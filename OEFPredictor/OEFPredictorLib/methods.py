@@ -20,25 +20,33 @@ class Method:
     name: str
     label: str  # as the panel shows it
     kind: str
-    model_file: str | None = None  # bundled model in Resources/Models
+    # bundled models in Resources/Models, in order of preference: the engine runs the first that reads the
+    # data's echo protocol (predict.resolve_model)
+    model_files: tuple[str, ...] = ()
     interval: bool = False  # gives OEF_p05 / OEF_p95 / OEF_width
     description: str = ""
     architecture: str | None = None  # of its model (the card's model.architecture; models.py)
 
     @property
     def uses_model(self) -> bool:
-        return self.model_file is not None
+        return bool(self.model_files)
+
+    @property
+    def model_file(self) -> str | None:
+        """The preferred bundled model (the one the panel describes)."""
+        return self.model_files[0] if self.model_files else None
 
 
 METHODS = {m.name: m for m in (
-    Method("context", "Spatial context network", "spatial", "oef_context.keras", True,
+    Method("context", "Spatial context network", "spatial", ("oef_context.keras", "oef_context_short.keras"), True,
            "multi-scale context network on whole volumes (2 mm grid), trained on stroke-like virtual patients; "
-           "90 % OEF interval", "context"),
-    Method("unet", "Spatial U-Net (experimental)", "spatial", "oef_unet.keras", True,
+           "90 % OEF interval; echo trains that cover 4.5-22 ms but not the paper's 4.5-39.5 ms (3 T-equivalent) "
+           "run a network bound to 4.5-22 ms", "context"),
+    Method("unet", "Spatial U-Net (experimental)", "spatial", ("oef_unet.keras",), True,
            "experimental 3D U-Net on whole volumes (2 mm grid); it does not learn lesions yet (README)", "unet"),
-    Method("lstm", "LSTM (paper)", "voxelwise", "oef_lstm.keras", False,
+    Method("lstm", "LSTM (paper)", "voxelwise", ("oef_lstm.keras",), False,
            "the paper's LSTM on 5-voxel windows (Kim & Lee 2024)", "lstm"),
-    Method("dnn", "DNN (voxelwise)", "voxelwise", "oef_dnn.keras", False, "voxelwise MLP baseline", "mlp"),
+    Method("dnn", "DNN (voxelwise)", "voxelwise", ("oef_dnn.keras",), False, "voxelwise MLP baseline", "mlp"),
     Method("nlls", "QQ fit (voxelwise NLLS)", "classical", description="bounded least-squares fit of the QQ model"),
     Method("cat", "CAT (Cho 2020)", "classical", description="cluster analysis of time evolution"),
     Method("ccm", "CCM (Lee 2020)", "classical", description="closest-curve matching against a database"),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import threading
 import time
@@ -200,8 +201,9 @@ class PredictionResult:
 
 
 # --- Models and devices ------------------------------------------------------------------------
-def resolve_model(model=None, method: str = methods.DEFAULT_METHOD):
-    """A ModelBundle from None (the bundled model of the method), a path, or a bundle."""
+def resolve_model(model=None, method: str = methods.DEFAULT_METHOD, protocol: physics.Protocol | None = None):
+    """A ModelBundle from None (the method's bundled model: with a protocol, the first of its bundled models
+    that reads it, see bundled_for_protocol), a path, or a bundle."""
     from . import resources
 
     if model is not None and not isinstance(model, (str, Path)):
@@ -211,20 +213,50 @@ def resolve_model(model=None, method: str = methods.DEFAULT_METHOD):
         if not spec.uses_model:
             raise InputError(f"Method '{spec.name}' uses no trained model.")
         try:
-            path = resources.bundled_model_path(spec.name)
+            paths = resources.bundled_model_paths(spec.name)
         except FileNotFoundError as exc:
             raise InputError(f"The bundled model of method '{spec.name}' ({spec.label}) is not installed ({exc}) Train one with "
                              "`oefpredictor train`, or give a model file.") from None
+        if protocol is not None and len(paths) > 1:
+            return bundled_for_protocol(paths, protocol)
+        path = paths[0]
     else:
         path = Path(model)
-    path = path.resolve()
+    return _load(path)
+
+
+def _load(path: Path):
+    path = Path(path).resolve()
     if not path.exists():
         raise InputError(f"{path}: no such model file.")
     st = path.stat()
     return _load_cached(str(path), st.st_mtime_ns, st.st_size)
 
 
-@functools.lru_cache(maxsize=2)
+def bundled_for_protocol(paths: list[Path], protocol: physics.Protocol):
+    """The first of a method's bundled models (paths in order of preference) that reads this protocol, loaded
+    only as far as needed. Each bundled context model reads the echo trains that cover its own span in 3 T-
+    equivalent time; when none does, one line names every span and what runs instead."""
+    bundles = []
+    for path in paths:
+        bundles.append(_load(path))
+        try:
+            bundles[-1].check_protocol(protocol)
+        except InputError:
+            continue
+        return bundles[-1]
+    ranges = [b.protocol_range for b in bundles]
+    if not all(r and r.spans_ms for r in ranges):
+        bundles[0].check_protocol(protocol)  # models bound to one protocol each: the first one's message
+    problems = ranges[0].problems(protocol)
+    spans = " or ".join(f"{r.spans_ms[0]:g}-{r.spans_ms[1]:g} ms ({b.path.name})" for r, b in zip(ranges, bundles))
+    general = dataclasses.replace(ranges[0], spans_ms=None).describe()
+    raise InputError(f"The bundled models read {general}, with echoes covering {spans} in 3 T-equivalent time "
+                     f"(TE x B0 / 3); these data have {', '.join(problems)}. Use --method cat (needs no trained "
+                     "model), or train a model for this protocol (oefpredictor train).")
+
+
+@functools.lru_cache(maxsize=4)
 def _load_cached(path: str, mtime_ns: int, size: int):
     # Keyed by modification time and size: a replaced file is loaded again. Loading the paper's
     # LSTM takes seconds; Slicer users predict many times per session.
@@ -233,17 +265,17 @@ def _load_cached(path: str, mtime_ns: int, size: int):
     return models.load_bundle(path)
 
 
-def resolve_method(method: str | None, model=None):
+def resolve_method(method: str | None, model=None, protocol: physics.Protocol | None = None):
     """(methods.Method, ModelBundle or None). method None: the method the given model was trained
     for (its card), or the default method without a model. A model that does not suit the method
-    is refused here, before any work."""
+    is refused here, before any work. `protocol`: the data's, which picks among bundled models."""
     if method is None and model is not None:
         bundle = resolve_model(model)
         return methods.of_card(bundle.card), bundle
     spec = methods.get(method)
     if not spec.uses_model:
         return spec, None
-    bundle = resolve_model(model, spec.name)
+    bundle = resolve_model(model, spec.name, protocol)
     trained_for = methods.of_card(bundle.card)
     if (trained_for.kind == "spatial") != (spec.kind == "spatial"):
         raise InputError(f"{bundle.path.name} is a {trained_for.kind} model ({trained_for.label}); it cannot run "
@@ -335,7 +367,26 @@ class Predictor:
     @classmethod
     def build(cls, protocol: physics.Protocol, method: str | None = None, model=None) -> "Predictor":
         """resolve_method (the method named, or the one the model was trained for), then the check."""
-        return cls(*resolve_method(method, model), protocol)
+        return cls(*resolve_method(method, model, protocol), protocol)
+
+    def caveats(self) -> list[str]:
+        """What the user must know of the model chosen: a bundled model other than the method's preferred one
+        runs when the echoes do not cover the preferred one's span, and it sees less of the decay."""
+        from . import decay, models, resources
+
+        preferred = self.method.model_files[:1]
+        if self.bundle is None or not preferred or self.bundle.path.name == preferred[0] \
+                or self.bundle.path.parent != resources.bundled_model_path(self.method.name).parent:
+            return []
+        card = json.loads(models.card_path_for(resources.bundled_model_path(self.method.name)).read_text("utf-8"))
+        wanted = card["supported_protocols"]["spans_ms"]
+        reads = self.bundle.protocol_range.spans_ms
+        tau_ms = decay.equivalent_times(self.protocol) * 1000.0
+        return [f"The echoes cover {tau_ms[0]:.3g}-{tau_ms[-1]:.3g} ms in 3 T-equivalent time (TE x B0 / 3), not "
+                f"{wanted[0]:g}-{wanted[1]:g} ms, so the map comes from {self.bundle.path.name}, which reads only "
+                f"{reads[0]:g}-{reads[1]:g} ms of the decay: the map leans on the training population for the brain's "
+                "overall OEF level, its interval is wider, and lesions may not show (a normal-looking region is "
+                "not evidence of normal OEF)."]
 
     def fit(self, data: "_Voxels", run: "_Session") -> dict[str, np.ndarray]:
         """The clamped parameters (and the OEF interval, where the method gives one) of the mask's voxels."""
@@ -497,7 +548,7 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
     predictor = model if isinstance(model, Predictor) else Predictor.build(inputs.protocol, method, model)
     if predictor.protocol != inputs.protocol:
         predictor = Predictor(predictor.method, predictor.bundle, inputs.protocol)
-    run.warnings += inputs.validate()
+    run.warnings += inputs.validate() + predictor.caveats()
     if predictor.method.uses_model:
         run.device, messages = choose_device(device)
         run.warnings += messages

@@ -32,10 +32,16 @@ def resource_path(*parts: str) -> Path:
 
 
 def bundled_model_path(method: str | None = None) -> Path:
-    """The bundled model of a method of the registry (None: the default method, methods.DEFAULT_METHOD)."""
+    """The preferred bundled model of a method of the registry (None: the default method, methods.DEFAULT_METHOD)."""
+    return bundled_model_paths(method)[0]
+
+
+def bundled_model_paths(method: str | None = None) -> list[Path]:
+    """All bundled models of a method, in order of preference (predict.resolve_model runs the first that
+    reads the data's protocol)."""
     from . import methods
 
     spec = methods.get(method)
-    if spec.model_file is None:
+    if not spec.uses_model:
         raise FileNotFoundError(f"Method '{spec.name}' has no bundled model (it uses none).")
-    return resource_path("Models", spec.model_file)
+    return [resource_path("Models", name) for name in spec.model_files]

@@ -84,6 +84,12 @@ def ensureRequirements(requirementsPath, requester):
     return still
 
 
+def modelsSummary(modelPaths, needsModel=True):
+    """modelSummary of each model a run may use (the bundled ones in order of preference), joined."""
+    return _("; else ").join(modelSummary(str(p), needsModel) for p in modelPaths) if modelPaths else \
+        modelSummary(None, needsModel)
+
+
 def modelSummary(modelPath, needsModel=True):
     """One line about a model file (from its .json card), without loading Keras."""
     if not needsModel:

@@ -52,6 +52,16 @@ class PredictionSettings:
             return resources.bundled_model_path(self.method)
         return getattr(self.model, "path", self.model)  # a ModelBundle, or a path
 
+    def modelFiles(self):
+        """Every model file this run may use: the given one, else all the method's bundled ones (the engine
+        runs the first that reads the data's echo train); empty for methods without a model."""
+        from OEFPredictorLib import resources
+
+        if self.model is None and methods.get(self.method).uses_model:
+            return resources.bundled_model_paths(self.method)
+        model = self.modelFile()
+        return [] if model is None else [model]
+
 
 def echoCount(echoes):
     if echoes is None:

@@ -120,7 +120,7 @@ def run(args) -> int:
     start = time.perf_counter()
     out = Path(args.out)
     io.check_output_dir(out, args.overwrite)  # before any work
-    method, bundle = predict.resolve_method(args.method, args.model)  # fails early, in one line
+    method, _ = predict.resolve_method(args.method, args.model)  # fails early, in one line
     with io.atomic_directory(out, overwrite=args.overwrite, command="demo") as tmp:
         tmp = Path(tmp)
         print(f"Simulating the demo patient ({args.voxel_size:g} mm, SNR {DEMO_SNR:g}, seed {DEMO_SEED})...",
@@ -128,7 +128,7 @@ def run(args) -> int:
         data = simulate.load_patient(make_demo_patient(tmp / "patient", args.voxel_size))
         inputs = predict.PredictionInputs(data.echoes, data.qsm, data.protocol, mask=data.mask,
                                           spacing=data.geometry.spacing)
-        predictor = predict.Predictor(method, bundle, data.protocol)
+        predictor = predict.Predictor.build(data.protocol, method.name, args.model)
         result = run_prediction(inputs, predictor, args.device, bar_label="Predicting OEF")
         files.write_maps(result, data.geometry, tmp)
         io.write_json(files.provenance(result, {"patient": "patient/P03", "seed": DEMO_SEED}, data.protocol),

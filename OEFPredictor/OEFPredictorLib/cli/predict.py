@@ -78,7 +78,7 @@ def run(args) -> int:
     inputs_given += [io.sidecar_path(p) for p in args.echoes]
     names = [m.file for m in maptable.MAPS.values() if m.file] + [maptable.MASK_FILE, maptable.PROVENANCE_FILE]
     io.check_output_dir(out, args.overwrite, inputs_given, names)  # before any work
-    method, bundle = predict.resolve_method(args.method, args.model)  # a bad model fails before any work
+    method, _ = predict.resolve_method(args.method, args.model)  # a bad model fails before any work
     args.method = method.name
     te_ms = parse_echo_times_ms(args.te).echo_times_ms if args.te else None
     notes = []
@@ -89,7 +89,8 @@ def run(args) -> int:
     args.field_strength_used = inputs.protocol.field_strength
     for note in notes:
         sys.stderr.write(f"oefpredictor predict: warning: {note}\n")
-    predictor = predict.Predictor(method, bundle, inputs.protocol)  # refuses a model for another protocol
+    # the bundled model that reads this protocol; refuses a model for another one
+    predictor = predict.Predictor.build(inputs.protocol, method.name, args.model)
     inputs.validate()  # unusable inputs: one line before the progress bar
     with io.atomic_directory(out, overwrite=args.overwrite, inputs=inputs_given, command="predict") as tmp:
         result = run_prediction(inputs, predictor, args.device)

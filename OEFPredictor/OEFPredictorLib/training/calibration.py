@@ -81,23 +81,40 @@ def mondrian_factors(scores: np.ndarray, widths: np.ndarray, abnormal: np.ndarra
 
 
 # --- Recalibrating a trained model's interval over the acquisitions it reads ------------------------
-def draw_acquisition(rng: np.random.Generator, supported, paper_share: float = 0.3) -> physics.Protocol:
-    """The paper's protocol for `paper_share` of draws, else a random protocol the model reads."""
+def draw_acquisition(rng: np.random.Generator, supported, paper_share: float = 0.3, taken=()) -> physics.Protocol:
+    """The paper's protocol for `paper_share` of draws, else a random protocol the model reads; none that a
+    range of `taken` reads (the bundled models the engine prefers: such data never reach this model)."""
     from .data import random_protocol
 
-    if supported is None or rng.random() < paper_share:
+    if supported is None or (not taken and rng.random() < paper_share):
         return physics.Protocol.default()
     while True:
         protocol = random_protocol(rng, supported, margin=0.0)
-        if not supported.problems(protocol):
+        if not supported.problems(protocol) and all(r.problems(protocol) for r in taken):
             return protocol
+
+
+def preferred_ranges(bundle) -> list:
+    """The protocol ranges of the bundled models that the engine runs before a model of this file name (the
+    same method's bundled models listed ahead of it; predict.bundled_for_protocol): empty for the others."""
+    import json
+
+    from .. import decay, methods, resources
+
+    names = list(methods.of_card(bundle.card).model_files)
+    if bundle.path.name not in names:
+        return []
+    cards = [json.loads(models.card_path_for(resources.resource_path("Models", name)).read_text(encoding="utf-8"))
+             for name in names[:names.index(bundle.path.name)]]
+    return [decay.ProtocolRange.from_dict(card["supported_protocols"]) for card in cards]
 
 
 def recalibrate(bundle, config, progress=None) -> dict:
     """Calibration of a trained spatial model's interval through the engine's own path
     (spatial.predict_volume: resampling of other protocols included), on `config.calibration_patients`
     population-prior calibration patients (CALIBRATION_SEED; `config.lesion_free_share` of them without
-    lesions), each at a protocol the model reads, an SNR drawn log-uniformly over `config.snr_range`, QSM
+    lesions), each at a protocol the model reads and the engine gives it (none that a bundled model it
+    prefers reads: preferred_ranges), an SNR drawn log-uniformly over `config.snr_range`, QSM
     noise over `config.qsm_noise_ppb_range`, a receive-field bias and a QSM offset: a scale that grows
     with the volume's noise level (decay.noise_level) and steps up where its decay was resampled (both
     fitted to the volumes' own conformal factors), then Mondrian split conformal by half-width x
@@ -107,12 +124,13 @@ def recalibrate(bundle, config, progress=None) -> dict:
     from .noise import noisy_acquisition
 
     raw_bundle = uncalibrated(bundle.model, bundle.card, bundle.path)
+    taken = preferred_ranges(bundle)
     scores, widths, abnormal, lesion, levels, resampled = [], [], [], [], [], []  # the last two: per volume
     protocols = []
     for i in range(config.calibration_patients):
         rng = np.random.default_rng([CALIBRATION_SEED, i, 11])
         patient = make_patient(CALIBRATION_SEED, i, config, wide=False)
-        protocol = draw_acquisition(rng, bundle.protocol_range)
+        protocol = draw_acquisition(rng, bundle.protocol_range, taken=taken)
         protocols.append(protocol.describe())
         echoes, qsm, _, _ = noisy_acquisition(patient, protocol, rng, config)
         diagnostics = {}
