@@ -4,12 +4,13 @@ interval holds the truth in 90 % of voxels where the network is unsure and where
 only on average."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from .. import models, physics, simulate, spatial
+from .. import decay, methods, models, physics, resources, simulate, spatial
 from .data import CALIBRATION_SEED, stroke_patient
 
 WIDTH_BINS = 5  # quantile bins of the network's half-width
@@ -97,10 +98,6 @@ def draw_acquisition(rng: np.random.Generator, supported, paper_share: float = 0
 def preferred_ranges(bundle) -> list:
     """The protocol ranges of the bundled models that the engine runs before a model of this file name (the
     same method's bundled models listed ahead of it; predict.bundled_for_protocol): empty for the others."""
-    import json
-
-    from .. import decay, methods, resources
-
     names = list(methods.of_card(bundle.card).model_files)
     if bundle.path.name not in names:
         return []

@@ -8,14 +8,16 @@ truth maps cropped to the brain. Each epoch draws `patients_per_epoch` of them a
   echoes, first echo, spacing, last echo, 1.5-7 T; `random_protocol`), with R2 grown as B0^p;
 - noise (noise.add_noise: SNR 18-250 log-uniform, QSM noise 1-4 ppb white or correlated, a
   smooth bias) and a constant QSM offset (another QSM reference);
+- for a network bound to echo times (`echo_times_ms`, as the bundled models are): the decay resampled to
+  them (decay.resample_echoes), drawing only acquisitions whose echoes cover their span;
 - the network's inputs exactly as inference makes them (spatial.volume_features, spatial.network_inputs),
 and the epoch samples `voxels_per_epoch` brain voxels (no CSF) from a pool of such draws (`VoxelPool`, of which
 each epoch remakes). Lesion voxels count `lesion_weight` times in
 the loss (lesions are a few per cent of the brain; lesion-free patients keep the model from seeing
 lesions in noise).
 
-Validation: whole validation patients (their own seed; every other one at the paper's protocol, the rest
-at drawn protocols) at SNR 40, 100 and 200, QSM noise 2 ppb; the epoch with the lowest validation loss
+Validation: whole validation patients (their own seed; every other one at the model's own echo times (the
+paper's for a protocol-free network), the rest at drawn protocols) at SNR 40, 100 and 200, QSM noise 2 ppb; the epoch with the lowest validation loss
 is kept, and each epoch logs the lesion contrast recovered on them (val_penumbra, val_core: lesion vs
 contralateral mirror, as evaluate reports it). Then the interval is calibrated through the engine's own
 path, as the saved model runs, on population-prior calibration patients at drawn protocols and noise
