@@ -97,7 +97,7 @@ def test_prediction_job_cancel_while_the_model_loads_is_prompt(monkeypatch):
     stood in for by a resolve_model that takes 5 s; the cancel must end the job within 1 s."""
     loaded = threading.Event()
 
-    def slow_resolve(model=None, method="lstm"):
+    def slow_resolve(model=None, method="lstm", protocol=None):
         time.sleep(5.0)
         loaded.set()
         return None

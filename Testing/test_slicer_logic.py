@@ -349,7 +349,7 @@ def test_cancel_while_the_model_loads_is_prompt(case, env, monkeypatch):
 
     echoes, qsm, tes = _small_inputs(case)
 
-    def slow_resolve(model=None, method="lstm"):
+    def slow_resolve(model=None, method="lstm", protocol=None):
         time.sleep(5.0)
         raise AssertionError("the cancelled run went on after loading")
 
