@@ -289,6 +289,23 @@ def test_the_bundled_context_models_are_chosen_by_the_data_s_echo_train():
         predict.Predictor.build(late)
 
 
+def test_a_1_5_t_acquisition_is_mapped_by_the_short_span_network_with_a_warning(tmp_path):
+    """The engine's own call on a 1.5 T patient (8 echoes 5-54 ms, echoes to 27 ms in 3 T-equivalent time):
+    the 4.5-22 ms network makes the maps, the result names it, and the warning says what it reads."""
+    from OEFPredictorLib import simulate
+
+    protocol = physics.Protocol.from_milliseconds([5.0 + 7.0 * i for i in range(8)], 1.5)
+    folder = simulate.simulate_dataset(tmp_path / "d", 1, seed=11, protocol=protocol, voxel_size=4.0,
+                                       noise=simulate.NoiseModel(100.0, 2.0), r2_field_exponent=0.75)[0]
+    d = simulate.load_patient(folder)
+    result = predict.predict_maps(predict.PredictionInputs(d.echoes, d.qsm, d.protocol, d.mask,
+                                                           spacing=d.geometry.spacing), method="context", device="cpu")
+    assert result.model_card["file"] == "oef_context_short.keras"
+    assert any("comes from oef_context_short.keras" in w and "lesions may not show" in w for w in result.warnings)
+    oef = result.maps["OEF"][result.mask]
+    assert np.isfinite(oef).all() and 10.0 < np.median(oef) < 70.0
+
+
 def test_a_fallback_model_is_calibrated_only_on_echo_trains_that_reach_it():
     """The 4.5-22 ms model never sees data that the paper-protocol model reads (the engine runs that one
     first), so its calibration draws none of them; the preferred model draws any it reads."""
