@@ -15,7 +15,7 @@ and changes one thing from the paper's 3 T protocol at SNR 100:
   blob lesions only;
 - lesion-free brains at SNR 40 and 100, for the invented-lesion volume;
 - 7 T and 2.89 T echo trains that cover the default model's span, and several shifts at once;
-- a 3 T train whose first echo is late, and lesion-free 1.5 T brains at SNR 40 (the window model).
+- a 3 T train whose first echo is late (refused), and lesion-free 1.5 T brains at SNR 40 (the 4.5-22 ms network).
 Metrics (evaluate.py): OEF RMSE over the brain without CSF, the lesion contrast recovered (lesion vs its
 contralateral mirror), the 90 % interval's coverage over the brain and inside lesions, and its width;
 the LSTM runs only where the protocol is its own (it refuses the others), on --lstm-voxels voxels per patient
@@ -91,8 +91,8 @@ def conditions():
          ([3.5 + 4.1 * i for i in range(12)], 3.0), 40, 0.03, 0.0, other, True),
         ("lesion-free, 12 echoes 3.5/4.1 ms, SNR 40", "specificity", ([3.5 + 4.1 * i for i in range(12)], 3.0), 40, 0.0, 0.0,
          None, False),
-        # added with the window model (oef_context_window.keras): a 3 T train whose first echo is late, and the
-        # window model's specificity at low SNR
+        # added with the networks bound to shorter spans: a 3 T train whose first echo is late, and the 4.5-22 ms
+        # network's specificity at low SNR
         ("3 T, 8 echoes 6/5 ms (first echo late)", "protocol", ([6.0 + 5.0 * i for i in range(8)], 3.0), 100, 0.0, 0.0,
          None, True),
         ("lesion-free, 1.5 T, 8 echoes 5/7 ms, SNR 40", "specificity", ([5.0 + 7.0 * i for i in range(8)], 1.5), 40, 0.0,
@@ -250,9 +250,8 @@ def main(argv=None) -> int:
         record = {"seed": args.seed, "patients_per_condition": args.patients, "voxel_size_mm": 2.0,
                   "qsm_noise_ppb": 2.0, "model": args.model or "bundled", "methods": args.methods,
                   "cat_voxels_per_patient": args.cat_voxels, "lstm_voxels_per_patient": args.lstm_voxels,
-                  "seconds": round(time.perf_counter() - started, 1), "conditions": results}
-        out.write_text(json.dumps(dict(record, conditions=ordered(kept + results)), indent=1, default=float),
-                       encoding="utf-8")
+                  "seconds": round(time.perf_counter() - started, 1), "conditions": ordered(kept + results)}
+        out.write_text(json.dumps(record, indent=1, default=float), encoding="utf-8")
     table = markdown(ordered(kept + results), lstm_rows)
     out.with_suffix(".md").write_text(table, encoding="utf-8")
     print(table)

@@ -156,6 +156,11 @@ def card_path_for(model_path: str | Path) -> Path:
     return Path(model_path).with_suffix(".json")
 
 
+def read_card(model_path: str | Path) -> dict:
+    """The model's .json card as written (load_bundle checks it; this only reads it)."""
+    return json.loads(card_path_for(model_path).read_text(encoding="utf-8"))
+
+
 def write_card(model_path: str | Path, card: dict) -> Path:
     """Replace the model's .json card whole and atomically (the model file is left as it is)."""
     path = card_path_for(model_path)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import threading
 import time
@@ -374,12 +373,12 @@ class Predictor:
         runs when the echoes do not cover the preferred one's span, and it sees less of the decay."""
         from . import decay, models, resources
 
-        preferred = self.method.model_files[:1]
-        if self.bundle is None or not preferred or self.bundle.path.name == preferred[0] \
-                or self.bundle.path.parent != resources.bundled_model_path(self.method.name).parent:
+        if self.bundle is None or not self.method.uses_model:
             return []
-        card = json.loads(models.card_path_for(resources.bundled_model_path(self.method.name)).read_text("utf-8"))
-        wanted = card["supported_protocols"]["spans_ms"]
+        preferred = resources.bundled_model_path(self.method.name)
+        if self.bundle.path.name == preferred.name or self.bundle.path.parent != preferred.parent:
+            return []
+        wanted = models.read_card(preferred)["supported_protocols"]["spans_ms"]
         reads = self.bundle.protocol_range.spans_ms
         tau_ms = decay.equivalent_times(self.protocol) * 1000.0
         return [f"The echoes cover {tau_ms[0]:.3g}-{tau_ms[-1]:.3g} ms in 3 T-equivalent time (TE x B0 / 3), not "

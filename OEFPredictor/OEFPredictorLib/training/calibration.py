@@ -4,7 +4,6 @@ interval holds the truth in 90 % of voxels where the network is unsure and where
 only on average."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -101,9 +100,8 @@ def preferred_ranges(bundle) -> list:
     names = list(methods.of_card(bundle.card).model_files)
     if bundle.path.name not in names:
         return []
-    cards = [json.loads(models.card_path_for(resources.resource_path("Models", name)).read_text(encoding="utf-8"))
-             for name in names[:names.index(bundle.path.name)]]
-    return [decay.ProtocolRange.from_dict(card["supported_protocols"]) for card in cards]
+    return [decay.ProtocolRange.from_dict(models.read_card(resources.resource_path("Models", name))["supported_protocols"])
+            for name in names[:names.index(bundle.path.name)]]
 
 
 def recalibrate(bundle, config, progress=None) -> dict:

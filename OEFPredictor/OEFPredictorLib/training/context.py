@@ -322,7 +322,7 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     bundle = models.load_bundle(out)
     found = calibration.recalibrate(bundle, config, progress)
     models.write_card(out, dict(bundle.card, spatial=dict(bundle.card["spatial"], **found)))
-    return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
+    return models.read_card(out)
 
 
 def _lesion_monitor(x_val, patients: list[Patient], voxels: list[np.ndarray], scaling: dict):

@@ -265,7 +265,7 @@ def train(dataset: str | Path, out: str | Path, config: TrainConfig, resume: boo
             "metric_mask": "brain mask without CSF",
         })
     models.save_bundle(best, card, out)  # the checkpoint stays: --resume with more --epochs continues
-    return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
+    return models.read_card(out)
 
 
 def _config_dict(config: TrainConfig, ignore_epochs: bool = False) -> dict:

@@ -344,7 +344,7 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
         **run_record(config, state, started, history_csv, command),
     }
     models.save_bundle(model, card, out)
-    return json.loads(models.card_path_for(out).read_text(encoding="utf-8"))
+    return models.read_card(out)
 
 
 _DATA_FIELDS = ("patients", "validation_patients", "patches_per_patient", "patch", "voxel_size_mm",
