@@ -248,6 +248,46 @@ def test_another_echo_train_at_1_mm_is_resampled_on_the_model_grid(tmp_path):
     assert np.ptp(paper["OEF"][mask]) > 1.0
 
 
+@pytest.mark.parametrize("spacing_mm", [2.0, 1.0, 1.3])
+def test_the_context_network_runs_only_on_the_voxels_it_is_read_at_and_gives_the_tiled_maps(
+        tmp_path, monkeypatch, spacing_mm):
+    """The context model's network maps each voxel's features alone, so the engine runs it in fixed-size
+    chunks on the model-grid voxels that the way back to the data grid reads (the grid mask and each data
+    voxel's nearest model voxel), not on tiles of the brain's box. At the data's own grid (2 mm), on whole
+    blocks (1 mm) and on a non-integer ratio (1.3 mm), the maps equal those of the tiled run; every call
+    has one shape; and a strand of brain one voxel thick, away from the brain (under half of each model voxel,
+    so read at its nearest model voxel), gets the same values as where the network runs everywhere."""
+    from OEFPredictorLib import simulate
+
+    patient = simulate.simulate_dataset(tmp_path, 1, seed=41, voxel_size=4.0,
+                                        noise=simulate.NoiseModel(snr=None, qsm_noise_ppb=0.0))[0]
+    data = simulate.load_patient(patient)
+    repeat = 2 if spacing_mm < 2.0 else 1
+    echoes, qsm, mask = (np.repeat(np.repeat(np.repeat(a, repeat, 0), repeat, 1), repeat, 2)
+                         for a in (data.echoes, data.qsm, data.mask))
+    # a strand of brain one data voxel thick, beyond the brain's box along x
+    echoes, qsm, mask = (np.pad(a, [(0, 0), (0, 0), (0, 10)] + [(0, 0)] * (a.ndim - 3)) for a in (echoes, qsm, mask))
+    centre = tuple(int(c) for c in np.argwhere(mask).mean(axis=0))
+    echoes[:, centre[1], -1], qsm[:, centre[1], -1] = echoes[centre], qsm[centre]
+    mask[:, centre[1], -1] = True
+    inputs = predict.PredictionInputs(echoes, qsm, data.protocol, mask, spacing=(spacing_mm,) * 3)
+    calls = []
+    real = spatial.run_pointwise
+
+    def recording(predict_fn, features, where, **kwargs):
+        return real(lambda batch: calls.append(batch.shape) or predict_fn(batch), features, where, **kwargs)
+
+    monkeypatch.setattr(spatial, "run_pointwise", recording)
+    chunked = predict.predict_maps(inputs, method="context", device="cpu").maps
+    assert len(set(calls)) == 1 and calls[0][:4] == (1, spatial.POINTWISE_CHUNK, 1, 1)
+    monkeypatch.setattr(spatial, "run_pointwise",
+                        lambda predict_fn, features, where, **kwargs: spatial.run_network(
+                            predict_fn, features, np.ones_like(where), 1, **kwargs))  # the network everywhere
+    tiled = predict.predict_maps(inputs, method="context", device="cpu").maps
+    for name in ("OEF", "S0", "R2", "OEF_p05", "OEF_p95"):
+        np.testing.assert_allclose(chunked[name][mask], tiled[name][mask], rtol=1e-4, atol=1e-3)
+
+
 def test_a_network_bound_to_echo_times_trains_on_draws_resampled_to_them(tmp_path):
     """--echo-times binds the network to a 3 T echo train (as the bundled models are): its card gives those
     echo times and a span, its inputs are their echo ratios, and the engine resamples a 1.5 T train to it."""

@@ -25,8 +25,9 @@ OEF_p05 = OEF - k softplus(a) * 10 pp, OEF_p95 = OEF + k softplus(b) * 10 pp, tr
 pinball loss at 5 % and 95 % and widened by the factor k (`spatial.interval_scale`) that split
 conformal calibration on held-out patients gives.
 
-Inference runs tile by tile (overlapping tiles blended with a linear ramp) when the brain's
-bounding box exceeds the tile size, so memory stays bounded for any input size.
+Memory stays bounded for any input size: the context model's network, which maps each voxel's features
+alone, runs in fixed-size chunks of the voxels whose values are read back (run_pointwise); the U-Net runs
+tile by tile (overlapping tiles blended with a linear ramp) when the brain's box exceeds the tile size.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ INTERVAL_UNIT = 0.1  # the interval channels are in units of 10 percentage point
 N_OUTPUTS = len(physics.PARAMETER_NAMES) + 2
 # Loss weights per parameter (S0, R2, Y, v, chi_nb): Y carries OEF, the product's map.
 PARAMETER_LOSS_WEIGHTS = (0.5, 0.5, 2.0, 1.0, 0.5)
-TILE_VOXELS = 64  # tile edge (model grid) for volumes whose brain box is larger; ~0.3 GiB of activations
+TILE_VOXELS = 64  # U-Net tile edge (model grid) for volumes whose brain box is larger; ~0.3 GiB of activations
 TILE_OVERLAP = 16
+POINTWISE_CHUNK = 65536  # voxels per network call for a voxel-by-voxel model (the context model): ~0.1 GiB
 SLAB_BLOCKS = 8  # model voxels per z slab when averaging blocks: bounds the data-grid feature temporaries
 # Inputs are clipped to what tissue can give (echo ratios decay from 1; QSM within +-0.5 ppm), so a
 # stray voxel (vessel, artefact, bad mask edge) cannot dominate its neighbourhood in the network.
@@ -376,6 +378,19 @@ def from_model_grid(values: np.ndarray, grid_mask: np.ndarray, mask: np.ndarray,
     return out
 
 
+def read_support(grid_mask: np.ndarray, mask: np.ndarray, factors=None) -> np.ndarray:
+    """The model-grid voxels whose values from_model_grid reads: the grid mask (interpolated) and the
+    nearest model voxel of each data-grid mask voxel (read where no grid-mask voxel is near)."""
+    if grid_mask.shape == mask.shape:
+        return mask
+    scales = None if factors is None else [1.0 / f for f in _grid_scales(mask.shape, grid_mask.shape, factors)]
+    nearest = [np.clip(np.rint(a), 0, n - 1).astype(np.intp)
+               for a, n in zip(_axis_coordinates(grid_mask.shape, mask.shape, scales), grid_mask.shape)]
+    support = grid_mask.copy()
+    support[tuple(a[i] for a, i in zip(nearest, np.nonzero(mask)))] = True
+    return support
+
+
 def _axis_coordinates(src_shape, dst_shape, src_per_dst=None) -> list[np.ndarray]:
     """Per axis, the index coordinate in the source grid of each destination voxel centre; the grids
     have the same extent unless `src_per_dst` (source voxels per destination voxel) is given."""
@@ -428,6 +443,28 @@ def run_network(predict, features: np.ndarray, mask: np.ndarray, multiple: int, 
         if progress:
             progress((k + 1) / len(tiles))
     out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = acc / np.maximum(weight, 1e-6)[..., None]
+    return out
+
+
+def run_pointwise(predict, features: np.ndarray, where: np.ndarray, chunk: int = POINTWISE_CHUNK,
+                  check_cancel=None, progress=None) -> np.ndarray:
+    """(z, y, x, 7) outputs of a network that maps each voxel's features alone (the context model's Dense
+    layers) at the `where` voxels, zeros elsewhere: the voxels go through in chunks of `chunk`, shaped
+    (1, chunk, 1, 1, C) and the last one padded, so memory is bounded by one chunk whatever the volume, and
+    no voxel outside the brain or in a tile overlap is computed. Same values as run_network's tiles."""
+    out = np.zeros(where.shape + (N_OUTPUTS,), dtype=np.float32)
+    index = np.flatnonzero(where)
+    flat_features = features.reshape(-1, features.shape[-1])
+    flat_out = out.reshape(-1, N_OUTPUTS)
+    batch = np.zeros((1, chunk, 1, 1, features.shape[-1]), dtype=np.float32)
+    for start in range(0, len(index), chunk):
+        if check_cancel:
+            check_cancel()
+        rows = index[start:start + chunk]
+        batch[0, :len(rows), 0, 0] = flat_features[rows]
+        flat_out[rows] = np.asarray(predict(batch))[0, :len(rows), 0, 0]
+        if progress:
+            progress(min(1.0, (start + chunk) / len(index)))
     return out
 
 
@@ -569,8 +606,15 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
         protocol = bundle.protocol
     grid_features = network_inputs(grid_features, grid_mask, spec, model_mm, protocol)
     predict = predict or bundle.model.predict_on_batch
-    raw = run_network(predict, grid_features, grid_mask, divisor(spec), check_cancel=check_cancel,
-                      progress=lambda f: report(0.1 + 0.75 * f, "Running the spatial model"))
+    def network_progress(fraction):
+        report(0.1 + 0.75 * fraction, "Running the spatial model")
+
+    if spec.get("architecture") == "context":  # voxel by voxel: only the voxels whose values are read
+        raw = run_pointwise(predict, grid_features, read_support(grid_mask, mask, factors),
+                            check_cancel=check_cancel, progress=network_progress)
+    else:
+        raw = run_network(predict, grid_features, grid_mask, divisor(spec), check_cancel=check_cancel,
+                          progress=network_progress)
     report(0.86, "Back to the data grid")
     del grid_features
     if first_echo_gain is not None:  # back to the data grid with the outputs: one interpolation
