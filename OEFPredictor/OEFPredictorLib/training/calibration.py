@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import decay, methods, models, physics, resources, simulate, spatial
+from .. import decay, evaluate, methods, models, physics, resources, simulate, spatial
 from .data import CALIBRATION_SEED, stroke_patient
 
 WIDTH_BINS = 5  # quantile bins of the network's half-width
@@ -136,7 +136,7 @@ def recalibrate(bundle, config, progress=None) -> dict:
         scores.append(interval_scores(out, truth)[keep])
         widths.append((0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep])
         abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
-        lesion.append((patient.lesion_map[patient.mask] > 0)[keep])
+        lesion.append(np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep])  # not their mirrors
         levels.append(diagnostics["noise_level"])  # NaN for an empty mask: no noise scale is fitted then
         resampled.append(float(diagnostics["resampled"]))
         if progress:

@@ -141,7 +141,7 @@ def voxel_rows(x, t, patient: Patient, where: np.ndarray, scaling: dict, lesion_
     ts = t.reshape(-1, t.shape[-1])[where]
     z = (ts - np.array(scaling["mean"], np.float32)) / np.array(scaling["std"], np.float32)
     oef = 1.0 - ts[:, 2] / physics.YA
-    lesion = np.isin(patient.lesion_map.reshape(-1)[where], (1, 2))
+    lesion = np.isin(patient.lesion_map.reshape(-1)[where], evaluate.LESION_CODES)
     weight = np.where(lesion, np.float32(lesion_weight), np.float32(1.0))
     y = np.concatenate([z, oef[:, None], weight[:, None]], axis=1).astype(np.float32)
     return xs[:, None, None, None, :], y[:, None, None, None, :]
