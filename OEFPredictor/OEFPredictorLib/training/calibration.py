@@ -104,57 +104,78 @@ def preferred_ranges(bundle) -> list:
             for name in names[:names.index(bundle.path.name)]]
 
 
-def recalibrate(bundle, config, progress=None) -> dict:
-    """Calibration of a trained spatial model's interval through the engine's own path
-    (spatial.predict_volume: resampling of other protocols included), on `config.calibration_patients`
-    population-prior calibration patients (CALIBRATION_SEED; `config.lesion_free_share` of them without
-    lesions), each at a protocol the model reads and the engine gives it (none that a bundled model it
-    prefers reads: preferred_ranges), an SNR drawn log-uniformly over `config.snr_range`, QSM
-    noise over `config.qsm_noise_ppb_range`, a receive-field bias and a QSM offset: a scale that grows
-    with the volume's noise level (decay.noise_level) and steps up where its decay was resampled (both
-    fitted to the volumes' own conformal factors), then Mondrian split conformal by half-width x
-    abnormality on the scores relative to that scale. Returns the card's "interval_scale" and
-    "calibration" entries."""
+def volume_scale_fit(levels, resampled, scores) -> tuple[dict | None, np.ndarray]:
+    """The interval's per-volume scale (spatial.noise_scale): the factor each volume needs grows with its noise,
+    and with the error of resampling another echo train, so log10(its own conformal factor) is fitted as a
+    line in its noise level (+ a step where resampled, when the set has enough volumes of both kinds).
+    Per volume: its noise level (decay.noise_level), whether resampled, its scores. Returns the card's "noise"
+    entry (None with fewer than 3 volumes or an unknown noise level) and the (volumes, 3) table it was fitted
+    to: noise level, resampled, log10 factor."""
+    per_volume = np.array([[level, step, np.log10(conformal_factor(score))]
+                           for level, step, score in zip(levels, resampled, scores) if len(score)])
+    if len(per_volume) < 3 or not np.isfinite(per_volume[:, 0]).all():
+        return None, per_volume
+    n_resampled = int(per_volume[:, 1].sum())
+    with_step = min(n_resampled, len(per_volume) - n_resampled) >= MIN_VOLUMES_PER_KIND
+    design = np.column_stack([np.ones(len(per_volume)), per_volume[:, 0]] + ([per_volume[:, 1]] if with_step else []))
+    coef = np.linalg.lstsq(design, per_volume[:, 2], rcond=None)[0]
+    noise_fit = {"intercept": round(float(coef[0]), 4), "slope": round(float(coef[1]), 4)}
+    if with_step:
+        noise_fit["resampled"] = round(float(coef[2]), 4)
+    return noise_fit, per_volume
+
+
+def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool = False, progress=None):
+    """Per calibration volume, the model's raw interval (no conformal factor) through the engine's own path
+    (spatial.predict_volume: resampling of other protocols included): `config.calibration_patients` patients
+    of `seed` (population tissue priors, or wide ones), each at a protocol the model reads and the engine gives
+    it (none that a bundled model it prefers reads: preferred_ranges), with noise, a receive-field bias and a
+    QSM offset drawn as in training (noise.noisy_acquisition). Yields, on the volume's metric voxels: the
+    estimate and truth (OEF, pp), the half-widths below and above, their mean ("widths"), the interval scores,
+    the predicted abnormality (|OEF - the brain's median|) and which voxels are lesions (not their mirror
+    regions); and its noise level, whether it was resampled, and its protocol."""
     from .data import make_patient
     from .noise import noisy_acquisition
 
     raw_bundle = uncalibrated(bundle.model, bundle.card, bundle.path)
     taken = preferred_ranges(bundle)
-    scores, widths, abnormal, lesion, levels, resampled = [], [], [], [], [], []  # the last two: per volume
-    protocols = []
     for i in range(config.calibration_patients):
-        rng = np.random.default_rng([CALIBRATION_SEED, i, 11])
-        patient = make_patient(CALIBRATION_SEED, i, config, wide=False)
+        rng = np.random.default_rng([seed, i, 11])
+        patient = make_patient(seed, i, config, wide=wide)
         protocol = draw_acquisition(rng, bundle.protocol_range, taken=taken)
-        protocols.append(protocol.describe())
         echoes, qsm, _, _ = noisy_acquisition(patient, protocol, rng, config)
         diagnostics = {}
         out = spatial.predict_volume(raw_bundle, echoes, qsm, patient.mask, (config.voxel_size_mm,) * 3, protocol,
                                      diagnostics=diagnostics)
         keep = patient.metric[patient.mask]
         truth = 100.0 * physics.oef_from_Y(patient.params[..., 2][patient.mask].astype(np.float64))
-        scores.append(interval_scores(out, truth)[keep])
-        widths.append((0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep])
-        abnormal.append(np.abs(out["OEF"] - np.median(out["OEF"]))[keep])
-        lesion.append(np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep])  # not their mirrors
-        levels.append(diagnostics["noise_level"])  # NaN for an empty mask: no noise scale is fitted then
-        resampled.append(float(diagnostics["resampled"]))
+        oef = out["OEF"]
+        below, above = np.maximum(oef - out["OEF_p05"], 1e-3), np.maximum(out["OEF_p95"] - oef, 1e-3)
+        yield {"oef": oef[keep], "truth": truth[keep], "below": below[keep], "above": above[keep],
+               "widths": (0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep],
+               "scores": interval_scores(out, truth)[keep],
+               "abnormal": np.abs(oef - np.median(oef))[keep],
+               "lesion": np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep],
+               "noise_level": diagnostics["noise_level"], "resampled": float(diagnostics["resampled"]),
+               "protocol": protocol.describe()}
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
-    # The factor each volume needs grows with its noise, and with the error of resampling another echo
-    # train: fitted as log10(factor) linear in the noise level (+ a step where resampled, when the set has
-    # enough volumes of both kinds), the scores divided by it, then the Mondrian bins on what is left
-    per_volume = np.array([[level, step, np.log10(conformal_factor(score))]
-                           for level, step, score in zip(levels, resampled, scores) if len(score)])
-    noise_fit = None
-    if np.isfinite(per_volume[:, 0]).all() and len(per_volume) >= 3:
-        n_resampled = int(per_volume[:, 1].sum())
-        with_step = min(n_resampled, len(per_volume) - n_resampled) >= MIN_VOLUMES_PER_KIND
-        design = np.column_stack([np.ones(len(per_volume)), per_volume[:, 0]] + ([per_volume[:, 1]] if with_step else []))
-        coef = np.linalg.lstsq(design, per_volume[:, 2], rcond=None)[0]
-        noise_fit = {"intercept": round(float(coef[0]), 4), "slope": round(float(coef[1]), 4)}
-        if with_step:
-            noise_fit["resampled"] = round(float(coef[2]), 4)
+
+
+def recalibrate(bundle, config, progress=None) -> dict:
+    """Calibration of a trained spatial model's interval on its calibration volumes (calibration_volumes:
+    population-prior patients of CALIBRATION_SEED, `config.lesion_free_share` of them without lesions, an
+    SNR drawn log-uniformly over `config.snr_range`, QSM noise over `config.qsm_noise_ppb_range`): a scale that grows
+    with the volume's noise level (decay.noise_level) and steps up where its decay was resampled (both
+    fitted to the volumes' own conformal factors), then Mondrian split conformal by half-width x
+    abnormality on the scores relative to that scale. Returns the card's "interval_scale" and
+    "calibration" entries."""
+    volumes = list(calibration_volumes(bundle, config, progress=progress))
+    scores, widths, abnormal, lesion = ([v[k] for v in volumes] for k in ("scores", "widths", "abnormal", "lesion"))
+    levels = [v["noise_level"] for v in volumes]  # NaN for an empty mask: no noise scale is fitted then
+    resampled = [v["resampled"] for v in volumes]
+    protocols = [v["protocol"] for v in volumes]
+    noise_fit, per_volume = volume_scale_fit(levels, resampled, scores)
     counts = [len(score) for score in scores]
     levels, resampled = np.repeat(levels, counts), np.repeat(resampled, counts)  # per voxel
     scores, widths, abnormal, lesion = (np.concatenate(a) for a in (scores, widths, abnormal, lesion))
