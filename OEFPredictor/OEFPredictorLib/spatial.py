@@ -606,6 +606,7 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
         protocol = bundle.protocol
     grid_features = network_inputs(grid_features, grid_mask, spec, model_mm, protocol)
     predict = predict or bundle.model.predict_on_batch
+
     def network_progress(fraction):
         report(0.1 + 0.75 * fraction, "Running the spatial model")
 
