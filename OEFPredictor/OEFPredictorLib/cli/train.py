@@ -30,14 +30,14 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size (default 512; context 1024 voxels; unet 3 patches)")
     p.add_argument("--learning-rate", type=float, default=None,
-                   help="Adam learning rate (default 1e-4; context 1e-3; unet 5e-4)")
+                   help="Adam learning rate (default 1e-4; context and unet 5e-4)")
     p.add_argument("--patience", type=int, default=None,
                    help="early-stopping patience in epochs (default 10; context 15; unet 12)")
     p.add_argument("--n-patients", type=int, default=None,
                    help="context / unet: training patients to make (default 64 / 96; more on a GPU)")
     p.add_argument("--steps-per-epoch", type=int, default=None, help="unet: batches per epoch (default 150)")
     p.add_argument("--lesion-weight", type=float, default=None,
-                   help="context / unet: loss weight of lesion voxels, the rest of the brain counts 1 (default 4)")
+                   help="context / unet: loss weight of lesion voxels, the rest of the brain counts 1 (default 3 / 4)")
     p.add_argument("--lesion-patch-share", type=float, default=None,
                    help="unet: share of training patches centred on a lesion voxel (default 0.6)")
     p.add_argument("--init-from", default=None,
@@ -51,6 +51,17 @@ def register(sub):
     p.add_argument("--voxels-per-draw", type=int, default=None, help="context: voxels sampled per draw (default 10000)")
     p.add_argument("--draws-per-epoch", type=int, default=None,
                    help="context: draws of the pool made anew after each epoch (default 24: all)")
+    p.add_argument("--voxels-per-epoch", type=int, default=None,
+                   help="context: voxels an epoch samples from the pool (default 240000)")
+    p.add_argument("--own-protocol-share", type=float, default=None,
+                   help="context: share of draws at the network's own echo times (the paper's for a protocol-free "
+                        "network); the rest at protocols drawn over the supported range (default 0.15)")
+    p.add_argument("--snr-range", default=None,
+                   help="context: training SNR range, LO,HI, drawn log-uniformly (default 18,250)")
+    p.add_argument("--lesion-free-share", type=float, default=None,
+                   help="context: share of training patients without lesions (default 0.3)")
+    p.add_argument("--qsm-offset-ppm", type=float, default=None,
+                   help="context: constant QSM offsets drawn within +-this, another pipeline's reference (default 0.06)")
     p.add_argument("--time-limit-min", type=float, default=None,
                    help="stop after the epoch that would pass this many minutes (CPU budgets)")
     p.add_argument("--seed", type=int, default=0, help="random seed (subsample, split, weights)")
@@ -114,7 +125,11 @@ def run_spatial(args) -> int:
     if args.arch == "unet":
         context_only = [o for o, v in (("--echo-times", args.echo_times), ("--pool-draws", args.pool_draws),
                                        ("--voxels-per-draw", args.voxels_per_draw),
-                                       ("--draws-per-epoch", args.draws_per_epoch)) if v is not None]
+                                       ("--draws-per-epoch", args.draws_per_epoch),
+                                       ("--voxels-per-epoch", args.voxels_per_epoch),
+                                       ("--own-protocol-share", args.own_protocol_share),
+                                       ("--snr-range", args.snr_range), ("--lesion-free-share", args.lesion_free_share),
+                                       ("--qsm-offset-ppm", args.qsm_offset_ppm)) if v is not None]
         if context_only:
             raise InputError(f"{context_only[0]} is an option of --arch context; --arch unet does not take it.")
         trainer, defaults = train_spatial, train_spatial.SpatialTrainConfig()
@@ -127,7 +142,21 @@ def run_spatial(args) -> int:
             raise InputError(f"{unused[0]} is an option of --arch unet; --arch context does not take it.")
         trainer, defaults = train_context, train_context.ContextTrainConfig()
         given.update(pool_draws=args.pool_draws, voxels_per_draw=args.voxels_per_draw,
-                     patients_per_epoch=args.draws_per_epoch)
+                     patients_per_epoch=args.draws_per_epoch, voxels_per_epoch=args.voxels_per_epoch,
+                     paper_protocol_share=args.own_protocol_share, lesion_free_share=args.lesion_free_share,
+                     qsm_offset_ppm=args.qsm_offset_ppm)
+        shares = [args.own_protocol_share, args.lesion_free_share]
+        if any(v is not None and not 0.0 <= v <= 1.0 for v in shares) or (args.qsm_offset_ppm or 0.0) < 0:
+            raise InputError("--own-protocol-share and --lesion-free-share must lie within 0-1, "
+                             "and --qsm-offset-ppm must not be negative.")
+        if args.snr_range:
+            try:
+                low, high = (float(v) for v in args.snr_range.split(","))
+            except ValueError:
+                raise InputError(f"--snr-range takes LO,HI (e.g. 18,250); got {args.snr_range!r}.") from None
+            if not 0 < low <= high:
+                raise InputError(f"--snr-range needs 0 < LO <= HI; got {args.snr_range!r}.")
+            given["snr_range"] = (low, high)
         if args.echo_times:
             try:
                 given["echo_times_ms"] = tuple(parse_echo_times_ms(args.echo_times))
