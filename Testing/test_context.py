@@ -164,6 +164,38 @@ def test_the_command_line_refuses_u_net_options_for_the_context_model(tmp_path, 
     assert not Path(tmp_path / "c.keras").exists()
 
 
+def test_a_context_recipe_is_one_command(tmp_path, monkeypatch, capsys):
+    """Every setting of a context recipe is a command-line option, and each reaches the trainer's config
+    (the trainer is replaced by one that records the config and writes nothing: this test is about the
+    mapping; the trainer itself is tested above). A bad value is refused in one line before any work."""
+    from OEFPredictorLib.cli import main
+
+    seen = []
+
+    def recording_train(out, config, **kwargs):
+        seen.append(config)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(train_context, "train", recording_train)
+    rc = main(["train", "--arch", "context", "--out", str(tmp_path / "c.keras"), "--echo-times", "4.5,9.5,14.5,19.5",
+               "--own-protocol-share", "1", "--snr-range", "25,250", "--lesion-free-share", "0.15", "--lesion-weight", "4",
+               "--qsm-offset-ppm", "0", "--learning-rate", "1e-3", "--pool-draws", "12", "--voxels-per-draw", "40000",
+               "--draws-per-epoch", "12", "--voxels-per-epoch", "480000"])
+    assert rc == 2 and len(seen) == 1
+    config = seen[0]
+    assert (config.paper_protocol_share, config.snr_range, config.lesion_free_share, config.qsm_offset_ppm) == (
+        1.0, (25.0, 250.0), 0.15, 0.0)
+    assert (config.lesion_weight, config.learning_rate, config.pool_draws, config.voxels_per_draw,
+            config.patients_per_epoch, config.voxels_per_epoch) == (4.0, 1e-3, 12, 40000, 12, 480000)
+    assert config.echo_times_ms == (4.5, 9.5, 14.5, 19.5)
+    assert config.wide_prior_share == train_context.ContextTrainConfig().wide_prior_share  # not given: the default
+    capsys.readouterr()
+    for bad in (["--snr-range", "25"], ["--snr-range", "250,25"], ["--lesion-free-share", "1.5"]):
+        assert main(["train", "--arch", "context", "--out", str(tmp_path / "c.keras")] + bad) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert len(seen) == 1
+
+
 def test_the_engine_runs_any_supported_protocol_and_refuses_others_in_one_line(trained, tmp_path):
     """A 7 T, 10-echo acquisition runs (R2 comes back in real time); 20 echoes are refused by name."""
     from OEFPredictorLib import physics, simulate
