@@ -216,17 +216,28 @@ def test_the_engine_runs_any_supported_protocol_and_refuses_others_in_one_line(t
         predict.predict_maps(predict.PredictionInputs(echoes, data.qsm, twenty, data.mask), model=str(out), device="cpu")
 
 
-def test_the_bundled_model_reads_qsm_from_csf_so_an_offset_does_not_move_the_map(tiny_dataset):
-    """Another QSM pipeline's reference (a constant offset) gives the same map; before, +-0.05 ppm moved
-    the OEF RMSE from 3.6 to 6-7 pp (benchmarks/results/shift_suite_previous_model.json)."""
+@pytest.mark.parametrize("field_t", [3.0, 1.5])
+def test_the_bundled_models_read_qsm_from_csf_so_an_offset_does_not_move_the_map(tiny_dataset, tmp_path, field_t):
+    """Another QSM pipeline's reference (a constant offset) gives the same map, from the paper-protocol network
+    (3 T) and from the 4.5-22 ms network (1.5 T, 8 echoes 5/7 ms); before, +-0.05 ppm moved the OEF RMSE from
+    3.6 to 6-7 pp (benchmarks/results/shift_suite_previous_model.json), and the 4.5-22 ms network's card did
+    not say that it was trained on CSF-referenced QSM, so the engine gave it absolute QSM."""
     from OEFPredictorLib import simulate
 
-    data = simulate.load_patient(tiny_dataset / "P02")
+    if field_t == 3.0:
+        data = simulate.load_patient(tiny_dataset / "P02")
+    else:
+        protocol = physics.Protocol.from_milliseconds([5.0 + 7.0 * i for i in range(8)], field_t)
+        folder = simulate.simulate_dataset(tmp_path, 1, seed=12, protocol=protocol, voxel_size=4.0,
+                                           noise=simulate.NoiseModel(100.0, 2.0))[0]
+        data = simulate.load_patient(folder)
     maps = []
     for offset in (0.0, 0.05, -0.05):
         qsm = np.where(data.mask, data.qsm + np.float32(offset), 0.0).astype(np.float32)
         inputs = predict.PredictionInputs(data.echoes, qsm, data.protocol, data.mask, spacing=data.geometry.spacing)
-        maps.append(predict.predict_maps(inputs, method="context", device="cpu").maps["OEF"])
+        result = predict.predict_maps(inputs, method="context", device="cpu")
+        assert result.model_card["file"] == ("oef_context.keras" if field_t == 3.0 else "oef_context_short.keras")
+        maps.append(result.maps["OEF"])
     np.testing.assert_allclose(maps[1], maps[0], atol=0.02)
     np.testing.assert_allclose(maps[2], maps[0], atol=0.02)
     assert np.ptp(maps[0][data.mask]) > 1.0  # a map, not a constant
@@ -322,7 +333,8 @@ def test_the_context_network_runs_only_on_the_voxels_it_is_read_at_and_gives_the
 
 def test_a_network_bound_to_echo_times_trains_on_draws_resampled_to_them(tmp_path):
     """--echo-times binds the network to a 3 T echo train (as the bundled models are): its card gives those
-    echo times and a span, its inputs are their echo ratios, and the engine resamples a 1.5 T train to it."""
+    echo times and a span and says its QSM is read relative to CSF (as its training inputs were), its inputs
+    are their echo ratios, and the engine resamples a 1.5 T train to it."""
     from OEFPredictorLib import simulate
 
     window = (8.0, 10.0, 12.0, 14.0, 16.0, 18.0)
@@ -335,6 +347,7 @@ def test_a_network_bound_to_echo_times_trains_on_draws_resampled_to_them(tmp_pat
     card = train_context.train(out, config, verbose=0)
     assert card["protocol"]["echo_times_ms"] == list(window) and "decay" not in card["model"]
     assert card["supported_protocols"]["spans_ms"] == [8.0, 18.0] and "resampled" in card["training"]["protocols"]
+    assert spatial.reads_qsm_from_csf(card)  # its inputs were made so (pyramid): the engine must do the same
     one_and_a_half = physics.Protocol.from_milliseconds([5.0 + 7.0 * i for i in range(8)], 1.5)
     folder = simulate.simulate_dataset(tmp_path / "d", 1, seed=3, protocol=one_and_a_half, voxel_size=4.0,
                                        noise=simulate.NoiseModel(100.0, 2.0))[0]

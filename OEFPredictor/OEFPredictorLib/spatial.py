@@ -545,6 +545,14 @@ def _resample_grid_inputs(features: np.ndarray, mask: np.ndarray, source: physic
     return out, np.where(mask, first, 1.0).astype(np.float32)
 
 
+# What a context model's card says when its network was trained on QSM relative to the brain's CSF (as the
+# context trainer makes its inputs): the engine then subtracts the same reference (decay.qsm_reference).
+QSM_FROM_CSF = {"qsm_reference": "csf",
+                "qsm_reference_note": "QSM is read relative to the brain's CSF (the median of the slowest-decaying "
+                                      "2 % of the mask), as the training patients' QSM was: a QSM pipeline's "
+                                      "constant offset does not move the map"}
+
+
 def reads_qsm_from_csf(card: dict) -> bool:
     """Whether the model reads QSM relative to the brain's CSF (decay.qsm_reference): protocol-free models,
     and context models whose card says so (trained on QSM whose CSF is 0 within about 1 ppb)."""

@@ -282,6 +282,7 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
                                    started, verbose, plateau_patience=5, min_lr=2e-5)
     card = models.make_card(
         config.spec, config.own_protocol, scaling, 1, "centre",
+        input_normalisation=dict(sequences.DEFAULT_INPUT_NORMALISATION, **spatial.QSM_FROM_CSF),  # as pyramid()
         spatial={"voxel_size_mm": config.voxel_size_mm, "outputs": list(physics.PARAMETER_NAMES) + [
             "OEF interval below (raw)", "OEF interval above (raw)"], "interval": "90 % (5th-95th percentile)",
             "interval_scale": 1.0},
