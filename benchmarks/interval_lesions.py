@@ -12,7 +12,8 @@ patients with other (wide) tissue priors:
 - "every abnormality bin": the same, widened in every abnormality bin that holds 100 lesion voxels.
 Patients (training/calibration.calibration_volumes): the calibration seed (303, population priors) and a
 development seed (9801, wide priors), each at a drawn protocol the model reads, with noise, bias and QSM
-offset drawn as in training. Not test data: no test seed is used. Writes benchmarks/results/interval_lesions.json.
+offset drawn as in training. Not test data: no test seed is used. Writes benchmarks/results/interval_lesions.json,
+with each volume's acquisition and OEF bias.
 """
 from __future__ import annotations
 
@@ -153,6 +154,11 @@ def main() -> int:
                                    "calibration": measure(fit_set, scale_fit, width_edges, edges, factors),
                                    "development": measure(dev_set, scale_fit, width_edges, edges, factors)}
         print(name, json.dumps(result["schemes"][name]), flush=True)
+    # where whole volumes go wrong: each volume's OEF bias (pp) and its acquisition
+    result["volumes"] = [{"set": which, "protocol": v["protocol"], "noise_level": round(float(v["noise_level"]), 3),
+                          "resampled": bool(v["resampled"]), "bias_pp": round(float(np.mean(v["oef"] - v["truth"])), 2),
+                          "rmse_pp": round(float(np.sqrt(np.mean((v["oef"] - v["truth"]) ** 2))), 2)}
+                         for which, volumes in (("calibration", fit_set), ("development", dev_set)) for v in volumes]
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
