@@ -109,7 +109,8 @@ def run(args) -> int:
 
 
 def run_spatial(args) -> int:
-    """--arch context / unet: options left out keep the config's defaults (the bundled model's recipe)."""
+    """--arch context / unet: options left out keep the trainer config's defaults (the README gives the
+    options that made the bundled context network)."""
     import dataclasses
 
     from ..physics import parse_echo_times_ms
