@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -38,18 +37,12 @@ MIN_LESION_VOXELS = 100
 FINE_ABNORMALITY_EDGES_PP = (2.0, 4.0, 6.0, 8.0, 10.0, 15.0)
 
 
-def quantile(values: np.ndarray, level: float) -> float:
-    """Split conformal quantile with the finite-sample correction."""
-    n = len(values)
-    return float(np.quantile(values, min(1.0, math.ceil((n + 1) * level) / n)))
-
-
 def pooled(volumes: list[dict], scale_fit) -> dict:
     """The volumes' voxels in one table, with each voxel's volume scale (spatial.noise_scale)."""
     from OEFPredictorLib import spatial
 
     table = {k: np.concatenate([v[k] for v in volumes]) for k in ("oef", "truth", "below", "above", "widths",
-                                                                  "abnormal", "lesion")}
+                                                                  "scores", "abnormal", "lesion")}
     table["scale"] = np.concatenate([np.full(len(v["oef"]), spatial.noise_scale({"noise": scale_fit}, v["noise_level"],
                                                                                 bool(v["resampled"])))
                                      for v in volumes])
@@ -73,9 +66,11 @@ def sided_scores(table: dict):
 
 def fit(table: dict, width_edges, abnormality_edges, lesion_bins: str | None) -> np.ndarray:
     """(abnormality bins, width bins, 2) factors: outward and inward; symmetric ones for lesion_bins=None."""
+    from OEFPredictorLib.training.calibration import MIN_BIN_VOXELS, conformal_factor
+
     a_bin, w_bin = bins(table, width_edges, abnormality_edges)
     out_scores, in_scores = sided_scores(table)
-    symmetric = np.maximum(out_scores, in_scores)
+    symmetric = table["scores"] / table["scale"]  # calibration.interval_scores: the larger of the two sides
     factors = np.zeros((len(abnormality_edges) + 1, len(width_edges) + 1, 2))
     for a in range(factors.shape[0]):
         in_a = a_bin == a
@@ -84,13 +79,13 @@ def fit(table: dict, width_edges, abnormality_edges, lesion_bins: str | None) ->
             lesion_bins == "every" or lesions.sum() >= ENRICHED * in_a.sum())
         for w in range(factors.shape[1]):
             inside = in_a & (w_bin == w)
-            inside = inside if inside.sum() >= 200 else np.ones_like(inside)
+            inside = inside if inside.sum() >= MIN_BIN_VOXELS else np.ones_like(inside)
             if lesion_bins is None:
-                factors[a, w] = quantile(symmetric[inside], 0.90)
+                factors[a, w] = conformal_factor(symmetric[inside], 0.90)
                 continue
-            factors[a, w] = quantile(out_scores[inside], 0.95), quantile(in_scores[inside], 0.95)
+            factors[a, w] = conformal_factor(out_scores[inside], 0.95), conformal_factor(in_scores[inside], 0.95)
             if widen:
-                factors[a, w, 0] = max(factors[a, w, 0], quantile(out_scores[lesions], LESION_TARGET))
+                factors[a, w, 0] = max(factors[a, w, 0], conformal_factor(out_scores[lesions], LESION_TARGET))
     return factors
 
 

@@ -108,6 +108,11 @@ def run(args) -> int:
     return 0
 
 
+# the options of --arch context that --arch unet refuses (argparse destinations)
+CONTEXT_ONLY = ("echo_times", "pool_draws", "voxels_per_draw", "draws_per_epoch", "voxels_per_epoch",
+                "own_protocol_share", "snr_range", "lesion_free_share", "qsm_offset_ppm")
+
+
 def run_spatial(args) -> int:
     """--arch context / unet: options left out keep the trainer config's defaults (the README gives the
     options that made the bundled context network)."""
@@ -124,13 +129,7 @@ def run_spatial(args) -> int:
              "patience": args.patience, "patients": args.n_patients, "seed": args.seed,
              "lesion_weight": args.lesion_weight}
     if args.arch == "unet":
-        context_only = [o for o, v in (("--echo-times", args.echo_times), ("--pool-draws", args.pool_draws),
-                                       ("--voxels-per-draw", args.voxels_per_draw),
-                                       ("--draws-per-epoch", args.draws_per_epoch),
-                                       ("--voxels-per-epoch", args.voxels_per_epoch),
-                                       ("--own-protocol-share", args.own_protocol_share),
-                                       ("--snr-range", args.snr_range), ("--lesion-free-share", args.lesion_free_share),
-                                       ("--qsm-offset-ppm", args.qsm_offset_ppm)) if v is not None]
+        context_only = ["--" + name.replace("_", "-") for name in CONTEXT_ONLY if getattr(args, name) is not None]
         if context_only:
             raise InputError(f"{context_only[0]} is an option of --arch context; --arch unet does not take it.")
         trainer, defaults = train_spatial, train_spatial.SpatialTrainConfig()
