@@ -125,6 +125,24 @@ def test_training_writes_a_calibrated_bundle_with_its_lesion_log_and_resumes(tra
         train_context.train(out, dataclasses.replace(TINY, epochs=3, lesion_weight=2.0), resume=True, verbose=0)
 
 
+def test_a_second_stage_starts_from_an_earlier_network_and_keeps_its_scaling(trained, tmp_path):
+    """--init-from: the run starts from the earlier network's weights (at a vanishing learning rate the weights
+    stay the earlier ones; a fresh network differs), keeps its output scaling, and the card names its file and
+    checksum. A network of another architecture or other echo times is refused in one line."""
+    first, first_card = trained
+    stage = dataclasses.replace(TINY, init_from=str(first), learning_rate=1e-12)
+    card = train_context.train(tmp_path / "s.keras", stage, verbose=0)
+    assert card["training"]["init_from"] == str(first)
+    assert card["training"]["init_from_sha256"] == models.sha256_of(first)
+    assert card["output_scaling"] == first_card["output_scaling"]
+    before, after = models.load_bundle(first).model, models.load_bundle(tmp_path / "s.keras").model
+    for a, b in zip(before.get_weights(), after.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    bound = dataclasses.replace(TINY, init_from=str(first), echo_times_ms=(4.5, 9.5, 14.5, 19.5))
+    with pytest.raises(InputError, match="--init-from .*not a spatial model with this architecture"):
+        train_context.train(tmp_path / "b.keras", bound, verbose=0)
+
+
 def test_lesion_voxels_weigh_more_in_the_loss():
     for index in range(8):  # the first training patient with a lesion at 4 mm
         patient = data.make_patient(data.TRAIN_SEED, index, TINY)
@@ -159,8 +177,8 @@ def test_the_engine_runs_the_context_model_with_its_interval(trained, tiny_datas
 def test_the_command_line_refuses_u_net_options_for_the_context_model(tmp_path, capsys):
     from OEFPredictorLib.cli import main
 
-    rc = main(["train", "--arch", "context", "--out", str(tmp_path / "c.keras"), "--init-from", "x.keras"])
-    assert rc == 2 and "--init-from is an option of --arch unet" in capsys.readouterr().err
+    rc = main(["train", "--arch", "context", "--out", str(tmp_path / "c.keras"), "--lesion-patch-share", "0.5"])
+    assert rc == 2 and "--lesion-patch-share is an option of --arch unet" in capsys.readouterr().err
     assert not Path(tmp_path / "c.keras").exists()
 
 
@@ -180,14 +198,14 @@ def test_a_context_recipe_is_one_command(tmp_path, monkeypatch, capsys):
     rc = main(["train", "--arch", "context", "--out", str(tmp_path / "c.keras"), "--echo-times", "4.5,9.5,14.5,19.5",
                "--own-protocol-share", "1", "--snr-range", "25,250", "--lesion-free-share", "0.15", "--lesion-weight", "4",
                "--qsm-offset-ppm", "0", "--learning-rate", "1e-3", "--pool-draws", "12", "--voxels-per-draw", "40000",
-               "--draws-per-epoch", "12", "--voxels-per-epoch", "480000"])
+               "--draws-per-epoch", "12", "--voxels-per-epoch", "480000", "--init-from", "first.keras"])
     assert rc == 2 and len(seen) == 1
     config = seen[0]
     assert (config.paper_protocol_share, config.snr_range, config.lesion_free_share, config.qsm_offset_ppm) == (
         1.0, (25.0, 250.0), 0.15, 0.0)
     assert (config.lesion_weight, config.learning_rate, config.pool_draws, config.voxels_per_draw,
             config.patients_per_epoch, config.voxels_per_epoch) == (4.0, 1e-3, 12, 40000, 12, 480000)
-    assert config.echo_times_ms == (4.5, 9.5, 14.5, 19.5)
+    assert config.echo_times_ms == (4.5, 9.5, 14.5, 19.5) and config.init_from == "first.keras"
     assert config.wide_prior_share == train_context.ContextTrainConfig().wide_prior_share  # not given: the default
     capsys.readouterr()
     for bad in (["--snr-range", "25"], ["--snr-range", "250,25"], ["--lesion-free-share", "1.5"]):

@@ -41,7 +41,8 @@ def register(sub):
     p.add_argument("--lesion-patch-share", type=float, default=None,
                    help="unet: share of training patches centred on a lesion voxel (default 0.6)")
     p.add_argument("--init-from", default=None,
-                   help="unet: start from the weights of this earlier spatial model (a second training stage)")
+                   help="context / unet: start from the weights of this earlier model of the same architecture (and, for a "
+                        "context network, the same --echo-times): a second training stage with other settings")
     p.add_argument("--echo-times", default=None,
                    help="context: echo times in ms (comma-separated, at 3 T) to bind the network to; it then reads "
                         "any echo train covering their span in 3 T-equivalent time by resampling, as the bundled "
@@ -127,16 +128,15 @@ def run_spatial(args) -> int:
               file=sys.stderr)
     given = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.learning_rate,
              "patience": args.patience, "patients": args.n_patients, "seed": args.seed,
-             "lesion_weight": args.lesion_weight}
+             "lesion_weight": args.lesion_weight, "init_from": args.init_from}
     if args.arch == "unet":
         context_only = ["--" + name.replace("_", "-") for name in CONTEXT_ONLY if getattr(args, name) is not None]
         if context_only:
             raise InputError(f"{context_only[0]} is an option of --arch context; --arch unet does not take it.")
         trainer, defaults = train_spatial, train_spatial.SpatialTrainConfig()
-        given.update(steps_per_epoch=args.steps_per_epoch, lesion_patch_share=args.lesion_patch_share,
-                     init_from=args.init_from)
+        given.update(steps_per_epoch=args.steps_per_epoch, lesion_patch_share=args.lesion_patch_share)
     else:
-        unused = [o for o, v in (("--steps-per-epoch", args.steps_per_epoch), ("--init-from", args.init_from),
+        unused = [o for o, v in (("--steps-per-epoch", args.steps_per_epoch),
                                  ("--lesion-patch-share", args.lesion_patch_share)) if v is not None]
         if unused:
             raise InputError(f"{unused[0]} is an option of --arch unet; --arch context does not take it.")

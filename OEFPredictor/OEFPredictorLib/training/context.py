@@ -24,7 +24,9 @@ path, as the saved model runs, on population-prior calibration patients at drawn
 (calibration.recalibrate). No test patient is ever simulated here.
 
 Outputs next to MODEL.keras: the card MODEL.json (with the supported protocol range), the per-epoch log
-MODEL.history.csv, and the checkpoint folder MODEL.ckpt/ (last and best model, resume state).
+MODEL.history.csv, and the checkpoint folder MODEL.ckpt/ (last and best model, resume state). `init_from`
+starts from the weights, input scale and output scaling of an earlier context model with the same architecture
+and echo times (a second stage with other settings, e.g. a lower learning rate); the card records it.
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ class ContextTrainConfig:
     sigmas_mm: tuple[float, ...] = tuple(models.CONTEXT_NET["sigmas_mm"])
     local_noise: bool = models.CONTEXT_NET["local_noise"]
     dense: tuple[int, ...] = tuple(models.CONTEXT_NET["dense"])
+    init_from: str | None = None  # a context model whose weights this run starts from (a second stage)
 
     @property
     def spec(self) -> dict:
@@ -230,7 +233,11 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
 
     train_patients = made(TRAIN_SEED, config.patients, "train patients")
     validation_patients = made(VALIDATION_SEED, config.validation_patients, "validation patients")
-    scaling = state.get("output_scaling") or fit_scaling(train_patients, config.own_protocol)
+    initial = (fitting.initial_model(config.init_from, config.spec, "context", config.echo_times_ms)
+               if config.init_from and not resume else None)
+    # a second stage keeps the first stage's output scaling (and input scale), which its weights were trained for
+    scaling = state.get("output_scaling") or (initial.card["output_scaling"] if initial
+                                              else fit_scaling(train_patients, config.own_protocol))
     state.update(config=config_dict, output_scaling=scaling, wall_before=state.get("wall_so_far", 0.0))
 
     keras.utils.set_random_seed(config.seed)
@@ -251,6 +258,9 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     pool = VoxelPool(train_patients, config, scaling, state.get("epoch", 0), progress)
     if resume:
         model = keras.saving.load_model(ckpt / "last.keras", custom_objects={loss.__name__: loss}, safe_mode=True)
+    elif initial:
+        model = initial.model
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=1.0), loss=loss)
     else:
         sample = pool.x.reshape(-1, pool.x.shape[-1])[::7]  # the inputs' scale, from the first pool
         model = models.build_context_net(config.spec, x_val.shape[-1], spatial.N_OUTPUTS,
@@ -305,6 +315,7 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
         "snr_range": list(config.snr_range), "qsm_noise_ppb_range": list(config.qsm_noise_ppb_range),
         "wide_prior_share": config.wide_prior_share, "lesion_free_share": config.lesion_free_share,
         "lesion_weight": config.lesion_weight,
+        "init_from": config.init_from, "init_from_sha256": models.sha256_of(config.init_from) if config.init_from else None,
         "protocols": (f"its own echo times for {config.paper_protocol_share:.0%} of draws, else drawn over the "
                       f"supported range ({config.protocols.describe()}) and resampled to them"
                       if config.echo_times_ms is not None else

@@ -8,6 +8,7 @@ import math
 import time
 from pathlib import Path
 
+from .. import models
 from ..errors import InputError
 
 
@@ -115,3 +116,16 @@ def run_record(config, state: dict, started: float, history_csv: Path, command: 
             "train_seconds": round(state.get("train_seconds", 0.0), 1),
             "wall_seconds": round(time.perf_counter() - started + state.get("wall_before", 0.0), 1),
             "seed": config.seed, "history": history_csv.name, "command": command}
+
+
+def initial_model(path: str, spec: dict, arch: str, echo_times_ms=None):
+    """An earlier spatial model of the same architecture (and echo times, for a bound context network) whose
+    weights a second training stage starts from (its bundle: weights and card); refused in one line otherwise."""
+    bundle = models.load_bundle(path)
+    same = "spatial" in bundle.card and bundle.card.get("model") == spec
+    if same and echo_times_ms is not None:
+        same = [round(t, 6) for t in bundle.card["protocol"]["echo_times_ms"]] == [round(t, 6) for t in echo_times_ms]
+    if not same:
+        raise InputError(f"--init-from {path}: not a spatial model with this architecture and these echo times; train "
+                         f"from scratch or pass a model made by `train --arch {arch}` with the same options.")
+    return bundle

@@ -41,7 +41,7 @@ from .. import models, physics, sequences, spatial
 from ..errors import InputError
 from .calibration import calibration_scores, conformal_factor
 from .data import CALIBRATION_SEED, TRAIN_SEED, VALIDATION_SEED, stroke_patient
-from .fitting import fit_keeping_best, resumed_state, run_record, save_models
+from .fitting import fit_keeping_best, initial_model, resumed_state, run_record, save_models
 from .noise import add_noise
 
 
@@ -291,7 +291,7 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
             report = (lambda done, total, name=name: progress(done, total, f"{name} patients")) if progress else None
             banks[name] = make_bank(seed, n, config, report)
             banks[name].save(path)
-    initial = _initial_model(config.init_from, config.spec) if config.init_from and not resume else None
+    initial = initial_model(config.init_from, config.spec, "unet") if config.init_from and not resume else None
     # a second stage keeps the first stage's output scaling, which its weights were trained for
     scaling = state.get("output_scaling") or (initial.card["output_scaling"] if initial else fit_scaling(banks["train"]))
     state.update(config=config_dict, output_scaling=scaling, wall_before=state.get("wall_so_far", 0.0))
@@ -333,7 +333,7 @@ def train(out: str | Path, config: SpatialTrainConfig, resume: bool = False, com
     card["training"] = {
         "data": "stroke-like virtual patients made on the fly (phantom.PatientConfig.stroke), 2 mm, noise per batch",
         "lesion_patch_share": config.lesion_patch_share, "lesion_weight": config.lesion_weight,
-        "init_from": config.init_from, "init_from_sha256": _sha256(config.init_from) if config.init_from else None,
+        "init_from": config.init_from, "init_from_sha256": models.sha256_of(config.init_from) if config.init_from else None,
         "train_patients": config.patients, "train_seed": TRAIN_SEED, "validation_patients": config.validation_patients,
         "validation_seed": VALIDATION_SEED, "patches": len(train_bank), "patch_voxels": config.patch,
         "snr_range": list(config.snr_range), "qsm_noise_ppb_range": list(config.qsm_noise_ppb_range),
@@ -364,20 +364,3 @@ def _config_dict(config: SpatialTrainConfig) -> dict:
     d.pop("epochs")
     d.pop("time_limit_min")
     return d
-
-
-def _initial_model(path: str, spec: dict):
-    """An earlier spatial model with the same architecture (its bundle: weights and card)."""
-    bundle = models.load_bundle(path)
-    if "spatial" not in bundle.card or bundle.card.get("model") != spec:
-        raise InputError(f"--init-from {path}: not a spatial model with this architecture; train from scratch "
-                         "or pass a model made by `train --arch unet` with the same filters.")
-    return bundle
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
