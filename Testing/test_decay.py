@@ -188,6 +188,31 @@ def test_resampling_another_echo_train_is_exact_on_qq_decays_where_the_linear_fi
     np.testing.assert_allclose(decay.resample_log_echoes(logs, twelve, PAPER), truth, atol=2e-4)
 
 
+def test_a_sparse_train_resampled_from_noisy_data_keeps_its_curvature_on_average():
+    """6 echoes 7.8 ms apart (3.6 T, in 3 T-equivalent time): the correction's dw fitted voxel by voxel to noisy
+    data is biased, and the resampled curvature came out about 0.001 off on average (the map then read OEF
+    6-8 points high); with dw drawn towards the region's (here: the noise-free curve, as heavy smoothing gives
+    in uniform tissue) the mean error stays within 3e-4. R2 is compared in 3 T-equivalent time."""
+    rng = np.random.default_rng(3)
+    sparse = physics.Protocol.from_milliseconds([3.5 + 6.55 * i for i in range(6)], 3.6)
+    n, sd = 4000, 0.002
+    for y in (0.5, 0.6, 0.7):
+        clean = np.log(physics.qbold_signal(1.0, np.full(n, 15.0), y, 0.03, -0.02, sparse))
+        truth = np.log(physics.qbold_signal(1.0, np.full(n, 15.0 * 3.0 / 3.6), y, 0.03, -0.02, PAPER))
+        noisy, smoothed = (clean + rng.normal(0.0, sd, clean.shape) for _ in range(2))
+        regional = np.repeat(clean[:1], n, axis=0)
+
+        def mean_curvature_error(resampled):
+            error = resampled - truth
+            return np.abs((error - error[:, :1]).mean(axis=0)).max()
+
+        assert mean_curvature_error(decay.resample_log_echoes(noisy, sparse, PAPER, smoothed)) > 5e-4
+        assert mean_curvature_error(decay.resample_log_echoes(noisy, sparse, PAPER, smoothed, regional, sd ** 2)) < 3e-4
+        # noise-free data stay exact with the prior (its weight vanishes against a vanishing noise variance)
+        np.testing.assert_allclose(decay.resample_log_echoes(clean, sparse, PAPER, clean, regional, 1e-12) - truth,
+                                   0.0, atol=2e-4)
+
+
 def test_resampled_noise_is_not_amplified_inside_the_measured_span():
     """Noise on the echoes comes out no larger than it went in, so the model sees data as clean as its own."""
     rng = np.random.default_rng(1)

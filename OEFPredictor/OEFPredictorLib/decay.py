@@ -198,6 +198,11 @@ def noise_level(echo_rows: np.ndarray, protocol: physics.Protocol) -> float:
 CHORD_S = 0.010  # 3 T-equivalent span over which the fitted curve's end slopes are taken
 DW_GRID = np.geomspace(20.0, 400.0, 48)  # rad/s in 3 T-equivalent time (Y 0.3-0.9, chi_nb +-0.1: 30-230)
 FIT_SMOOTHING_MM = 2.0  # Gaussian sigma of the log echoes the qBOLD fit reads (the correction is smooth)
+# The correction's dw, from noisy data, is pulled towards the dw of the voxel's region (log echoes smoothed over
+# REGIONAL_SMOOTHING_MM) as far as the data leave it free: a point estimate of dw from a few far-apart echoes is
+# biased by noise, and the correction of a sparse train depends strongly on dw (see resample_log_echoes).
+REGIONAL_SMOOTHING_MM = 10.0
+DW_PRIOR_LOG_SD = 0.3  # the spread of a voxel's dw about its region's (natural log): tissue and lesions differ
 RESAMPLE_CHUNK = 65536  # voxels per step (bounds the (voxels, DW_GRID) residual table)
 
 
@@ -225,15 +230,22 @@ def _qbold_design(tau: np.ndarray, dw: np.ndarray) -> np.ndarray:
                      -physics.fs(dw[:, None] * tau[None, :])], axis=-1)
 
 
-def fit_log_qbold(logs: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fit_log_qbold(logs: np.ndarray, tau: np.ndarray, prior_dw: np.ndarray | None = None,
+                  noise_var: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row of log echoes at tau: the best log qBOLD curve, as (a, R2, v) coefficients (N, 3) and dw (N,).
     Variable projection: linear least squares for every dw of DW_GRID, the best dw refined by a parabola
-    in log dw, then the coefficients at that dw. No iteration, so no voxel fails to converge."""
+    in log dw, then the coefficients at that dw. No iteration, so no voxel fails to converge.
+    With `prior_dw` (N,) and `noise_var` (the rows' noise variance per echo), dw minimises the residual /
+    noise_var plus ((log dw - log prior_dw) / DW_PRIOR_LOG_SD)^2: where the residual barely tells one dw from
+    another (noisy, few echoes), dw stays near the prior; where it does, the data decide."""
     # residual of each dw's fit = |y|^2 - |Q^T y|^2 with Q an orthonormal basis of that dw's design: one
     # matrix product for the whole grid
     q = np.concatenate([np.linalg.qr(a)[0] for a in _qbold_design(tau, DW_GRID)], axis=1)  # (E, 3 K)
     projected = (logs @ q).reshape(len(logs), len(DW_GRID), 3)
     residuals = (logs ** 2).sum(axis=1)[:, None] - (projected ** 2).sum(axis=2)
+    if prior_dw is not None:
+        residuals = (residuals / noise_var
+                     + ((np.log(DW_GRID)[None, :] - np.log(prior_dw)[:, None]) / DW_PRIOR_LOG_SD) ** 2)
     k = np.clip(residuals.argmin(axis=1), 1, len(DW_GRID) - 2)
     r0, r1, r2 = (np.take_along_axis(residuals, (k + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
     curvature = r0 - 2.0 * r1 + r2
@@ -246,19 +258,28 @@ def fit_log_qbold(logs: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def resample_log_echoes(logs: np.ndarray, source: physics.Protocol, target: physics.Protocol,
-                        smoothed: np.ndarray | None = None) -> np.ndarray:
+                        smoothed: np.ndarray | None = None, regional: np.ndarray | None = None,
+                        noise_var: float | None = None) -> np.ndarray:
     """(N, E_source) log echoes -> (N, E_target): the linear resampling (resampling_matrix), whose noise gain
     is low, corrected by what that resampling gets wrong on the voxel's best qBOLD curve (fit_log_qbold),
-    fitted to `smoothed` (the same voxels' spatially smoothed log echoes; default: `logs`).
+    fitted to `smoothed` (the same voxels' spatially smoothed log echoes; default: `logs`). With `regional`
+    (the same voxels' log echoes smoothed over a region) and `noise_var` (of `smoothed`, per echo), the
+    curve's dw is drawn towards the region's best dw as far as the noise leaves it free.
 
     Why both: the trained network reads OEF from differences in the decay's curvature of about 0.001 in
     log signal, and the linear resampling alone is off by that much (a bias of 7 pp OEF on noise-free data);
     the qBOLD fit alone is exact on noise-free data but over-fits noise. The correction is the difference of
     two nearby curves, so it is exact where the voxel follows the QQ model, and fitted to smoothed data it
-    hardly carries noise."""
+    hardly carries noise. But for echoes far apart (6 echoes 7.8 ms apart, 3 T-equivalent) the correction
+    is large and depends strongly on dw, and dw fitted per voxel to noisy data is biased: the resampled
+    curvature was off by about 0.001 on average and the map read OEF 6-8 points high at SNR 100-300, while
+    noise-free it was right. The regional prior removes most of that (benchmarks/sparse_trains.py)."""
     m = resampling_matrix(source, target)
     tau, at = equivalent_times(source), equivalent_times(target)
-    coef, dw = fit_log_qbold(logs if smoothed is None else smoothed, tau)
+    prior_dw = None
+    if regional is not None and noise_var is not None:
+        prior_dw = fit_log_qbold(regional, tau)[1]
+    coef, dw = fit_log_qbold(logs if smoothed is None else smoothed, tau, prior_dw, noise_var)
     at_source = np.einsum("nei,ni->ne", _qbold_design(tau, dw), coef)
     at_target = np.einsum("nei,ni->ne", _qbold_design(at, dw), coef)
     return logs @ m.T + (at_target - at_source @ m.T)
@@ -269,29 +290,49 @@ def r2_factor_after_resampling(source: physics.Protocol, target: physics.Protoco
     return source.field_strength / target.field_strength
 
 
+def smoothed_noise_variance(smoothed: np.ndarray, protocol: physics.Protocol) -> float:
+    """The noise variance per echo of smoothed log echoes (N, E): the brain median of the residual about each
+    row's best qBOLD curve, per degree of freedom (the QQ curve fits noise-free decays almost exactly; a
+    floor keeps noise-free data finite)."""
+    tau = equivalent_times(protocol)
+    rows = smoothed[::max(1, len(smoothed) // NOISE_SAMPLE)].astype(np.float64)
+    if len(rows) == 0:
+        return 1e-12
+    coef, dw = fit_log_qbold(rows, tau)
+    residual = rows - np.einsum("nei,ni->ne", _qbold_design(tau, dw), coef)
+    dof = max(protocol.n_echoes - 4, 1)  # a, R2, v and dw
+    return max(float(np.median((residual ** 2).sum(axis=1))) / dof, 1e-12)
+
+
 def resample_echoes(echoes: np.ndarray, mask: np.ndarray, source: physics.Protocol, target: physics.Protocol,
                     spacing_zyx=(2.0, 2.0, 2.0), check_cancel=None) -> np.ndarray:
     """(z, y, x, E_source) magnitudes -> (z, y, x, E_target) float32, resampled inside the mask (0 outside):
-    resample_log_echoes, with the qBOLD fit on log echoes smoothed inside the mask (FIT_SMOOTHING_MM)."""
+    resample_log_echoes, with the qBOLD fit on log echoes smoothed inside the mask (FIT_SMOOTHING_MM) and its
+    dw drawn towards that of the log echoes smoothed over REGIONAL_SMOOTHING_MM."""
     from scipy import ndimage
 
-    sigma = [FIT_SMOOTHING_MM / float(s) for s in spacing_zyx]
     inside = mask.astype(np.float32)
-    weight = np.maximum(ndimage.gaussian_filter(inside, sigma, mode="constant"), 1e-3)[mask]
     tiny = np.finfo(np.float32).tiny
     logs = np.empty((int(mask.sum()), echoes.shape[-1]), dtype=np.float32)
-    smoothed = np.empty_like(logs)
+    smoothed, regional = np.empty_like(logs), np.empty_like(logs)
+    weights = []
+    for width, into in ((FIT_SMOOTHING_MM, smoothed), (REGIONAL_SMOOTHING_MM, regional)):
+        sigma = [width / float(s) for s in spacing_zyx]
+        weights.append((sigma, into, np.maximum(ndimage.gaussian_filter(inside, sigma, mode="constant"), 1e-3)[mask]))
     for e in range(echoes.shape[-1]):  # one echo at a time: no second full-size 4D volume
         log_echo = np.log(np.maximum(echoes[..., e].astype(np.float32), tiny)) * inside
         logs[:, e] = log_echo[mask]
-        smoothed[:, e] = ndimage.gaussian_filter(log_echo, sigma, mode="constant")[mask] / weight
+        for sigma, into, weight in weights:
+            into[:, e] = ndimage.gaussian_filter(log_echo, sigma, mode="constant")[mask] / weight
+    noise_var = smoothed_noise_variance(smoothed, source)
     out = np.zeros(mask.shape + (target.n_echoes,), dtype=np.float32)
     resampled = np.empty((len(logs), target.n_echoes), dtype=np.float32)
     for start in range(0, len(logs), RESAMPLE_CHUNK):
         if check_cancel:
             check_cancel()
         rows = slice(start, start + RESAMPLE_CHUNK)
-        values = resample_log_echoes(logs[rows].astype(np.float64), source, target, smoothed[rows].astype(np.float64))
+        values = resample_log_echoes(logs[rows].astype(np.float64), source, target, smoothed[rows].astype(np.float64),
+                                     regional[rows].astype(np.float64), noise_var)
         resampled[rows] = np.exp(np.clip(values, -80.0, 80.0))  # no inf from a zero echo
     out[mask] = resampled
     return out
