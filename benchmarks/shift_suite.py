@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "shift_suite.json"))
     parser.add_argument("--lstm-from", default=None, help="a JSON of this script with the LSTM's rows, for the table")
     parser.add_argument("--update", action="store_true",
-                        help="with --only: replace (or add) those conditions' rows in the existing --out JSON, same seed")
+                        help="with --only: replace (or add) those conditions' rows in the existing --out JSON, same seed; "
+                             "methods not given in --methods keep their earlier results (same patients)")
     args = parser.parse_args(argv)
     lstm_rows = json.loads(Path(args.lstm_from).read_text())["conditions"] if args.lstm_from else None
     rows = list(enumerate(conditions()))
@@ -237,6 +238,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = []  # --update: the rows of the earlier run that are not run again
+    methods_recorded = list(args.methods)
     if args.update:
         earlier = json.loads(out.read_text(encoding="utf-8"))
         if earlier["seed"] != args.seed or earlier["patients_per_condition"] != args.patients:
@@ -244,15 +246,19 @@ def main(argv=None) -> int:
                          f"{earlier['patients_per_condition']}; give the same.")
         rerun = {r[0] for _, r in rows}
         kept = [c for c in earlier["conditions"] if c["condition"] not in rerun]
+        earlier_methods = {c["condition"]: c["methods"] for c in earlier["conditions"] if c["condition"] in rerun}
+        methods_recorded = earlier["methods"] + [m for m in args.methods if m not in earlier["methods"]]
     for k, row in rows:
         t0 = time.perf_counter()
         results.append(run_condition(k, row, args, Path(args.data)))
+        if args.update:  # the same patients: the methods not run now keep what they measured
+            results[-1]["methods"] = {**earlier_methods.get(row[0], {}), **results[-1]["methods"]}
         c = results[-1]["methods"].get("context", {})
         print(f"[{k:2d}] {row[0]}: context RMSE {c.get('rmse_OEF', float('nan')):.2f} pp, coverage "
               f"{c.get('coverage_OEF', float('nan')):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         # written after every condition: a long run interrupted keeps what it measured
         record = {"seed": args.seed, "patients_per_condition": args.patients, "voxel_size_mm": 2.0,
-                  "qsm_noise_ppb": 2.0, "model": args.model or "bundled", "methods": args.methods,
+                  "qsm_noise_ppb": 2.0, "model": args.model or "bundled", "methods": methods_recorded,
                   "cat_voxels_per_patient": args.cat_voxels, "lstm_voxels_per_patient": args.lstm_voxels,
                   "seconds": round(time.perf_counter() - started, 1), "conditions": ordered(kept + results)}
         out.write_text(json.dumps(record, indent=1, default=float), encoding="utf-8")
