@@ -230,11 +230,11 @@ def _qbold_design(tau: np.ndarray, dw: np.ndarray) -> np.ndarray:
                      -physics.fs(dw[:, None] * tau[None, :])], axis=-1)
 
 
-def fit_log_qbold(logs: np.ndarray, tau: np.ndarray, prior_dw: np.ndarray | None = None,
-                  noise_var: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of log echoes at tau: the best log qBOLD curve, as (a, R2, v) coefficients (N, 3) and dw (N,).
-    Variable projection: linear least squares for every dw of DW_GRID, the best dw refined by a parabola
-    in log dw, then the coefficients at that dw. No iteration, so no voxel fails to converge.
+def best_dw(logs: np.ndarray, tau: np.ndarray, prior_dw: np.ndarray | None = None,
+            noise_var: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of log echoes at tau: the dw (N,) of the best log qBOLD curve, and that curve's residual sum of
+    squares at the nearest grid dw (N,). Variable projection: linear least squares for every dw of DW_GRID,
+    the best dw refined by a parabola in log dw. No iteration, so no voxel fails to converge.
     With `prior_dw` (N,) and `noise_var` (the rows' noise variance per echo), dw minimises the residual /
     noise_var plus ((log dw - log prior_dw) / DW_PRIOR_LOG_SD)^2: where the residual barely tells one dw from
     another (noisy, few echoes), dw stays near the prior; where it does, the data decide."""
@@ -242,7 +242,8 @@ def fit_log_qbold(logs: np.ndarray, tau: np.ndarray, prior_dw: np.ndarray | None
     # matrix product for the whole grid
     q = np.concatenate([np.linalg.qr(a)[0] for a in _qbold_design(tau, DW_GRID)], axis=1)  # (E, 3 K)
     projected = (logs @ q).reshape(len(logs), len(DW_GRID), 3)
-    residuals = (logs ** 2).sum(axis=1)[:, None] - (projected ** 2).sum(axis=2)
+    residuals = np.einsum("ne,ne->n", logs, logs)[:, None] - np.einsum("nkj,nkj->nk", projected, projected)
+    least = residuals.min(axis=1)
     if prior_dw is not None:
         residuals = (residuals / noise_var
                      + ((np.log(DW_GRID)[None, :] - np.log(prior_dw)[:, None]) / DW_PRIOR_LOG_SD) ** 2)
@@ -250,7 +251,14 @@ def fit_log_qbold(logs: np.ndarray, tau: np.ndarray, prior_dw: np.ndarray | None
     r0, r1, r2 = (np.take_along_axis(residuals, (k + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
     curvature = r0 - 2.0 * r1 + r2
     shift = np.clip(np.where(curvature > 0, 0.5 * (r0 - r2) / np.where(curvature > 0, curvature, 1.0), 0.0), -1, 1)
-    dw = DW_GRID[k] * (DW_GRID[1] / DW_GRID[0]) ** shift
+    return DW_GRID[k] * (DW_GRID[1] / DW_GRID[0]) ** shift, least
+
+
+def fit_log_qbold(logs: np.ndarray, tau: np.ndarray, prior_dw: np.ndarray | None = None,
+                  noise_var: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of log echoes at tau: the best log qBOLD curve, as (a, R2, v) coefficients (N, 3) and dw (N,):
+    best_dw (with its optional prior), then the coefficients at that dw."""
+    dw = best_dw(logs, tau, prior_dw, noise_var)[0]
     a = _qbold_design(tau, dw)
     gram = np.einsum("nei,nej->nij", a, a)
     coef = np.linalg.solve(gram, np.einsum("nei,ne->ni", a, logs)[..., None])[..., 0]
@@ -278,7 +286,7 @@ def resample_log_echoes(logs: np.ndarray, source: physics.Protocol, target: phys
     tau, at = equivalent_times(source), equivalent_times(target)
     prior_dw = None
     if regional is not None and noise_var is not None:
-        prior_dw = fit_log_qbold(regional, tau)[1]
+        prior_dw = best_dw(regional, tau)[0]
     coef, dw = fit_log_qbold(logs if smoothed is None else smoothed, tau, prior_dw, noise_var)
     at_source = np.einsum("nei,ni->ne", _qbold_design(tau, dw), coef)
     at_target = np.einsum("nei,ni->ne", _qbold_design(at, dw), coef)
@@ -293,15 +301,14 @@ def r2_factor_after_resampling(source: physics.Protocol, target: physics.Protoco
 def smoothed_noise_variance(smoothed: np.ndarray, protocol: physics.Protocol) -> float:
     """The noise variance per echo of smoothed log echoes (N, E): the brain median of the residual about each
     row's best qBOLD curve, per degree of freedom (the QQ curve fits noise-free decays almost exactly; a
-    floor keeps noise-free data finite)."""
+    floor keeps noise-free data finite). From at most a chunk of evenly spaced rows: a median needs no more,
+    and the fit's tables then take no more memory than one chunk of the resampling."""
     tau = equivalent_times(protocol)
-    rows = smoothed[::max(1, len(smoothed) // NOISE_SAMPLE)].astype(np.float64)
+    rows = smoothed[::max(1, -(-len(smoothed) // RESAMPLE_CHUNK))].astype(np.float64)
     if len(rows) == 0:
         return 1e-12
-    coef, dw = fit_log_qbold(rows, tau)
-    residual = rows - np.einsum("nei,ni->ne", _qbold_design(tau, dw), coef)
     dof = max(protocol.n_echoes - 4, 1)  # a, R2, v and dw
-    return max(float(np.median((residual ** 2).sum(axis=1))) / dof, 1e-12)
+    return max(float(np.median(best_dw(rows, tau)[1])) / dof, 1e-12)
 
 
 def resample_echoes(echoes: np.ndarray, mask: np.ndarray, source: physics.Protocol, target: physics.Protocol,
