@@ -20,7 +20,8 @@ linear, so averaging it over neighbourhoods (the context pyramid) equals fitting
 
 A model trained on one protocol (the default context model) reads other echo trains by resampling their
 decay to its own echo times (`resample_echoes`): the basis fit, corrected by each voxel's best qBOLD curve
-so that it is exact on QQ-model data, with R2 scaled back to real time (`r2_factor_after_resampling`).
+so that it is exact on QQ-model data (that curve's dw drawn towards its region's where noise leaves it free),
+with R2 scaled back to real time (`r2_factor_after_resampling`).
 It only interpolates: the echoes, in 3 T-equivalent time, must cover the model's span
 (`ProtocolRange.spans_ms`). A noisy decay continued beyond the data biases the map: by 3 points when the
 first echo is 1.5 ms late (it normalises all the others), by 6 at 7 T with echoes from 5.8 ms (3 T-
