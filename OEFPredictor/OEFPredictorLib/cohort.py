@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, bids, files, io, maptable, methods
+from . import __version__, bids, files, io, maptable, methods, native_log
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,8 @@ def unit_row(unit: bids.UnitInputs) -> dict:
 
 def process_folder(units: list[bids.UnitInputs], config: BatchConfig) -> list[dict]:
     """The units of one output folder (a subject and session), one after the other: their rows."""
+    if native_log.quiet_requested():  # in a worker process: its TensorFlow import writes nothing either
+        native_log.import_without_native_stderr("tensorflow")
     return [process_unit(unit, config) for unit in units]
 
 
