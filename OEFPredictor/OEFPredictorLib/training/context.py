@@ -258,13 +258,13 @@ def train(out: str | Path, config: ContextTrainConfig, resume: bool = False, com
     pool = VoxelPool(train_patients, config, scaling, state.get("epoch", 0), progress)
     if resume:
         model = keras.saving.load_model(ckpt / "last.keras", custom_objects={loss.__name__: loss}, safe_mode=True)
-    elif initial:
-        model = initial.model
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=1.0), loss=loss)
     else:
-        sample = pool.x.reshape(-1, pool.x.shape[-1])[::7]  # the inputs' scale, from the first pool
-        model = models.build_context_net(config.spec, x_val.shape[-1], spatial.N_OUTPUTS,
-                                         sample.mean(axis=0), sample.std(axis=0) + 1e-6)
+        if initial:
+            model = initial.model
+        else:
+            sample = pool.x.reshape(-1, pool.x.shape[-1])[::7]  # the inputs' scale, from the first pool
+            model = models.build_context_net(config.spec, x_val.shape[-1], spatial.N_OUTPUTS,
+                                             sample.mean(axis=0), sample.std(axis=0) + 1e-6)
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=1.0), loss=loss)
 
     class EpochVoxels(keras.utils.PyDataset):
