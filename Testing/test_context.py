@@ -379,17 +379,28 @@ def test_a_network_bound_to_echo_times_trains_on_draws_resampled_to_them(tmp_pat
 
 def test_the_bundled_context_models_are_chosen_by_the_data_s_echo_train():
     """The paper's protocol runs the paper-protocol network; a 1.5 T train (echoes 2.5-27 ms in 3 T-equivalent
-    time, short of 39.5 ms) the network bound to 4.5-22 ms, with a warning; echoes that cover neither span
-    (a 3 T train starting at 6 ms) are refused in one line that names both spans and the method that runs."""
+    time, short of 39.5 ms) the network bound to 4.5-22 ms, with a warning; a 3 T train starting at 6 ms the
+    paper-protocol network, with a warning that the decay is continued back to 4.5 ms; a 3 T train ending at
+    18 ms the short one, continued to 22 ms. Echoes that start or stop beyond what either reads (7 T from 4 ms:
+    9.33 ms in 3 T-equivalent time; 3 T ending at 16 ms) are refused in one line that says where the echoes
+    must start and end for each model, and the method that runs."""
     paper = predict.Predictor.build(physics.Protocol.default())
     assert paper.bundle.path.name == "oef_context.keras" and paper.caveats() == []
     one_and_a_half = predict.Predictor.build(physics.Protocol.from_milliseconds([5.0 + 7.0 * i for i in range(8)], 1.5))
     assert one_and_a_half.bundle.path.name == "oef_context_short.keras"
     assert "comes from oef_context_short.keras, which reads only 4.5-22 ms" in one_and_a_half.caveats()[0]
-    late = physics.Protocol.from_milliseconds([6.0 + 5.0 * i for i in range(8)], 3.0)
-    with pytest.raises(InputError, match=r"4.5-39.5 ms \(oef_context.keras\) or 4.5-22 ms \(oef_context_short.keras\)"
-                                         r".*covering 6-41 ms.*--method cat"):
-        predict.Predictor.build(late)
+    late = predict.Predictor.build(physics.Protocol.from_milliseconds([6.0 + 5.0 * i for i in range(8)], 3.0))
+    assert late.bundle.path.name == "oef_context.keras"
+    assert ["the first echo comes at 6 ms, after the model's first echo time (4.5 ms)" in c for c in late.caveats()] == [True]
+    short = predict.Predictor.build(physics.Protocol.from_milliseconds([3.0 + 3.0 * i for i in range(6)], 3.0))
+    assert short.bundle.path.name == "oef_context_short.keras" and len(short.caveats()) == 2
+    assert "the last echo comes at 18 ms, before the model's last echo time (22 ms)" in short.caveats()[1]
+    reads = (r"starting by 8.5 ms and reaching 39 ms \(oef_context.keras\) or starting by 8.5 ms and reaching 18 ms "
+             r"\(oef_context_short.keras\)")
+    for te_ms, b0, covering in (([4.0 + 1.9 * i for i in range(10)], 7.0, "9.33-49.2"),
+                                ([3.0 + 3.25 * i for i in range(5)], 3.0, "3-16")):
+        with pytest.raises(InputError, match=reads + rf".*covering {covering} ms.*--method cat"):
+            predict.Predictor.build(physics.Protocol.from_milliseconds(te_ms, b0))
 
 
 def test_a_1_5_t_acquisition_is_mapped_by_the_short_span_network_with_a_warning(tmp_path):

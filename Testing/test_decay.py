@@ -188,6 +188,27 @@ def test_resampling_another_echo_train_is_exact_on_qq_decays_where_the_linear_fi
     np.testing.assert_allclose(decay.resample_log_echoes(logs, twelve, PAPER), truth, atol=2e-4)
 
 
+@pytest.mark.parametrize("te_ms, target, linear_error, tolerance", [
+    ([8.0 + 4.5 * i for i in range(8)], PAPER, 1e-2, 5e-4),  # first echo 3.5 ms late
+    ([3.0 + 3.0 * i for i in range(6)], physics.Protocol.from_milliseconds([4.5 + 2.5 * i for i in range(8)]),
+     5e-3, 2e-4),  # last echo 4 ms short of the 4.5-22 ms network's
+])
+def test_a_decay_continued_beyond_its_echoes_follows_the_qq_curve(te_ms, target, linear_error, tolerance):
+    """Where a model's echo times lie beyond the data (a first echo up to 4 ms late, or the short-span network's
+    last echo up to 4 ms early), the resampled decay is the voxel's qBOLD curve continued: exact on noise-free QQ
+    decays within `tolerance`, where the linear continuation alone is off by more than `linear_error`."""
+    rng = np.random.default_rng(0)
+    n = 400
+    r2, y, v, chi = (rng.uniform(8, 25, n), rng.uniform(0.3, 0.85, n), rng.uniform(0.01, 0.07, n),
+                     rng.uniform(-0.08, 0.05, n))
+    source = physics.Protocol.from_milliseconds(te_ms, 3.0)
+    assert decay.extrapolated_ms(source, target) == pytest.approx(3.5 if te_ms[0] > 4.5 else 4.0)
+    logs = np.log(physics.qbold_signal(1.0, r2, y, v, chi, source))
+    truth = np.log(physics.qbold_signal(1.0, r2, y, v, chi, target))
+    assert np.abs(logs @ decay.resampling_matrix(source, target).T - truth).max() > linear_error
+    np.testing.assert_allclose(decay.resample_log_echoes(logs, source, target), truth, atol=tolerance)
+
+
 def test_a_sparse_train_resampled_from_noisy_data_keeps_its_curvature_on_average():
     """6 echoes 7.8 ms apart (3.6 T, in 3 T-equivalent time): the correction's dw fitted voxel by voxel to noisy
     data is biased, and the resampled curvature came out about 0.001 off on average (the map then read OEF
@@ -225,15 +246,20 @@ def test_resampled_noise_is_not_amplified_inside_the_measured_span():
     assert error.std(axis=0).max() < 0.011
 
 
-def test_a_resampling_model_refuses_echoes_that_do_not_cover_its_span():
-    bundled = models.load_bundle(None).protocol_range  # the bundled default: echoes covering 4.5-39.5 ms (3 T-eq.)
+def test_a_resampling_model_reads_a_late_first_echo_and_refuses_echoes_that_start_later_or_stop_short():
+    """The bundled default reads echoes that start by 8.5 ms and reach 39 ms in 3 T-equivalent time (its span
+    4.5-39.5 ms, continued 4 ms before the first echo and 0.5 ms after the last); others are refused in one line
+    that says where the echoes must start and end."""
+    bundled = models.load_bundle(None).protocol_range
     for te_ms, b0 in (([3.5 + 4.1 * i for i in range(12)], 3.0), ([2.0 + 2.6 * i for i in range(16)], 2.89),
-                      ([1.8 + 1.6 * i for i in range(12)], 7.0)):
+                      ([1.8 + 1.6 * i for i in range(12)], 7.0), ([2.5 + 2.1 * i for i in range(10)], 7.0),
+                      ([8.0 + 4.5 * i for i in range(8)], 3.0)):
         assert bundled.problems(physics.Protocol.from_milliseconds(te_ms, b0)) == []
     for te_ms, b0, what in (([2.2 + 3.1 * i for i in range(6)], 3.0, "covering 2.2-17.7 ms"),
-                            ([2.5 + 2.1 * i for i in range(10)], 7.0, "covering 5.83-49.9 ms"),
+                            ([4.0 + 1.9 * i for i in range(10)], 7.0, "covering 9.33-49.2 ms"),
                             ([5.0 + 7.0 * i for i in range(8)], 1.5, "covering 2.5-27 ms")):
         with pytest.raises(InputError) as err:
             bundled.check(physics.Protocol.from_milliseconds(te_ms, b0), "oef_context.keras")
         message = str(err.value)
-        assert what in message and "4.5-39.5 ms" in message and "--method cat" in message and "\n" not in message
+        assert what in message and "--method cat" in message and "\n" not in message
+        assert "echoes starting by 8.5 ms and reaching 39 ms in 3 T-equivalent time" in message

@@ -389,6 +389,33 @@ def test_interval_factors_grow_with_the_volumes_noise_level():
     np.testing.assert_allclose(spatial.interval_factors(stepped, half, half, oef, -2.0), [1.0, 1.1, 1.4], rtol=1e-6)
     np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -2.0, resampled=True),
                                [1.0, 1.1, 1.4], rtol=1e-6)
+    # a decay continued beyond its echoes (a late first echo) widens it by 10^(extrapolated_per_ms x ms)
+    beyond = dict(scale, noise=dict(scale["noise"], resampled=0.25, extrapolated_per_ms=0.05))
+    np.testing.assert_allclose(spatial.interval_factors(beyond, half, half, oef, -2.0, True, 3.0),
+                               10 ** 0.4 * np.array([1.0, 1.1, 1.4]), rtol=1e-6)
+
+
+def test_the_volume_scale_is_fitted_to_noise_resampling_and_extrapolation():
+    """calibration.volume_scale_fit recovers log10 factor = a + b x noise level + c x resampled + d x extrapolated
+    ms from volumes whose scores need exactly that factor; a term with too few volumes on either side is left out
+    (a card without it behaves as before)."""
+    from OEFPredictorLib.training import calibration
+
+    base = np.linspace(0.0, 1.0, 2001)
+    base /= calibration.conformal_factor(base)  # scores whose 90 % conformal factor is exactly 1
+    rng = np.random.default_rng(0)
+    n = 30
+    levels, resampled = rng.uniform(-2.4, -1.2, n), (np.arange(n) % 3 > 0).astype(float)
+    extrapolated = np.where(np.arange(n) % 3 == 1, rng.uniform(0.2, 4.0, n), 0.0)
+    log_factor = 0.3 + 0.15 * levels + 0.05 * resampled + 0.03 * extrapolated
+    scores = [base * 10 ** f for f in log_factor]
+    fit, table = calibration.volume_scale_fit(levels, resampled, scores, extrapolated)
+    assert fit == pytest.approx({"intercept": 0.3, "slope": 0.15, "resampled": 0.05, "extrapolated_per_ms": 0.03},
+                                abs=2e-3)
+    assert table.shape == (n, 4)
+    few = np.where(np.arange(n) < 3, 1.0, 0.0)  # only 3 volumes continued beyond their echoes
+    fit, _ = calibration.volume_scale_fit(levels, resampled, scores, few)
+    assert "extrapolated_per_ms" not in fit and "resampled" in fit
 
 
 def test_the_noise_level_follows_the_snr_not_the_anatomy():

@@ -2,7 +2,14 @@
 the model's own protocol and at other echo trains (sparse and dense), paired, so that what differs is the
 resampling alone.
 
-    .venv/bin/python benchmarks/sparse_trains.py [--model M.keras] [--seed 9871] [--patients 4]
+    .venv/bin/python benchmarks/sparse_trains.py [--trains sparse|late|short] [--model M.keras] [--seed 9871]
+                                                 [--patients 4]
+
+Three sets of echo trains (--trains):
+- sparse (default): trains that cover the paper-protocol network's span, sparse and dense;
+- late: trains whose first echo comes after the network's (4.5 ms, 3 T-equivalent), continued back to it;
+- short: trains that stop short of 22 ms (3 T and 1.5 T), read by the 4.5-22 ms network (the default --model for
+  this set), beside trains that cover its span.
 
 Why: on calibration patients, trains whose echoes lie far apart (more than 5.5 ms, 3 T-equivalent) were
 mapped several points too high over the whole brain, while noise-free they gave the own protocol's map. The
@@ -12,7 +19,7 @@ trained only on white noise can read such noise as a decay shape.
 
 Patients (training.data.make_patient): a development seed (default 9871; never a training, validation,
 calibration or test seed), population tissue priors, stroke-like lesions (some lesion-free), 2 mm. Each is
-seen at every protocol of PROTOCOLS at SNR 40 and 100 (QSM noise 2 ppb, the receive-field bias of training
+seen at every protocol of the set at SNR 40 and 100 (QSM noise 2 ppb, the receive-field bias of training
 noise, R2 grown with the field as B0^0.5), through the engine's own path (spatial.predict_volume, with the
 card's interval). Per protocol and SNR: OEF bias and RMSE over the brain without CSF, the interval's coverage
 and mean width, the noise level the engine measured, and the noise of the echo ratios the network reads (their
@@ -38,14 +45,36 @@ DEV_SEED = 9871
 SNRS = (40.0, 100.0)
 R2_FIELD_EXPONENT = 0.5
 # (name, echo times ms, field T): the model's own protocol first, then trains that cover its span
-PROTOCOLS = [
-    ("own: 8 echoes 4.5/5 ms, 3 T", [4.5 + 5.0 * i for i in range(8)], 3.0),
-    ("6 echoes 4/7 ms, 3 T (7 ms apart)", [4.0 + 7.0 * i for i in range(6)], 3.0),
-    ("6 echoes 3.5/6.5 ms, 3.6 T (7.8 ms apart, 3 T-eq.)", [3.5 + 6.55 * i for i in range(6)], 3.6),
-    ("7 echoes 3/6.2 ms, 3 T", [3.0 + 6.2 * i for i in range(7)], 3.0),
-    ("12 echoes 3.5/4.1 ms, 3 T", [3.5 + 4.1 * i for i in range(12)], 3.0),
-    ("7 T, 12 echoes 1.8/1.6 ms", [1.8 + 1.6 * i for i in range(12)], 7.0),
-]
+OWN = ("own: 8 echoes 4.5/5 ms, 3 T", [4.5 + 5.0 * i for i in range(8)], 3.0)
+TRAINS = {
+    "sparse": [
+        OWN,
+        ("6 echoes 4/7 ms, 3 T (7 ms apart)", [4.0 + 7.0 * i for i in range(6)], 3.0),
+        ("6 echoes 3.5/6.5 ms, 3.6 T (7.8 ms apart, 3 T-eq.)", [3.5 + 6.55 * i for i in range(6)], 3.6),
+        ("7 echoes 3/6.2 ms, 3 T", [3.0 + 6.2 * i for i in range(7)], 3.0),
+        ("12 echoes 3.5/4.1 ms, 3 T", [3.5 + 4.1 * i for i in range(12)], 3.0),
+        ("7 T, 12 echoes 1.8/1.6 ms", [1.8 + 1.6 * i for i in range(12)], 7.0),
+    ],
+    "late": [
+        OWN,
+        ("8 echoes 5.5/5 ms, 3 T (1 ms late)", [5.5 + 5.0 * i for i in range(8)], 3.0),
+        ("8 echoes 6/5 ms, 3 T (1.5 ms late)", [6.0 + 5.0 * i for i in range(8)], 3.0),
+        ("8 echoes 7/5 ms, 3 T (2.5 ms late)", [7.0 + 5.0 * i for i in range(8)], 3.0),
+        ("8 echoes 8/4.5 ms, 3 T (3.5 ms late)", [8.0 + 4.5 * i for i in range(8)], 3.0),
+        ("7 T, 10 echoes 2.5/2.1 ms (1.33 ms late, 3 T-eq.)", [2.5 + 2.1 * i for i in range(10)], 7.0),
+    ],
+    "short": [
+        ("8 echoes 3/3 ms, 3 T (to 24 ms: covers)", [3.0 + 3.0 * i for i in range(8)], 3.0),
+        ("7 echoes 3/3 ms, 3 T (to 21 ms)", [3.0 + 3.0 * i for i in range(7)], 3.0),
+        ("6 echoes 3/3 ms, 3 T (to 18 ms)", [3.0 + 3.0 * i for i in range(6)], 3.0),
+        ("5 echoes 3/3 ms, 3 T (to 15 ms)", [3.0 + 3.0 * i for i in range(5)], 3.0),
+        ("1.5 T, 8 echoes 5/7 ms (to 27 ms, 3 T-eq.: covers)", [5.0 + 7.0 * i for i in range(8)], 1.5),
+        ("1.5 T, 9 echoes 5/5 ms (to 22.5 ms, 3 T-eq.: covers)", [5.0 + 5.0 * i for i in range(9)], 1.5),
+        ("1.5 T, 8 echoes 5/5 ms (to 20 ms, 3 T-eq.)", [5.0 + 5.0 * i for i in range(8)], 1.5),
+        ("1.5 T, 10 echoes 3/3 ms (to 15 ms, 3 T-eq.)", [3.0 + 3.0 * i for i in range(10)], 1.5),
+    ],
+}
+SHORT_SPAN_MODEL = "oef_context_short.keras"  # the default --model of the "short" set
 
 
 def read_noise(patient, protocol, own, noisy_echoes, noise_free_echoes) -> dict:
@@ -66,29 +95,40 @@ def read_noise(patient, protocol, own, noisy_echoes, noise_free_echoes) -> dict:
 
 
 def main() -> int:
-    from OEFPredictorLib import models, physics, spatial
+    from OEFPredictorLib import evaluate, models, physics, resources, spatial
     from OEFPredictorLib.training.context import ContextTrainConfig
     from OEFPredictorLib.training.data import make_patient, signals
     from OEFPredictorLib.training.noise import add_noise
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a context model (default: the bundled one)")
+    parser.add_argument("--trains", choices=sorted(TRAINS), default="sparse", help="which echo trains (default sparse)")
+    parser.add_argument("--model", default=None, help="a context model (default: the bundled one, or the 4.5-22 ms "
+                                                      "one for --trains short)")
     parser.add_argument("--seed", type=int, default=DEV_SEED)
     parser.add_argument("--patients", type=int, default=4)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sparse_trains.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/sparse_trains.json, or "
+                                                    "sparse_trains_<set>.json for another set")
     args = parser.parse_args()
+    protocols = TRAINS[args.trains]
+    out_path = Path(args.out or REPO / "benchmarks" / "results" /
+                    ("sparse_trains.json" if args.trains == "sparse" else f"sparse_trains_{args.trains}.json"))
+    if args.model is None and args.trains == "short":
+        args.model = str(resources.resource_path("Models", SHORT_SPAN_MODEL))
     bundle = models.load_bundle(args.model)
+    constant = 100.0 * physics.oef_from_Y(evaluate.healthy_prior_Y())
     spacing = (float(bundle.card["spatial"]["voxel_size_mm"]),) * 3
     config = ContextTrainConfig(voxel_size_mm=spacing[0])
     own = bundle.protocol
     started = time.perf_counter()
-    rows = {(name, snr): [] for name, _, _ in PROTOCOLS for snr in SNRS}
+    rows = {(name, snr): [] for name, _, _ in protocols for snr in SNRS}
+    constant_rmse = []  # the constant guess (evaluate's "constant": the healthy brain's prior OEF), per patient
     for i in range(args.patients):
         patient = make_patient(args.seed, i, config, wide=False)
         truth = 100.0 * physics.oef_from_Y(patient.params[..., 2][patient.mask].astype(np.float64))
         keep = patient.metric[patient.mask]
+        constant_rmse.append(float(np.sqrt(np.mean((truth[keep] - constant) ** 2))))
         for s, snr in enumerate(SNRS):
-            for k, (name, te_ms, field) in enumerate(PROTOCOLS):
+            for k, (name, te_ms, field) in enumerate(protocols):
                 protocol = physics.Protocol.from_milliseconds(te_ms, field)
                 clean, qsm, _ = signals(patient, protocol, R2_FIELD_EXPONENT)
                 rng = np.random.default_rng([args.seed, i, s, k])
@@ -117,11 +157,13 @@ def main() -> int:
         first = per_patient[0]
         entry.update({key: first[key] for key in ("noise_sd", "neighbour_correlation")})
         summary.append(entry)
-    result = {"model": bundle.path.name, "seed": args.seed, "patients": args.patients, "snrs": list(SNRS),
+    result = {"model": bundle.path.name, "trains": args.trains, "seed": args.seed, "patients": args.patients,
+              "snrs": list(SNRS), "constant_rmse_pp": round(float(np.mean(constant_rmse)), 3),
               "qsm_noise_ppb": 2.0, "r2_field_exponent": R2_FIELD_EXPONENT, "voxel_size_mm": spacing[0],
               "seconds": round(time.perf_counter() - started, 1), "rows": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"constant guess: rmse {result['constant_rmse_pp']:.2f}")
     for entry in summary:
         print(f"{entry['protocol']:52s} SNR {entry['snr']:>5g}: bias {entry['bias_pp']:+.2f} rmse {entry['rmse_pp']:.2f} "
               f"cov {entry['coverage']:.2f} width {entry['width_pp']:.1f} noise corr {entry['neighbour_correlation']:.2f}")

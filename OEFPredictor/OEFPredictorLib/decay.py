@@ -22,15 +22,16 @@ A model trained on one protocol (the default context model) reads other echo tra
 decay to its own echo times (`resample_echoes`): the basis fit, corrected by each voxel's best qBOLD curve
 so that it is exact on QQ-model data (that curve's dw drawn towards its region's where noise leaves it free),
 with R2 scaled back to real time (`r2_factor_after_resampling`).
-It only interpolates: the echoes, in 3 T-equivalent time, must cover the model's span
-(`ProtocolRange.spans_ms`). A noisy decay continued beyond the data biases the map: by 3 points when the
-first echo is 1.5 ms late (it normalises all the others), by 6 at 7 T with echoes from 5.8 ms (3 T-
-equivalent), while 7 T echoes covering the span give the 3 T accuracy whether tissue R2 grows with the
-field or not. So the default method also bundles a network bound to 4.5-22 ms of 3 T-equivalent time
-(1.5 T trains and shorter 3 T ones), trained on other echo trains resampled to it, and the engine runs
-the first bundled model whose span the data cover (predict.bundled_for_protocol). A first echo later
-than 4.5 ms (3 T-equivalent) is still refused: a network bound to 8-18 ms did no better than a constant
-guess (docs/design/protocols.md).
+Beyond the echoes it continues each voxel's qBOLD curve, but only so far (`ProtocolRange.extrapolation_ms`): a
+first echo up to 4 ms late (3 T-equivalent; at 3 T every supported first echo, up to 8 ms), a last echo 0.5 ms
+short of the paper-protocol network's 39.5 ms. Before the dw prior below, a continued decay biased the map by 3
+points for a first echo 1.5 ms late (echo 1 normalises all the others); with it, 0.5-1.8 points for 1-3.5 ms
+(benchmarks/sparse_trains.py --trains late), and the interval widens with the distance (spatial.noise_scale).
+Echo trains that stop short of 39 ms go to a network bound to 4.5-22 ms (1.5 T trains and shorter 3 T ones),
+trained on other echo trains resampled to it, which continues the decay up to 4 ms past the last echo; the
+engine runs the first bundled model that reads the data (predict.bundled_for_protocol). Trains that start
+later than 8.5 ms or end before 18 ms (3 T-equivalent: at 7 T a first echo after 3.64 ms; at 1.5 T a last before
+36 ms) are refused: a network bound to 8-18 ms did no better than a constant guess (docs/design/protocols.md).
 
 QSM reference: QSM pipelines reference susceptibility to CSF, to the whole brain or to nothing, which
 leaves a constant offset of a few hundredths of a ppm. In the QQ model such an offset carries almost no
@@ -57,6 +58,18 @@ CANONICAL_MS = (3.0, 6.0, 9.0, 13.0, 18.0, 24.0, 31.0, 40.0, 52.0, 70.0)  # 3 T-
 N_DESCRIPTORS = 3  # protocol_descriptors
 
 
+# How far a model's span may lie beyond the echoes (3 T-equivalent ms; the card's `extrapolation_ms`, before
+# the first echo and after the last). There the decay is continued by each voxel's qBOLD fit (resample_log_echoes).
+# Echo 1 normalises every other echo, so a late first echo moves the whole input: on development patients
+# (benchmarks/sparse_trains.py --trains late) a first echo 1-3.5 ms late read OEF 0.5-1.8 points high, and the
+# interval widens with the distance (spatial.noise_scale). 4 ms takes every supported 3 T train (first echo up
+# to 8 ms). After the last echo the paper-protocol network continues 0.5 ms; the card of a network that stands
+# in for shorter trains may allow more.
+MAX_LATE_FIRST_ECHO_MS = 4.0
+LAST_ECHO_TOLERANCE_MS = 0.5
+LATE_FIRST_ECHO_NOTICE_MS = 0.5  # later than this, the engine says so (predict.Predictor.caveats)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProtocolRange:
     """The echo protocols a model supports (the card's `supported_protocols`)."""
@@ -69,6 +82,8 @@ class ProtocolRange:
     # the 3 T-equivalent span (ms) the echoes must cover: a model that resamples other protocols to its own
     # echo times (resample_echoes) interpolates, and continuing a noisy decay beyond the data biases it
     spans_ms: tuple[float, float] | None = None
+    # how far that span may lie beyond the echoes (before the first, after the last): continued by the decay fit
+    extrapolation_ms: tuple[float, float] = (MAX_LATE_FIRST_ECHO_MS, LAST_ECHO_TOLERANCE_MS)
 
     def to_dict(self) -> dict:
         return {k: list(v) for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -81,8 +96,13 @@ class ProtocolRange:
         return (f"{self.echoes[0]}-{self.echoes[1]} echoes, first echo {self.first_echo_ms[0]:g}-"
                 f"{self.first_echo_ms[1]:g} ms, spacing {self.spacing_ms[0]:g}-{self.spacing_ms[1]:g} ms, last echo "
                 f"{self.last_echo_ms[0]:g}-{self.last_echo_ms[1]:g} ms, {self.field_strength_T[0]:g}-"
-                f"{self.field_strength_T[1]:g} T" + (f", echoes covering {self.spans_ms[0]:g}-{self.spans_ms[1]:g} ms "
-                                                     "in 3 T-equivalent time (TE x B0 / 3)" if self.spans_ms else ""))
+                f"{self.field_strength_T[1]:g} T" + (f", echoes {self.reach()} in 3 T-equivalent time (TE x B0 / 3)"
+                                                     if self.spans_ms else ""))
+
+    def reach(self) -> str:
+        """Where the echoes must start and end (3 T-equivalent ms) for a model bound to `spans_ms`."""
+        return (f"starting by {self.spans_ms[0] + self.extrapolation_ms[0]:g} ms and reaching "
+                f"{self.spans_ms[1] - self.extrapolation_ms[1]:g} ms")
 
     def problems(self, protocol: physics.Protocol) -> list[str]:
         """What puts the protocol outside the range (empty: supported). A 1 % tolerance on each limit."""
@@ -105,7 +125,8 @@ class ProtocolRange:
             out.append(f"{protocol.field_strength:g} T")
         if self.spans_ms:
             tau_ms = equivalent_times(protocol) * 1000.0
-            if tau_ms[0] > self.spans_ms[0] + FIRST_ECHO_TOLERANCE_MS or tau_ms[-1] < self.spans_ms[1] - LAST_ECHO_TOLERANCE_MS:
+            before, after = self.extrapolation_ms
+            if tau_ms[0] > self.spans_ms[0] + before or tau_ms[-1] < self.spans_ms[1] - after:
                 out.append(f"echoes covering {tau_ms[0]:.3g}-{tau_ms[-1]:.3g} ms in 3 T-equivalent time")
         return out
 
@@ -118,11 +139,11 @@ class ProtocolRange:
 
 
 SUPPORTED = ProtocolRange()
-# How far short of a required span the echoes may stop (3 T-equivalent ms). Echo 1 normalises every other
-# echo, so a first echo even 0.1-0.4 ms late made the interval need 2.3-2.9x its width on calibration
-# patients; the last echo is continued along a straight line for up to 0.5 ms.
-FIRST_ECHO_TOLERANCE_MS = 0.05
-LAST_ECHO_TOLERANCE_MS = 0.5
+def extrapolated_ms(source: physics.Protocol, target: physics.Protocol) -> float:
+    """How far (3 T-equivalent ms) the target's echoes lie beyond the source's, before the first plus after
+    the last: what resampling the source's decay to the target's echo times continues beyond the data."""
+    tau, at = equivalent_times(source) * 1000.0, equivalent_times(target) * 1000.0
+    return max(0.0, float(tau[0] - at[0])) + max(0.0, float(at[-1] - tau[-1]))
 
 
 def spec() -> dict:

@@ -129,6 +129,14 @@ def label_lookup_predictor(table: dict[int, np.ndarray], default: np.ndarray) ->
     return predict
 
 
+HEALTHY_LABELS = (1, 2)  # cortical GM and WM (phantom.TISSUES, from 1): the healthy brain of the constant guess
+
+
+def healthy_prior_Y() -> float:
+    """The constant guess's Y: the mean of the healthy tissues' prior means (phantom.TISSUE_PRIORS)."""
+    return float(np.mean([phantom.TISSUE_PRIORS[phantom.TISSUES[label - 1]]["Y"][0] for label in HEALTHY_LABELS]))
+
+
 def constant_factory(ctx: MethodContext) -> Predict:
     """The constant guess: every voxel gets the healthy brain's population-prior values (GM / WM
     average), whatever its tissue. A method that cannot beat it has learnt nothing about OEF."""
@@ -150,7 +158,7 @@ def prior_mean_factory(ctx: MethodContext, per_tissue: bool = True) -> Predict:
             Y, v, R2, chi = (prior[n][0] for n in ("Y", "v", "R2", "chi_nb"))
             s0_rel = 1.0 / physics.qbold_signal(1.0, R2, Y, v, chi, protocol)[0]
             table[label] = np.array([s0_rel, R2, Y, v, chi])
-        healthy = np.mean([table[lab] for lab in (1, 2)], axis=0)  # lesions: the GM / WM average
+        healthy = np.mean([table[lab] for lab in HEALTHY_LABELS], axis=0)  # lesions: the GM / WM average
         return label_lookup_predictor(table if per_tissue else {}, healthy)
 
     def predict(patient: simulate.PatientData, targets: np.ndarray) -> dict:

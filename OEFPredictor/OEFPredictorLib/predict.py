@@ -248,11 +248,11 @@ def bundled_for_protocol(paths: list[Path], protocol: physics.Protocol):
     if not all(r and r.spans_ms for r in ranges):
         bundles[0].check_protocol(protocol)  # models bound to one protocol each: the first one's message
     problems = ranges[0].problems(protocol)
-    spans = " or ".join(f"{r.spans_ms[0]:g}-{r.spans_ms[1]:g} ms ({b.path.name})" for r, b in zip(ranges, bundles))
+    spans = " or ".join(f"{r.reach()} ({b.path.name})" for r, b in zip(ranges, bundles))
     general = dataclasses.replace(ranges[0], spans_ms=None).describe()
-    raise InputError(f"The bundled models read {general}, with echoes covering {spans} in 3 T-equivalent time "
-                     f"(TE x B0 / 3); these data have {', '.join(problems)}. Use --method cat (needs no trained "
-                     "model), or train a model for this protocol (oefpredictor train).")
+    raise InputError(f"The bundled models read {general}, with echoes in 3 T-equivalent time (TE x B0 / 3) {spans}; "
+                     f"these data have {', '.join(problems)}. Use --method cat (needs no trained model), or train a "
+                     "model for this protocol (oefpredictor train).")
 
 
 @functools.lru_cache(maxsize=4)
@@ -370,22 +370,32 @@ class Predictor:
 
     def caveats(self) -> list[str]:
         """What the user must know of the model chosen: a bundled model other than the method's preferred one
-        runs when the echoes do not cover the preferred one's span, and it sees less of the decay."""
+        runs when the echoes do not cover the preferred one's span, and it sees less of the decay; a first echo
+        later than the model's is continued back to it."""
         from . import decay, models, resources
 
         if self.bundle is None or not self.method.uses_model:
             return []
-        preferred = resources.bundled_model_path(self.method.name)
-        if self.bundle.path.name == preferred.name or self.bundle.path.parent != preferred.parent:
-            return []
-        wanted = models.read_card(preferred)["supported_protocols"]["spans_ms"]
-        reads = self.bundle.protocol_range.spans_ms
+        out = []
         tau_ms = decay.equivalent_times(self.protocol) * 1000.0
-        return [f"The echoes cover {tau_ms[0]:.3g}-{tau_ms[-1]:.3g} ms in 3 T-equivalent time (TE x B0 / 3), not "
-                f"{wanted[0]:g}-{wanted[1]:g} ms, so the map comes from {self.bundle.path.name}, which reads only "
-                f"{reads[0]:g}-{reads[1]:g} ms of the decay: the map leans on the training population for the brain's "
-                "overall OEF level, its interval is wider, and lesions may not show (a normal-looking region is "
-                "not evidence of normal OEF)."]
+        reads = self.bundle.protocol_range.spans_ms if self.bundle.protocol_range else None
+        preferred = resources.bundled_model_path(self.method.name)
+        if self.bundle.path.name != preferred.name and self.bundle.path.parent == preferred.parent:
+            wanted = models.read_card(preferred)["supported_protocols"]["spans_ms"]
+            out.append(f"The echoes cover {tau_ms[0]:.3g}-{tau_ms[-1]:.3g} ms in 3 T-equivalent time (TE x B0 / 3), "
+                       f"not {wanted[0]:g}-{wanted[1]:g} ms, so the map comes from {self.bundle.path.name}, which reads "
+                       f"only {reads[0]:g}-{reads[1]:g} ms of the decay: the map leans on the training population for "
+                       "the brain's overall OEF level, its interval is wider, and lesions may not show (a normal-"
+                       "looking region is not evidence of normal OEF).")
+        late = [f"the first echo comes at {tau_ms[0]:.3g} ms, after the model's first echo time ({reads[0]:g} ms)"
+                ] if reads and tau_ms[0] > reads[0] + decay.LATE_FIRST_ECHO_NOTICE_MS else []
+        late += [f"the last echo comes at {tau_ms[-1]:.3g} ms, before the model's last echo time ({reads[1]:g} ms)"
+                 ] if reads and tau_ms[-1] < reads[1] - decay.LAST_ECHO_TOLERANCE_MS else []
+        if late:
+            out.append(f"In 3 T-equivalent time (TE x B0 / 3) {' and '.join(late)}: each voxel's decay is continued "
+                       "there by its qBOLD fit, which can move the OEF level by a point or two; the interval is "
+                       "widened for it.")
+        return out
 
     def fit(self, data: "_Voxels", run: "_Session") -> dict[str, np.ndarray]:
         """The clamped parameters (and the OEF interval, where the method gives one) of the mask's voxels."""
