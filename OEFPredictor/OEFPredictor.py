@@ -141,8 +141,10 @@ experimental 3D U-Net, a DNN, or a voxelwise QQ fit.
 order. The echo times (ms) are filled from the sequence or the DICOM attributes; check them.</li>
 <li><b>QSM</b> in ppm, on the same voxel grid as the echoes; optional brain mask and CBF
 (mL/100 g/min, adds a CMRO2 map).</li>
-<li>The model's protocol (echo times, field strength) must match the data; the bundled models were
-trained on simulated 3 T data with 8 echoes (TE 4.5-39.5 ms).</li>
+<li>Echo times and field strength come from the data's metadata (check them). The default method reads
+5-16 echoes at 1.5-7 T whose echoes, in 3 T-equivalent time (TE x B0 / 3), start by 8.5 ms and reach 39 ms;
+shorter trains that reach 18 ms go to a second network, with a warning (lesions may not show). The paper's
+LSTM needs its own protocol: 8 echoes, TE 4.5-39.5 ms, 3 T.</li>
 </ul>
 Research software, not a medical device. See the
 <a href="https://github.com/oefpredictor/SlicerOEFPredictor">project page</a>.

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from OEFPredictorLib import evaluate, maptable, methods, models, phantom, physics, predict, spatial
+from OEFPredictorLib import decay, evaluate, maptable, methods, models, phantom, physics, predict, spatial
 from OEFPredictorLib.training import calibration
 from OEFPredictorLib.training import unet as train_spatial
 from OEFPredictorLib.errors import InputError
@@ -370,7 +370,7 @@ def test_evaluate_reports_every_new_column_on_a_stroke_cohort(tmp_path, tiny_dat
 
 
 def test_interval_factors_grow_with_the_volumes_noise_level():
-    """Mondrian factors relative to a noise scale: 10^(intercept + slope x level (+ resampled)) multiplies
+    """Mondrian factors relative to a noise scale: 10^(intercept + slope x level (+ resampling terms)) multiplies
     every bin's factor; without the volume's noise level such factors are refused rather than guessed."""
     scale = {"width_edges_pp": [5.0], "abnormality_edges_pp": [5.0, 10.0], "noise": {"intercept": 1.0, "slope": 0.5},
              "factors": [[1.0, 1.1], [1.2, 1.3], [1.4, 1.5]]}
@@ -384,38 +384,54 @@ def test_interval_factors_grow_with_the_volumes_noise_level():
     # a decay resampled from another echo train steps the scale up by 10^resampled; without the entry
     # (cards calibrated before it) resampling changes nothing
     stepped = dict(scale, noise=dict(scale["noise"], resampled=0.25))
-    np.testing.assert_allclose(spatial.interval_factors(stepped, half, half, oef, -2.0, resampled=True),
+    resampled = decay.Resampling(resampled=True)
+    np.testing.assert_allclose(spatial.interval_factors(stepped, half, half, oef, -2.0, resampled),
                                10 ** 0.25 * np.array([1.0, 1.1, 1.4]), rtol=1e-6)
     np.testing.assert_allclose(spatial.interval_factors(stepped, half, half, oef, -2.0), [1.0, 1.1, 1.4], rtol=1e-6)
-    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -2.0, resampled=True),
+    np.testing.assert_allclose(spatial.interval_factors(scale, half, half, oef, -2.0, resampled),
                                [1.0, 1.1, 1.4], rtol=1e-6)
-    # a decay continued beyond its echoes (a late first echo) widens it by 10^(extrapolated_per_ms x ms)
-    beyond = dict(scale, noise=dict(scale["noise"], resampled=0.25, extrapolated_per_ms=0.05))
-    np.testing.assert_allclose(spatial.interval_factors(beyond, half, half, oef, -2.0, True, 3.0),
-                               10 ** 0.4 * np.array([1.0, 1.1, 1.4]), rtol=1e-6)
+    # continued beyond its echoes (a late first echo) and across gaps wider than the model's, it widens by
+    # 10^(extrapolated_per_ms x ms + wider_gap_per_ms x ms)
+    terms = dict(scale, noise=dict(scale["noise"], resampled=0.25, extrapolated_per_ms=0.05, wider_gap_per_ms=0.02))
+    np.testing.assert_allclose(spatial.interval_factors(terms, half, half, oef, -2.0, decay.Resampling(True, 3.0, 5.0)),
+                               10 ** 0.5 * np.array([1.0, 1.1, 1.4]), rtol=1e-6)
 
 
-def test_the_volume_scale_is_fitted_to_noise_resampling_and_extrapolation():
+def test_how_a_decay_was_resampled_is_measured_in_3t_equivalent_time():
+    """decay.Resampling.between: nothing for the model's own protocol; a 3 T train from 8 ms is continued 3.5 ms
+    back to 4.5 ms; 6 echoes 6.5 ms apart at 3.6 T have gaps of 7.86 ms (3 T-equivalent), 2.86 ms wider than
+    the paper protocol's 5 ms."""
+    paper = physics.Protocol.default()
+    assert decay.Resampling.between(paper, paper) == decay.Resampling()
+    late = decay.Resampling.between(physics.Protocol.from_milliseconds([8.0 + 4.5 * i for i in range(8)]), paper)
+    assert late.resampled and late.extrapolated_ms == pytest.approx(3.5) and late.wider_gap_ms == 0.0
+    sparse = decay.Resampling.between(physics.Protocol.from_milliseconds([3.5 + 6.55 * i for i in range(6)], 3.6), paper)
+    assert sparse.wider_gap_ms == pytest.approx(6.55 * 1.2 - 5.0) and sparse.extrapolated_ms == 0.0
+
+
+def test_the_volume_scale_is_fitted_to_noise_and_resampling():
     """calibration.volume_scale_fit recovers log10 factor = a + b x noise level + c x resampled + d x extrapolated
-    ms from volumes whose scores need exactly that factor; a term with too few volumes on either side is left out
-    (a card without it behaves as before)."""
+    ms + e x wider-gap ms from volumes whose scores need exactly that factor; a term with too few volumes on either
+    side is left out (a card without it behaves as before)."""
     from OEFPredictorLib.training import calibration
 
     base = np.linspace(0.0, 1.0, 2001)
     base /= calibration.conformal_factor(base)  # scores whose 90 % conformal factor is exactly 1
     rng = np.random.default_rng(0)
-    n = 30
-    levels, resampled = rng.uniform(-2.4, -1.2, n), (np.arange(n) % 3 > 0).astype(float)
-    extrapolated = np.where(np.arange(n) % 3 == 1, rng.uniform(0.2, 4.0, n), 0.0)
-    log_factor = 0.3 + 0.15 * levels + 0.05 * resampled + 0.03 * extrapolated
+    n = 40
+    levels = rng.uniform(-2.4, -1.2, n)
+    resamplings = [decay.Resampling(True, rng.uniform(0.2, 4.0) if i % 4 == 1 else 0.0,
+                                    rng.uniform(0.5, 8.0) if i % 4 == 2 else 0.0) if i % 4 else None for i in range(n)]
+    log_factor = [0.3 + 0.15 * level + (0.05 + 0.03 * r.extrapolated_ms + 0.01 * r.wider_gap_ms if r else 0.0)
+                  for level, r in zip(levels, resamplings)]
     scores = [base * 10 ** f for f in log_factor]
-    fit, table = calibration.volume_scale_fit(levels, resampled, scores, extrapolated)
-    assert fit == pytest.approx({"intercept": 0.3, "slope": 0.15, "resampled": 0.05, "extrapolated_per_ms": 0.03},
-                                abs=2e-3)
-    assert table.shape == (n, 4)
-    few = np.where(np.arange(n) < 3, 1.0, 0.0)  # only 3 volumes continued beyond their echoes
-    fit, _ = calibration.volume_scale_fit(levels, resampled, scores, few)
-    assert "extrapolated_per_ms" not in fit and "resampled" in fit
+    fit, table = calibration.volume_scale_fit(levels, resamplings, scores)
+    assert fit == pytest.approx({"intercept": 0.3, "slope": 0.15, "resampled": 0.05, "extrapolated_per_ms": 0.03,
+                                 "wider_gap_per_ms": 0.01}, abs=2e-3)
+    assert table.shape == (n, 5)
+    few = [decay.Resampling(True, 1.0 if i < 3 else 0.0) for i in range(n)]  # only 3 continued beyond their echoes
+    fit, _ = calibration.volume_scale_fit(levels, few, scores)
+    assert "extrapolated_per_ms" not in fit and "resampled" not in fit  # every volume resampled: no step either
 
 
 def test_the_noise_level_follows_the_snr_not_the_anatomy():

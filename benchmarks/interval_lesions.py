@@ -44,8 +44,7 @@ def pooled(volumes: list[dict], scale_fit) -> dict:
     table = {k: np.concatenate([v[k] for v in volumes]) for k in ("oef", "truth", "below", "above", "widths",
                                                                   "scores", "abnormal", "lesion")}
     table["scale"] = np.concatenate([np.full(len(v["oef"]), spatial.noise_scale({"noise": scale_fit}, v["noise_level"],
-                                                                                bool(v["resampled"]),
-                                                                                v["extrapolated_ms"]))
+                                                                                v["resampling"]))
                                      for v in volumes])
     table["outward"] = np.where(table["oef"] >= np.concatenate([np.full(len(v["oef"]), np.median(v["oef"]))
                                                                 for v in volumes]), 1.0, -1.0)
@@ -135,8 +134,7 @@ def main() -> int:
     fit_set = volumes(args.patients, calibration.CALIBRATION_SEED, False)
     dev_set = volumes(args.dev_patients, DEV_SEED, True)
     scale_fit, _ = calibration.volume_scale_fit([v["noise_level"] for v in fit_set],
-                                                [v["resampled"] for v in fit_set], [v["scores"] for v in fit_set],
-                                                [v["extrapolated_ms"] for v in fit_set])
+                                                [v["resampling"] for v in fit_set], [v["scores"] for v in fit_set])
     table = pooled(fit_set, scale_fit)
     width_edges = np.quantile(table["widths"], np.linspace(0, 1, calibration.WIDTH_BINS + 1)[1:-1])
     result = {"model": bundle.path.name,

@@ -15,8 +15,8 @@ and changes one thing from the paper's 3 T protocol at SNR 100:
   blob lesions only;
 - lesion-free brains at SNR 40 and 100, for the invented-lesion volume;
 - 7 T and 2.89 T echo trains that cover the default model's span, and several shifts at once;
-- a 3 T train whose first echo is late (refused), lesion-free 1.5 T brains at SNR 40 and a 1.5 T QSM offset (the
-  4.5-22 ms network).
+- 3 T trains whose first echo is late (6 and 8 ms), lesion-free 1.5 T brains at SNR 40 and a 1.5 T QSM offset (the
+  4.5-22 ms network), and trains that end before 22 ms in 3 T-equivalent time (3 T, and 1.5 T to 42.5 ms).
 Metrics (evaluate.py): OEF RMSE over the brain without CSF, the lesion contrast recovered (lesion vs its
 contralateral mirror), the 90 % interval's coverage over the brain and inside lesions, and its width;
 the LSTM runs only where the protocol is its own (it refuses the others), on --lstm-voxels voxels per patient
@@ -101,6 +101,15 @@ def conditions():
         # added when the 4.5-22 ms network's card was found not to say that it reads QSM relative to CSF
         ("1.5 T, 8 echoes 5/7 ms, QSM offset +0.05 ppm", "qsm", ([5.0 + 7.0 * i for i in range(8)], 1.5), 100, 0.05,
          0.75, None, True),
+        # added when the decay began to be continued beyond the echoes (a first echo up to 4 ms late, 3 T-equivalent;
+        # the 4.5-22 ms network's last echo up to 4 ms early): the latest supported 3 T first echo, and trains that
+        # end before 22 ms (3 T-equivalent)
+        ("3 T, 8 echoes 8/4.5 ms (first echo 8 ms)", "protocol", ([8.0 + 4.5 * i for i in range(8)], 3.0), 100, 0.0, 0.0,
+         None, True),
+        ("3 T, 7 echoes 2.5/3 ms (last 20.5 ms)", "protocol", ([2.5 + 3.0 * i for i in range(7)], 3.0), 100, 0.0, 0.0,
+         None, True),
+        ("1.5 T, 8 echoes 4/5.5 ms (last 42.5 ms), R2 x (B0/3)^0.75", "field", ([4.0 + 5.5 * i for i in range(8)], 1.5),
+         100, 0.0, 0.75, None, True),
     ]
     return rows
 

@@ -146,6 +146,30 @@ def extrapolated_ms(source: physics.Protocol, target: physics.Protocol) -> float
     return max(0.0, float(tau[0] - at[0])) + max(0.0, float(at[-1] - tau[-1]))
 
 
+@dataclasses.dataclass(frozen=True)
+class Resampling:
+    """How a volume's decay was carried to a model's echo times, which its interval widens with (the card's
+    interval_scale.noise; spatial.noise_scale): whether it was resampled from another echo train at all, how far
+    the decay was continued beyond the echoes, and how much wider the widest gap between echoes is than the
+    model's own (3 T-equivalent ms): the resampling interpolates across that gap."""
+
+    resampled: bool = False
+    extrapolated_ms: float = 0.0
+    wider_gap_ms: float = 0.0
+
+    @classmethod
+    def between(cls, source: physics.Protocol, target: physics.Protocol) -> "Resampling":
+        if source.matches(target):
+            return cls()
+        gap = np.diff(equivalent_times(source)).max() - np.diff(equivalent_times(target)).max()
+        return cls(True, extrapolated_ms(source, target), max(0.0, 1000.0 * float(gap)))
+
+    def covariates(self) -> dict[str, float]:
+        """Per term of the interval's scale (named as the card names its coefficient), this volume's value."""
+        return {"resampled": float(self.resampled), "extrapolated_per_ms": self.extrapolated_ms,
+                "wider_gap_per_ms": self.wider_gap_ms}
+
+
 def spec() -> dict:
     """The representation as a model card records it; a model made with another one is refused."""
     return {"omegas_rad_s": list(OMEGAS), "ridge": RIDGE, "canonical_ms": list(CANONICAL_MS),

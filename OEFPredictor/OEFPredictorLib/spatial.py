@@ -210,15 +210,14 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_scale=1.0,
-           r2_factor: float = 1.0, noise_level: float | None = None, resampled: bool = False,
-           extrapolated_ms: float = 0.0) -> dict:
+           r2_factor: float = 1.0, noise_level: float | None = None, resampling=None) -> dict:
     """(N, 7) network outputs of in-mask voxels -> clamped parameters, OEF and its interval (percent).
 
     `r2_factor`: real-time R2 per predicted R2 (B0 / 3 for protocol-free models, which predict R2 in
     3 T-equivalent time). `interval_scale`: the conformal factor(s), see interval_factors; the voxels are
     one volume's brain (the abnormality is relative to its median) of noise level `noise_level`
-    (decay.noise_level), whose decay was `resampled` from another echo train or not, and continued beyond
-    its echoes by `extrapolated_ms` (decay.extrapolated_ms)."""
+    (decay.noise_level), whose decay reached the model's echo times by `resampling` (decay.Resampling; None:
+    measured at them)."""
     from . import models
 
     n = len(physics.PARAMETER_NAMES)
@@ -228,7 +227,7 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
     oef = 100.0 * physics.oef_from_Y(params["Y"])
     half_below = softplus(raw[:, n]) * INTERVAL_UNIT * 100.0
     half_above = softplus(raw[:, n + 1]) * INTERVAL_UNIT * 100.0
-    k = interval_factors(interval_scale, half_below, half_above, oef, noise_level, resampled, extrapolated_ms)
+    k = interval_factors(interval_scale, half_below, half_above, oef, noise_level, resampling)
     out = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
     out["OEF"] = oef.astype(np.float32)
     out["OEF_p05"] = np.clip(oef - k * half_below, 0.0, 100.0).astype(np.float32)
@@ -238,36 +237,39 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
 
 
 def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndarray, oef: np.ndarray,
-                     noise_level: float | None = None, resampled: bool = False, extrapolated_ms: float = 0.0):
+                     noise_level: float | None = None, resampling=None):
     """The conformal factor of each voxel's interval: one number for all, or Mondrian (a card's
     {"width_edges_pp", "abnormality_edges_pp", "factors"}): voxels are calibrated among those of the same
     bin of the network's own half-width and of predicted abnormality (|OEF - the brain's median OEF|),
     so the interval is right where the network is unsure, and where it sees a lesion, not only on
-    average. With "noise" ({"intercept", "slope"}, and "resampled", "extrapolated_per_ms") the factors are
-    relative to the volume's scale (noise_scale), because the network's own half-width does not grow enough
-    with the noise or with the error of resampling another echo train."""
+    average. With "noise" ({"intercept", "slope"} and the resampling terms) the factors are relative to the
+    volume's scale (noise_scale), because the network's own half-width does not grow enough with the noise
+    or with the error of resampling another echo train."""
     if not isinstance(interval_scale, dict):
         return float(interval_scale)
     factors = np.asarray(interval_scale["factors"], dtype=np.float32)  # (abnormality bins, width bins)
     width = np.searchsorted(np.asarray(interval_scale["width_edges_pp"]), 0.5 * (half_below + half_above))
     abnormal = np.searchsorted(np.asarray(interval_scale["abnormality_edges_pp"]),
                                np.abs(oef - (np.median(oef) if oef.size else 0.0)))
-    return factors[abnormal, width] * noise_scale(interval_scale, noise_level, resampled, extrapolated_ms)
+    return factors[abnormal, width] * noise_scale(interval_scale, noise_level, resampling)
 
 
-def noise_scale(interval_scale: dict, noise_level: float | None, resampled: bool = False,
-                extrapolated_ms: float = 0.0) -> float:
-    """The interval's scale for a volume: 10^(intercept + slope x its noise level (decay.noise_level)
-    + "resampled" where its decay was resampled from another echo train + "extrapolated_per_ms" x how far
-    the resampling continued it beyond the echoes); 1 without a "noise" entry."""
+def noise_scale(interval_scale: dict, noise_level: float | None, resampling=None) -> float:
+    """The interval's scale for a volume: 10^(intercept + slope x its noise level (decay.noise_level) + each
+    resampling term x the volume's value of it (decay.Resampling.covariates: "resampled" where its decay was
+    resampled from another echo train, "extrapolated_per_ms" x how far it was continued beyond the echoes,
+    "wider_gap_per_ms" x how much wider its widest echo gap is than the model's)); 1 without a "noise" entry.
+    A card without a term (calibrated before it) leaves it out."""
     noise = interval_scale.get("noise")
     if noise is None:
         return 1.0
     if noise_level is None or not np.isfinite(noise_level):
         raise ValueError("these interval factors need the volume's noise level")
+    from . import decay
+
+    terms = (resampling or decay.Resampling()).covariates()
     return float(10.0 ** (noise["intercept"] + noise["slope"] * noise_level
-                          + noise.get("resampled", 0.0) * float(resampled)
-                          + noise.get("extrapolated_per_ms", 0.0) * float(extrapolated_ms)))
+                          + sum(noise.get(name, 0.0) * value for name, value in terms.items())))
 
 
 # --- Resampling between the data's grid and the model's -----------------------------------------
@@ -572,7 +574,7 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     (C order), like the voxelwise engine. `protocol`: the data's acquisition, which the engine
     (predict.Predictor) passes to every spatial model (protocol-free models need it; None: the card's).
     `diagnostics`, when given, receives the volume's "noise_level" (decay.noise_level), whether its
-    decay was "resampled" to the model's echo times, and how far beyond its echoes ("extrapolated_ms")."""
+    decay was "resampled" to the model's echo times, and how ("resampling": decay.Resampling)."""
     from . import decay
 
     card = bundle.card
@@ -591,9 +593,9 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     # another echo train is resampled to the model's echo times (checked supported by the Predictor) on
     # the coarser of the two grids: fewer voxels to fit, and no interpolation between fit and network
     resample_decay = not spec.get("decay") and not protocol.matches(bundle.protocol)
-    extrapolated = decay.extrapolated_ms(protocol, bundle.protocol) if resample_decay else 0.0
+    resampling = decay.Resampling.between(protocol, bundle.protocol) if resample_decay else decay.Resampling()
     if diagnostics is not None:
-        diagnostics.update(resampled=resample_decay, extrapolated_ms=extrapolated)
+        diagnostics.update(resampled=resample_decay, resampling=resampling)
     on_model_grid = resample_decay and float(np.prod(factors)) > 1.0
     if resample_decay and not on_model_grid:
         report(0.03, "Resampling the decay to the model's echo times")
@@ -640,4 +642,4 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     if first_echo_gain is not None:  # the model's first echo, for S0
         echo1, channels = echo1 * channels[:, -1], channels[:, :-1]
     return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor, noise_level,
-                  resample_decay, extrapolated)
+                  resampling)

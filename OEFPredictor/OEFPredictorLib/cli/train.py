@@ -45,8 +45,8 @@ def register(sub):
                         "context network, the same --echo-times): a second training stage with other settings")
     p.add_argument("--echo-times", default=None,
                    help="context: echo times in ms (comma-separated, at 3 T) to bind the network to; it then reads "
-                        "any echo train covering their span in 3 T-equivalent time by resampling, as the bundled "
-                        "context models do (default: a protocol-free network)")
+                        "any echo train covering their span in 3 T-equivalent time (the first echo up to 4 ms late) by "
+                        "resampling, as the bundled context models do (default: a protocol-free network)")
     p.add_argument("--pool-draws", type=int, default=None,
                    help="context: noisy draws (a patient at an acquisition) whose voxels an epoch samples (default 24)")
     p.add_argument("--voxels-per-draw", type=int, default=None, help="context: voxels sampled per draw (default 10000)")

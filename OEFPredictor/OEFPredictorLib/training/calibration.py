@@ -15,7 +15,7 @@ from .data import CALIBRATION_SEED, stroke_patient
 WIDTH_BINS = 5  # quantile bins of the network's half-width
 ABNORMALITY_EDGES_PP = (5.0, 10.0)  # |OEF - brain median|: normal, unusual, lesion-like
 MIN_BIN_VOXELS = 200  # a bin with fewer calibration voxels keeps the overall factor
-MIN_VOLUMES_PER_KIND = 4  # resampled and native (extrapolated and not) volumes each, for the interval's steps
+MIN_VOLUMES_PER_KIND = 4  # volumes with and without each resampling term of the interval's scale
 
 
 def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
@@ -104,27 +104,28 @@ def preferred_ranges(bundle) -> list:
             for name in names[:names.index(bundle.path.name)]]
 
 
-def volume_scale_fit(levels, resampled, scores, extrapolated=None) -> tuple[dict | None, np.ndarray]:
-    """The interval's per-volume scale (spatial.noise_scale): the factor each volume needs grows with its noise,
-    with the error of resampling another echo train and with how far the resampling continued the decay beyond
-    the echoes, so log10(its own conformal factor) is fitted as a line in its noise level (+ a step where
-    resampled, + a slope in the extrapolated ms, each when the set has enough volumes of both kinds).
-    Per volume: its noise level (decay.noise_level), whether resampled, its scores, and the extrapolated ms
-    (decay.extrapolated_ms; default 0). Returns the card's "noise" entry (None with fewer than 3 volumes or an
-    unknown noise level) and the (volumes, 4) table it was fitted to: noise level, resampled, extrapolated ms,
-    log10 factor."""
-    extrapolated = [0.0] * len(levels) if extrapolated is None else extrapolated
-    per_volume = np.array([[level, step, beyond, np.log10(conformal_factor(score))]
-                           for level, step, beyond, score in zip(levels, resampled, extrapolated, scores) if len(score)])
+def volume_scale_fit(levels, resamplings, scores) -> tuple[dict | None, np.ndarray]:
+    """The interval's per-volume scale (spatial.noise_scale): the factor each volume needs grows with its noise
+    and with the error of resampling another echo train, so log10(its own conformal factor) is fitted as a line
+    in its noise level and the terms of decay.Resampling (a step where resampled, a slope in the ms continued
+    beyond the echoes, a slope in the ms by which its widest echo gap exceeds the model's), each term only when
+    the set has enough volumes with and without it. Per volume: its noise level (decay.noise_level), its
+    decay.Resampling (None: measured at the model's echo times), its scores. Returns the card's "noise" entry
+    (None with fewer than 3 volumes or an unknown noise level) and the table it was fitted to: per volume, its
+    noise level, its value of each term, its log10 factor."""
+    names = list(decay.Resampling().covariates())
+    per_volume = np.array([[level] + list((resampling or decay.Resampling()).covariates().values())
+                           + [np.log10(conformal_factor(score))]
+                           for level, resampling, score in zip(levels, resamplings, scores) if len(score)])
     if len(per_volume) < 3 or not np.isfinite(per_volume[:, 0]).all():
         return None, per_volume
-    terms = {}  # the optional terms, each fitted only where the set holds enough volumes with it and without
-    for name, column in (("resampled", 1), ("extrapolated_per_ms", 2)):
+    terms = {}  # the resampling terms, each fitted only where the set holds enough volumes with it and without
+    for column, name in enumerate(names, start=1):
         n_with = int(np.count_nonzero(per_volume[:, column]))
         if min(n_with, len(per_volume) - n_with) >= MIN_VOLUMES_PER_KIND:
             terms[name] = per_volume[:, column]
     design = np.column_stack([np.ones(len(per_volume)), per_volume[:, 0]] + list(terms.values()))
-    coef = np.linalg.lstsq(design, per_volume[:, 3], rcond=None)[0]
+    coef = np.linalg.lstsq(design, per_volume[:, -1], rcond=None)[0]
     noise_fit = {"intercept": round(float(coef[0]), 4), "slope": round(float(coef[1]), 4)}
     noise_fit.update({name: round(float(c), 4) for name, c in zip(terms, coef[2:])})
     return noise_fit, per_volume
@@ -138,8 +139,7 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
     QSM offset drawn as in training (noise.noisy_acquisition). Yields, on the volume's metric voxels: the
     estimate and truth (OEF, pp), the half-widths below and above, their mean ("widths"), the interval scores,
     the predicted abnormality (|OEF - the brain's median|) and which voxels are lesions (not their mirror
-    regions); and its noise level, whether it was resampled, how far it was continued beyond its echoes
-    (decay.extrapolated_ms), and its protocol."""
+    regions); and its noise level, whether and how it was resampled (decay.Resampling), and its protocol."""
     from .data import make_patient
     from .noise import noisy_acquisition
 
@@ -163,7 +163,7 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
                "abnormal": np.abs(oef - np.median(oef))[keep],
                "lesion": np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep],
                "noise_level": diagnostics["noise_level"], "resampled": float(diagnostics["resampled"]),
-               "extrapolated_ms": diagnostics["extrapolated_ms"], "protocol": protocol.describe()}
+               "resampling": diagnostics["resampling"], "protocol": protocol.describe()}
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
 
@@ -172,32 +172,29 @@ def recalibrate(bundle, config, progress=None) -> dict:
     """Calibration of a trained spatial model's interval on its calibration volumes (calibration_volumes:
     population-prior patients of CALIBRATION_SEED, `config.lesion_free_share` of them without lesions, an
     SNR drawn log-uniformly over `config.snr_range`, QSM noise over `config.qsm_noise_ppb_range`): a scale that grows
-    with the volume's noise level (decay.noise_level) and steps up where its decay was resampled (both
+    with the volume's noise level (decay.noise_level) and with how its decay was resampled (volume_scale_fit,
     fitted to the volumes' own conformal factors), then Mondrian split conformal by half-width x
     abnormality on the scores relative to that scale. Returns the card's "interval_scale" and
     "calibration" entries."""
     volumes = list(calibration_volumes(bundle, config, progress=progress))
     scores, widths, abnormal, lesion = ([v[k] for v in volumes] for k in ("scores", "widths", "abnormal", "lesion"))
     levels = [v["noise_level"] for v in volumes]  # NaN for an empty mask: no noise scale is fitted then
-    resampled = [v["resampled"] for v in volumes]
-    extrapolated = [v["extrapolated_ms"] for v in volumes]
+    resamplings = [v["resampling"] for v in volumes]
     protocols = [v["protocol"] for v in volumes]
-    noise_fit, per_volume = volume_scale_fit(levels, resampled, scores, extrapolated)
-    counts = [len(score) for score in scores]
-    levels, resampled, extrapolated = (np.repeat(a, counts) for a in (levels, resampled, extrapolated))  # per voxel
+    noise_fit, per_volume = volume_scale_fit(levels, resamplings, scores)
+    scale_of_volume = np.repeat([spatial.noise_scale({"noise": noise_fit}, level, resampling) if noise_fit else 1.0
+                                 for level, resampling in zip(levels, resamplings)],
+                                [len(score) for score in scores])  # per voxel
     scores, widths, abnormal, lesion = (np.concatenate(a) for a in (scores, widths, abnormal, lesion))
-    scale_of_volume = (10.0 ** (noise_fit["intercept"] + noise_fit["slope"] * levels
-                                + noise_fit.get("resampled", 0.0) * resampled
-                                + noise_fit.get("extrapolated_per_ms", 0.0) * extrapolated)
-                       if noise_fit else np.ones(len(scores)))
     found = mondrian_factors(scores / scale_of_volume, widths, abnormal)
     scale = found["interval_scale"]
     if noise_fit:
         scale["noise"] = noise_fit
         found["record"]["method"] += (", relative to a scale fitted to the volumes' noise level"
-                                      + (" and resampling" if "resampled" in noise_fit else "")
-                                      + (" and extrapolation" if "extrapolated_per_ms" in noise_fit else ""))
-    found["record"]["volumes_noise_level_resampled_extrapolated_ms_and_log10_factor"] = np.round(per_volume, 3).tolist()
+                                      + "".join(f", {name}" for name in noise_fit if name not in ("intercept", "slope")))
+    found["record"]["volumes_noise_level_resampling_and_log10_factor"] = {
+        "columns": ["noise_level"] + list(decay.Resampling().covariates()) + ["log10_factor"],
+        "rows": np.round(per_volume, 3).tolist()}
     factor = np.asarray(scale["factors"])[np.searchsorted(scale["abnormality_edges_pp"], abnormal),
                                           np.searchsorted(scale["width_edges_pp"], widths)] * scale_of_volume
     covered = scores <= factor
