@@ -25,8 +25,9 @@ with R2 scaled back to real time (`r2_factor_after_resampling`).
 Beyond the echoes it continues each voxel's qBOLD curve, but only so far (`ProtocolRange.extrapolation_ms`): a
 first echo up to 4 ms late (3 T-equivalent; at 3 T every supported first echo, up to 8 ms), a last echo 0.5 ms
 short of the paper-protocol network's 39.5 ms. Before the dw prior below, a continued decay biased the map by 3
-points for a first echo 1.5 ms late (echo 1 normalises all the others); with it, 0.5-1.8 points for 1-3.5 ms
-(benchmarks/sparse_trains.py --trains late), and the interval widens with the distance (spatial.noise_scale).
+points for a first echo 1.5 ms late (echo 1 normalises all the others); with it, 0.8-1.8 points for 1-3.5 ms
+at SNR 100 (benchmarks/sparse_trains.py --trains late), and the interval widens with the distance
+(spatial.noise_scale).
 Echo trains that stop short of 39 ms go to a network bound to 4.5-22 ms (1.5 T trains and shorter 3 T ones),
 trained on other echo trains resampled to it, which continues the decay up to 4 ms past the last echo; the
 engine runs the first bundled model that reads the data (predict.bundled_for_protocol). Trains that start
@@ -59,12 +60,12 @@ N_DESCRIPTORS = 3  # protocol_descriptors
 
 
 # How far a model's span may lie beyond the echoes (3 T-equivalent ms; the card's `extrapolation_ms`, before
-# the first echo and after the last). There the decay is continued by each voxel's qBOLD fit (resample_log_echoes).
-# Echo 1 normalises every other echo, so a late first echo moves the whole input: on development patients
-# (benchmarks/sparse_trains.py --trains late) a first echo 1-3.5 ms late read OEF 0.5-1.8 points high, and the
-# interval widens with the distance (spatial.noise_scale). 4 ms takes every supported 3 T train (first echo up
-# to 8 ms). After the last echo the paper-protocol network continues 0.5 ms; the card of a network that stands
-# in for shorter trains may allow more.
+# the first echo and after the last). There the decay is continued by each voxel's qBOLD fit
+# (resample_log_echoes). Echo 1 normalises every other echo, so a late first echo moves the whole input: on
+# development patients (benchmarks/sparse_trains.py --trains late) a first echo 1-3.5 ms late read OEF 0.8-1.8
+# points high at SNR 100 (the own protocol: 0.2), and the interval widens with the distance
+# (spatial.noise_scale). 4 ms takes every supported 3 T train (first echo up to 8 ms). After the last echo the
+# paper-protocol network continues 0.5 ms; the card of a network that stands in for shorter trains may allow more.
 MAX_LATE_FIRST_ECHO_MS = 4.0
 LAST_ECHO_TOLERANCE_MS = 0.5
 LATE_FIRST_ECHO_NOTICE_MS = 0.5  # later than this, the engine says so (predict.Predictor.caveats)
@@ -79,8 +80,8 @@ class ProtocolRange:
     spacing_ms: tuple[float, float] = (1.5, 8.0)
     last_echo_ms: tuple[float, float] = (15.0, 60.0)
     field_strength_T: tuple[float, float] = (1.5, 7.0)
-    # the 3 T-equivalent span (ms) the echoes must cover: a model that resamples other protocols to its own
-    # echo times (resample_echoes) interpolates, and continuing a noisy decay beyond the data biases it
+    # the 3 T-equivalent span (ms) of a model that resamples other protocols to its own echo times
+    # (resample_echoes): continuing a noisy decay far beyond the data biases it
     spans_ms: tuple[float, float] | None = None
     # how far that span may lie beyond the echoes (before the first, after the last): continued by the decay fit
     extrapolation_ms: tuple[float, float] = (MAX_LATE_FIRST_ECHO_MS, LAST_ECHO_TOLERANCE_MS)
@@ -139,6 +140,8 @@ class ProtocolRange:
 
 
 SUPPORTED = ProtocolRange()
+
+
 def extrapolated_ms(source: physics.Protocol, target: physics.Protocol) -> float:
     """How far (3 T-equivalent ms) the target's echoes lie beyond the source's, before the first plus after
     the last: what resampling the source's decay to the target's echo times continues beyond the data."""
