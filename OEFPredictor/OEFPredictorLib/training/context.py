@@ -112,7 +112,8 @@ class ContextTrainConfig:
         return self.own_protocol if rng.random() < self.paper_protocol_share else self.other_protocol(rng)
 
     def other_protocol(self, rng) -> physics.Protocol:
-        """An acquisition drawn over the supported range (for a bound model, one it reads: echoes covering its span, up to its extrapolation_ms)."""
+        """An acquisition drawn over the supported range (for a bound model, one it reads: echoes covering its
+        span, up to its extrapolation_ms)."""
         if self.echo_times_ms is None:
             return random_protocol(rng, self.protocols)
         return calibration.draw_acquisition(rng, self.protocols, paper_share=0.0)
