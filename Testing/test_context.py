@@ -395,8 +395,8 @@ def test_the_bundled_context_models_are_chosen_by_the_data_s_echo_train():
     short = predict.Predictor.build(physics.Protocol.from_milliseconds([3.0 + 3.0 * i for i in range(6)], 3.0))
     assert short.bundle.path.name == "oef_context_short.keras" and len(short.caveats()) == 2
     assert "the last echo comes at 18 ms, before the model's last echo time (22 ms)" in short.caveats()[1]
-    reads = (r"starting by 8.5 ms and reaching 39 ms \(oef_context.keras\) or starting by 8.5 ms and reaching 18 ms "
-             r"\(oef_context_short.keras\)")
+    reads = (r"starting by 8.5 ms and reaching 39 ms, at most 9 ms apart less any ms continued before the first or after "
+             r"the last \(oef_context.keras\) or starting by 8.5 ms and reaching 18 ms \(oef_context_short.keras\)")
     for te_ms, b0, covering in (([4.0 + 1.9 * i for i in range(10)], 7.0, "9.33-49.2"),
                                 ([3.0 + 3.25 * i for i in range(5)], 3.0, "3-16")):
         with pytest.raises(InputError, match=reads + rf".*covering {covering} ms.*--method cat"):

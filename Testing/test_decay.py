@@ -3,6 +3,8 @@ the same numbers for the same tissue, a QSM reference offset changes nothing, an
 supported range are refused in one line (real physics, no network needed)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -262,4 +264,21 @@ def test_a_resampling_model_reads_a_late_first_echo_and_refuses_echoes_that_star
             bundled.check(physics.Protocol.from_milliseconds(te_ms, b0), "oef_context.keras")
         message = str(err.value)
         assert what in message and "--method cat" in message and "\n" not in message
-        assert "echoes starting by 8.5 ms and reaching 39 ms in 3 T-equivalent time" in message
+        assert "in 3 T-equivalent time (TE x B0 / 3) starting by 8.5 ms and reaching 39 ms, at most 9 ms apart" in message
+
+
+def test_the_default_model_refuses_echoes_too_far_apart_for_it():
+    """Sparse trains are read too high, more so when the decay is also continued, so the bundled default bounds
+    the widest gap between echoes plus the ms continued beyond them at 9 ms (3 T-equivalent): 6 echoes 7.86 ms
+    apart (3.6 T) run, the same 7 ms apart from 7 ms (2.5 ms continued) and 7 T echoes 4 ms apart (9.33 ms,
+    3 T-equivalent) do not; a card without the bound (the 4.5-22 ms network's) has none."""
+    bundled = models.load_bundle(None).protocol_range
+    assert bundled.max_gap_ms == 9.0
+    assert bundled.problems(physics.Protocol.from_milliseconds([3.5 + 6.55 * i for i in range(6)], 3.6)) == []
+    assert bundled.problems(physics.Protocol.from_milliseconds([7.0 + 7.0 * i for i in range(6)], 3.0)) == [
+        "echoes up to 7 ms apart in 3 T-equivalent time with 2.5 ms continued"]
+    assert bundled.problems(physics.Protocol.from_milliseconds([2.0 + 4.0 * i for i in range(8)], 7.0)) == [
+        "echoes up to 9.33 ms apart in 3 T-equivalent time with 0.167 ms continued"]
+    assert decay.ProtocolRange.from_dict(bundled.to_dict()) == bundled  # the card's dict and back
+    unbounded = dataclasses.replace(bundled, max_gap_ms=None)
+    assert unbounded.problems(physics.Protocol.from_milliseconds([2.0 + 4.0 * i for i in range(8)], 7.0)) == []

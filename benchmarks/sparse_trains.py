@@ -2,14 +2,16 @@
 the model's own protocol and at other echo trains (sparse and dense), paired, so that what differs is the
 resampling alone.
 
-    .venv/bin/python benchmarks/sparse_trains.py [--trains sparse|late|short] [--model M.keras] [--seed 9871]
+    .venv/bin/python benchmarks/sparse_trains.py [--trains sparse|late|short|gaps] [--model M.keras] [--seed 9871]
                                                  [--patients 4]
 
 Three sets of echo trains (--trains):
 - sparse (default): trains that cover the paper-protocol network's span, sparse and dense;
 - late: trains whose first echo comes after the network's (4.5 ms, 3 T-equivalent), continued back to it;
 - short: trains that stop short of 22 ms (3 T and 1.5 T), read by the 4.5-22 ms network (the default --model for
-  this set), beside trains that cover its span.
+  this set), beside trains that cover its span;
+- gaps: trains whose echoes lie too far apart for the paper-protocol network (with the ms continued), which the
+  engine gives the 4.5-22 ms network (the default --model for this set).
 
 Why: on calibration patients, trains whose echoes lie far apart (more than 5.5 ms, 3 T-equivalent) were
 mapped several points too high over the whole brain, while noise-free they gave the own protocol's map. The
@@ -74,7 +76,17 @@ TRAINS = {
         ("1.5 T, 10 echoes 3/3 ms (to 15 ms, 3 T-eq.)", [3.0 + 3.0 * i for i in range(10)], 1.5),
     ],
 }
-SHORT_SPAN_MODEL = "oef_context_short.keras"  # the default --model of the "short" set
+# echo trains too sparse for the paper-protocol network (its card's max_gap_ms: the widest gap plus the ms continued),
+# which the engine gives the 4.5-22 ms network
+TRAINS["gaps"] = [
+    ("8 echoes 3/3 ms, 3 T (to 24 ms: covers)", [3.0 + 3.0 * i for i in range(8)], 3.0),
+    ("6 echoes 7/7 ms, 3 T (2.5 ms late, 7 ms apart)", [7.0 + 7.0 * i for i in range(6)], 3.0),
+    ("7 T, 10 echoes 3/3 ms (2.5 ms late, 7 ms apart)", [3.0 + 3.0 * i for i in range(10)], 7.0),
+    ("4.29 T, 6 echoes 4.6/5.45 ms (2.1 ms late, 7.8 ms apart)", [4.6 + 5.45 * i for i in range(6)], 4.29),
+    ("7 T, 8 echoes 2/4 ms (9.3 ms apart)", [2.0 + 4.0 * i for i in range(8)], 7.0),
+    ("7 T, 6 echoes 1.8/6 ms (14 ms apart)", [1.8 + 6.0 * i for i in range(6)], 7.0),
+]
+SHORT_SPAN_MODEL = "oef_context_short.keras"  # the default --model of the "short" and "gaps" sets
 
 
 def read_noise(patient, protocol, own, noisy_echoes, noise_free_echoes) -> dict:
@@ -112,7 +124,7 @@ def main() -> int:
     protocols = TRAINS[args.trains]
     out_path = Path(args.out or REPO / "benchmarks" / "results" /
                     ("sparse_trains.json" if args.trains == "sparse" else f"sparse_trains_{args.trains}.json"))
-    if args.model is None and args.trains == "short":
+    if args.model is None and args.trains in ("short", "gaps"):
         args.model = str(resources.resource_path("Models", SHORT_SPAN_MODEL))
     bundle = models.load_bundle(args.model)
     constant = 100.0 * physics.oef_from_Y(evaluate.healthy_prior_Y())

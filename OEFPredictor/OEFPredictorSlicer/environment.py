@@ -101,10 +101,12 @@ def modelSummary(modelPath, needsModel=True):
         supported = card.get("supported_protocols")
         if supported and supported.get("spans_ms"):  # a model that resamples other echo trains to its own
             before, after = supported.get("extrapolation_ms", (0.0, 0.0))  # how far it continues the decay
-            return _("{name}: {n0}-{n1} echoes starting by TE {a:g} ms and reaching {b:g} ms at 3 T (x 3/B0 "
+            gap = supported.get("max_gap_ms")
+            return _("{name}: {n0}-{n1} echoes starting by TE {a:g} ms and reaching {b:g} ms{apart} at 3 T (x 3/B0 "
                      "elsewhere), {t0:g}-{t1:g} T").format(
                 name=Path(modelPath).name, n0=supported["echoes"][0], n1=supported["echoes"][1],
                 a=supported["spans_ms"][0] + before, b=supported["spans_ms"][1] - after,
+                apart=_(", at most {g:g} ms apart").format(g=gap) if gap else "",
                 t0=supported["field_strength_T"][0], t1=supported["field_strength_T"][1])
         if supported:  # a protocol-free model
             return _("{name}: {n0}-{n1} echoes, last echo {a:g}-{b:g} ms, {t0:g}-{t1:g} T").format(

@@ -131,7 +131,8 @@ def volume_scale_fit(levels, resamplings, scores) -> tuple[dict | None, np.ndarr
     return noise_fit, per_volume
 
 
-def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool = False, progress=None):
+def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool = False, progress=None,
+                        features=None):
     """Per calibration volume, the model's raw interval (no conformal factor) through the engine's own path
     (spatial.predict_volume: resampling of other protocols included): `config.calibration_patients` patients
     of `seed` (population tissue priors, or wide ones), each at a protocol the model reads and the engine gives
@@ -139,7 +140,9 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
     QSM offset drawn as in training (noise.noisy_acquisition). Yields, on the volume's metric voxels: the
     estimate and truth (OEF, pp), the half-widths below and above, their mean ("widths"), the interval scores,
     the predicted abnormality (|OEF - the brain's median|) and which voxels are lesions (not their mirror
-    regions); and its noise level, whether and how it was resampled (decay.Resampling), and its protocol."""
+    regions); and its noise level, whether and how it was resampled (decay.Resampling), and its protocol.
+    `features(echoes, qsm, mask, protocol, out)`, when given, returns more per-voxel arrays (of the mask's voxels,
+    named) to yield on the metric voxels too (benchmarks that look for what tells where the interval misses)."""
     from .data import make_patient
     from .noise import noisy_acquisition
 
@@ -163,7 +166,9 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
                "abnormal": np.abs(oef - np.median(oef))[keep],
                "lesion": np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep],
                "noise_level": diagnostics["noise_level"], "resampled": float(diagnostics["resampled"]),
-               "resampling": diagnostics["resampling"], "protocol": protocol.describe()}
+               "resampling": diagnostics["resampling"], "protocol": protocol.describe(),
+               **{name: values[keep] for name, values in (features(echoes, qsm, patient.mask, protocol, out)
+                                                          if features else {}).items()}}
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
 

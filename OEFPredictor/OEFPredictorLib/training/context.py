@@ -55,7 +55,9 @@ class ContextTrainConfig:
 
     patients: int = 64
     validation_patients: int = 6
-    calibration_patients: int = 24
+    # the interval's scale fits a term per way of resampling (decay.Resampling) on at least 4 volumes with it and
+    # 4 without: 60 patients give about 40 resampled volumes
+    calibration_patients: int = 60
     # Every epoch sees fresh draws (a patient at a drawn protocol, noise and QSM offset): draws kept over
     # epochs were memorised (each draw's protocol makes it recognisable) and the validation loss rose.
     pool_draws: int = 24  # draws whose voxels an epoch samples

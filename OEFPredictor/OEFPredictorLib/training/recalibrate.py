@@ -1,7 +1,7 @@
 """Recalibrate a trained spatial model's 90 % OEF interval over the acquisitions it reads
 (calibration.recalibrate) and write it into the model's card:
 
-    PYTHONPATH=OEFPredictor python -m OEFPredictorLib.training.recalibrate MODEL.keras --patients 24
+    PYTHONPATH=OEFPredictor python -m OEFPredictorLib.training.recalibrate MODEL.keras --patients 60
 """
 from __future__ import annotations
 
