@@ -153,9 +153,12 @@ def test_a_second_batch_into_the_same_output_is_refused(raw, tmp_path, capsys):
 
 # --- The run stopped from outside: a subprocess batch, acted on once its first unit is done ------
 def _start_batch(raw, out, *extra):
+    # SIGINT as a terminal gives it: a suite started in the background (nohup, `&`) ignores SIGINT, and a child
+    # inherits that, so Ctrl-C would never reach the batch (test_reliability does the same)
     return subprocess.Popen([sys.executable, "-m", "OEFPredictorLib.cli", "batch", str(raw), str(out),
                              "--method", "nlls", *map(str, extra)], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
+                            stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_first_unit(process, out: Path, timeout=300):
