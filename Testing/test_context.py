@@ -420,6 +420,30 @@ def test_a_1_5_t_acquisition_is_mapped_by_the_short_span_network_with_a_warning(
     assert np.isfinite(oef).all() and 10.0 < np.median(oef) < 70.0
 
 
+def test_a_late_first_echo_is_mapped_by_the_paper_protocol_network_with_a_warning(tmp_path):
+    """The engine's own call on a 3 T patient whose first echo comes at 8 ms (3.5 ms after the network's): the
+    paper-protocol network makes the maps, the warning says that the decay was continued back to 4.5 ms, and the
+    interval is wider than for the same patient at the network's own protocol."""
+    from OEFPredictorLib import simulate
+
+    widths = {}
+    for name, protocol in (("own", physics.Protocol.default()),
+                           ("late", physics.Protocol.from_milliseconds([8.0 + 4.5 * i for i in range(8)], 3.0))):
+        folder = simulate.simulate_dataset(tmp_path / name, 1, seed=12, protocol=protocol, voxel_size=4.0,
+                                           noise=simulate.NoiseModel(100.0, 2.0))[0]
+        d = simulate.load_patient(folder)
+        result = predict.predict_maps(predict.PredictionInputs(d.echoes, d.qsm, d.protocol, d.mask,
+                                                               spacing=d.geometry.spacing), method="context",
+                                      device="cpu")
+        assert result.model_card["file"] == "oef_context.keras"
+        continued = [w for w in result.warnings if "the first echo comes at 8 ms" in w]
+        assert len(continued) == (name == "late") and all("continued" in w for w in continued)
+        oef = result.maps["OEF"][result.mask]
+        assert np.isfinite(oef).all() and 10.0 < np.median(oef) < 70.0
+        widths[name] = float(np.median((result.maps["OEF_p95"] - result.maps["OEF_p05"])[result.mask]))
+    assert widths["late"] > widths["own"]
+
+
 def test_a_fallback_model_is_calibrated_only_on_echo_trains_that_reach_it():
     """The 4.5-22 ms model never sees data that the paper-protocol model reads (the engine runs that one
     first), so its calibration draws none of them; the preferred model draws any it reads."""
