@@ -151,7 +151,7 @@ def main() -> int:
         print(name, json.dumps(result["schemes"][name]), flush=True)
     # where whole volumes go wrong: each volume's OEF bias (pp) and its acquisition
     result["volumes"] = [{"set": which, "protocol": v["protocol"], "noise_level": round(float(v["noise_level"]), 3),
-                          "resampled": bool(v["resampled"]), "bias_pp": round(float(np.mean(v["oef"] - v["truth"])), 2),
+                          "resampled": v["resampling"].resampled, "bias_pp": round(float(np.mean(v["oef"] - v["truth"])), 2),
                           "rmse_pp": round(float(np.sqrt(np.mean((v["oef"] - v["truth"]) ** 2))), 2)}
                          for which, volumes in (("calibration", fit_set), ("development", dev_set)) for v in volumes]
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

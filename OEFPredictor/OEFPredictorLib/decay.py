@@ -138,13 +138,13 @@ class ProtocolRange:
             out.append(f"{protocol.field_strength:g} T")
         if self.spans_ms:
             tau_ms = equivalent_times(protocol) * 1000.0
-            before, after = self.extrapolation_ms
-            if tau_ms[0] > self.spans_ms[0] + before or tau_ms[-1] < self.spans_ms[1] - after:
+            before, after = continued_ms(tau_ms, self.spans_ms)
+            if before > self.extrapolation_ms[0] or after > self.extrapolation_ms[1]:
                 out.append(f"echoes covering {tau_ms[0]:.3g}-{tau_ms[-1]:.3g} ms in 3 T-equivalent time")
-            continued = max(0.0, tau_ms[0] - self.spans_ms[0]) + max(0.0, self.spans_ms[1] - tau_ms[-1])
-            if self.max_gap_ms and np.diff(tau_ms).max() + continued > self.max_gap_ms * 1.01:
-                out.append(f"echoes up to {np.diff(tau_ms).max():.3g} ms apart in 3 T-equivalent time"
-                           + (f" with {continued:.3g} ms continued" if continued > 0.05 else ""))
+            widest = np.diff(tau_ms).max()
+            if self.max_gap_ms and widest + before + after > self.max_gap_ms * 1.01:
+                out.append(f"echoes up to {widest:.3g} ms apart in 3 T-equivalent time"
+                           + (f" with {before + after:.3g} ms continued" if before + after > 0.05 else ""))
         return out
 
     def check(self, protocol: physics.Protocol, model_name: str) -> None:
@@ -158,11 +158,16 @@ class ProtocolRange:
 SUPPORTED = ProtocolRange()
 
 
+def continued_ms(tau_ms: np.ndarray, span_ms) -> tuple[float, float]:
+    """How far a span (first, last time) lies beyond echoes at tau_ms (all 3 T-equivalent ms): before the first
+    echo and after the last, what resampling to that span continues beyond the data (0 where it does not)."""
+    return max(0.0, float(tau_ms[0] - span_ms[0])), max(0.0, float(span_ms[-1] - tau_ms[-1]))
+
+
 def extrapolated_ms(source: physics.Protocol, target: physics.Protocol) -> float:
     """How far (3 T-equivalent ms) the target's echoes lie beyond the source's, before the first plus after
     the last: what resampling the source's decay to the target's echo times continues beyond the data."""
-    tau, at = equivalent_times(source) * 1000.0, equivalent_times(target) * 1000.0
-    return max(0.0, float(tau[0] - at[0])) + max(0.0, float(at[-1] - tau[-1]))
+    return sum(continued_ms(equivalent_times(source) * 1000.0, equivalent_times(target)[[0, -1]] * 1000.0))
 
 
 @dataclasses.dataclass(frozen=True)

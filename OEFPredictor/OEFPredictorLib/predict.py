@@ -387,11 +387,12 @@ class Predictor:
                        f"only {reads[0]:g}-{reads[1]:g} ms of the decay: the map leans on the training population for "
                        "the brain's overall OEF level, its interval is wider, and lesions may not show (a normal-"
                        "looking region is not evidence of normal OEF).")
+        before, after = decay.continued_ms(tau_ms, reads) if reads else (0.0, 0.0)
         beyond = []  # where the model's echo times lie beyond the data's
-        if reads and tau_ms[0] > reads[0] + decay.LATE_FIRST_ECHO_NOTICE_MS:
+        if before > decay.LATE_FIRST_ECHO_NOTICE_MS:
             beyond.append(f"the first echo comes at {tau_ms[0]:.3g} ms, after the model's first echo time "
                           f"({reads[0]:g} ms)")
-        if reads and tau_ms[-1] < reads[1] - decay.LAST_ECHO_TOLERANCE_MS:
+        if after > decay.LAST_ECHO_TOLERANCE_MS:
             beyond.append(f"the last echo comes at {tau_ms[-1]:.3g} ms, before the model's last echo time "
                           f"({reads[1]:g} ms)")
         if beyond:

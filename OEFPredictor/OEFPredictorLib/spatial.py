@@ -573,8 +573,8 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     """Parameter maps, OEF and its interval for one volume; returns flat arrays of the mask's voxels
     (C order), like the voxelwise engine. `protocol`: the data's acquisition, which the engine
     (predict.Predictor) passes to every spatial model (protocol-free models need it; None: the card's).
-    `diagnostics`, when given, receives the volume's "noise_level" (decay.noise_level), whether its
-    decay was "resampled" to the model's echo times, and how ("resampling": decay.Resampling)."""
+    `diagnostics`, when given, receives the volume's "noise_level" (decay.noise_level) and whether and how its
+    decay was resampled to the model's echo times ("resampling": decay.Resampling)."""
     from . import decay
 
     card = bundle.card
@@ -592,10 +592,10 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     factors = resampling_factors(spacing_zyx, model_mm)
     # another echo train is resampled to the model's echo times (checked supported by the Predictor) on
     # the coarser of the two grids: fewer voxels to fit, and no interpolation between fit and network
-    resample_decay = not spec.get("decay") and not protocol.matches(bundle.protocol)
-    resampling = decay.Resampling.between(protocol, bundle.protocol) if resample_decay else decay.Resampling()
+    resampling = decay.Resampling() if spec.get("decay") else decay.Resampling.between(protocol, bundle.protocol)
+    resample_decay = resampling.resampled
     if diagnostics is not None:
-        diagnostics.update(resampled=resample_decay, resampling=resampling)
+        diagnostics["resampling"] = resampling
     on_model_grid = resample_decay and float(np.prod(factors)) > 1.0
     if resample_decay and not on_model_grid:
         report(0.03, "Resampling the decay to the model's echo times")

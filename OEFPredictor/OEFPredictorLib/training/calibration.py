@@ -165,8 +165,8 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
                "scores": interval_scores(out, truth)[keep],
                "abnormal": np.abs(oef - np.median(oef))[keep],
                "lesion": np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep],
-               "noise_level": diagnostics["noise_level"], "resampled": float(diagnostics["resampled"]),
-               "resampling": diagnostics["resampling"], "protocol": protocol.describe(),
+               "noise_level": diagnostics["noise_level"], "resampling": diagnostics["resampling"],
+               "protocol": protocol.describe(),
                **{name: values[keep] for name, values in (features(echoes, qsm, patient.mask, protocol, out)
                                                           if features else {}).items()}}
         if progress:
