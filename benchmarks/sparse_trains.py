@@ -5,7 +5,7 @@ resampling alone.
     .venv/bin/python benchmarks/sparse_trains.py [--trains sparse|late|short|gaps] [--model M.keras] [--seed 9871]
                                                  [--patients 4]
 
-Three sets of echo trains (--trains):
+Four sets of echo trains (--trains):
 - sparse (default): trains that cover the paper-protocol network's span, sparse and dense;
 - late: trains whose first echo comes after the network's (4.5 ms, 3 T-equivalent), continued back to it;
 - short: trains that stop short of 22 ms (3 T and 1.5 T), read by the 4.5-22 ms network (the default --model for
@@ -46,8 +46,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 DEV_SEED = 9871
 SNRS = (40.0, 100.0)
 R2_FIELD_EXPONENT = 0.5
-# (name, echo times ms, field T): the model's own protocol first, then trains that cover its span
+# (name, echo times ms, field T); each set starts with a train its network reads without continuing the decay
 OWN = ("own: 8 echoes 4.5/5 ms, 3 T", [4.5 + 5.0 * i for i in range(8)], 3.0)
+COVERS_SHORT = ("8 echoes 3/3 ms, 3 T (to 24 ms: covers)", [3.0 + 3.0 * i for i in range(8)], 3.0)  # 4.5-22 ms
 TRAINS = {
     "sparse": [
         OWN,
@@ -66,7 +67,7 @@ TRAINS = {
         ("7 T, 10 echoes 2.5/2.1 ms (1.33 ms late, 3 T-eq.)", [2.5 + 2.1 * i for i in range(10)], 7.0),
     ],
     "short": [
-        ("8 echoes 3/3 ms, 3 T (to 24 ms: covers)", [3.0 + 3.0 * i for i in range(8)], 3.0),
+        COVERS_SHORT,
         ("7 echoes 3/3 ms, 3 T (to 21 ms)", [3.0 + 3.0 * i for i in range(7)], 3.0),
         ("6 echoes 3/3 ms, 3 T (to 18 ms)", [3.0 + 3.0 * i for i in range(6)], 3.0),
         ("5 echoes 3/3 ms, 3 T (to 15 ms)", [3.0 + 3.0 * i for i in range(5)], 3.0),
@@ -75,17 +76,17 @@ TRAINS = {
         ("1.5 T, 8 echoes 5/5 ms (to 20 ms, 3 T-eq.)", [5.0 + 5.0 * i for i in range(8)], 1.5),
         ("1.5 T, 10 echoes 3/3 ms (to 15 ms, 3 T-eq.)", [3.0 + 3.0 * i for i in range(10)], 1.5),
     ],
+    # too sparse for the paper-protocol network (its card's max_gap_ms: the widest gap plus the ms continued), so
+    # the engine gives them the 4.5-22 ms network
+    "gaps": [
+        COVERS_SHORT,
+        ("6 echoes 7/7 ms, 3 T (2.5 ms late, 7 ms apart)", [7.0 + 7.0 * i for i in range(6)], 3.0),
+        ("7 T, 10 echoes 3/3 ms (2.5 ms late, 7 ms apart)", [3.0 + 3.0 * i for i in range(10)], 7.0),
+        ("4.29 T, 6 echoes 4.6/5.45 ms (2.1 ms late, 7.8 ms apart)", [4.6 + 5.45 * i for i in range(6)], 4.29),
+        ("7 T, 8 echoes 2/4 ms (9.3 ms apart)", [2.0 + 4.0 * i for i in range(8)], 7.0),
+        ("7 T, 6 echoes 1.8/6 ms (14 ms apart)", [1.8 + 6.0 * i for i in range(6)], 7.0),
+    ],
 }
-# echo trains too sparse for the paper-protocol network (its card's max_gap_ms: the widest gap plus the ms continued),
-# which the engine gives the 4.5-22 ms network
-TRAINS["gaps"] = [
-    ("8 echoes 3/3 ms, 3 T (to 24 ms: covers)", [3.0 + 3.0 * i for i in range(8)], 3.0),
-    ("6 echoes 7/7 ms, 3 T (2.5 ms late, 7 ms apart)", [7.0 + 7.0 * i for i in range(6)], 3.0),
-    ("7 T, 10 echoes 3/3 ms (2.5 ms late, 7 ms apart)", [3.0 + 3.0 * i for i in range(10)], 7.0),
-    ("4.29 T, 6 echoes 4.6/5.45 ms (2.1 ms late, 7.8 ms apart)", [4.6 + 5.45 * i for i in range(6)], 4.29),
-    ("7 T, 8 echoes 2/4 ms (9.3 ms apart)", [2.0 + 4.0 * i for i in range(8)], 7.0),
-    ("7 T, 6 echoes 1.8/6 ms (14 ms apart)", [1.8 + 6.0 * i for i in range(6)], 7.0),
-]
 SHORT_SPAN_MODEL = "oef_context_short.keras"  # the default --model of the "short" and "gaps" sets
 
 
@@ -115,7 +116,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trains", choices=sorted(TRAINS), default="sparse", help="which echo trains (default sparse)")
     parser.add_argument("--model", default=None, help="a context model (default: the bundled one, or the 4.5-22 ms "
-                                                      "one for --trains short)")
+                                                      "one for --trains short and gaps)")
     parser.add_argument("--seed", type=int, default=DEV_SEED)
     parser.add_argument("--patients", type=int, default=4)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/sparse_trains.json, or "
