@@ -109,11 +109,16 @@ class ProtocolRange:
                 f"{self.field_strength_T[1]:g} T" + (f", echoes in 3 T-equivalent time (TE x B0 / 3) {self.reach()}"
                                                      if self.spans_ms else ""))
 
+    def reach_ms(self) -> tuple[float, float]:
+        """For a model bound to `spans_ms`: the latest first echo and the earliest last echo it reads (3 T-
+        equivalent ms), its span less what it may continue beyond the echoes."""
+        return self.spans_ms[0] + self.extrapolation_ms[0], self.spans_ms[1] - self.extrapolation_ms[1]
+
     def reach(self) -> str:
         """Where the echoes must start and end (3 T-equivalent ms) for a model bound to `spans_ms`, and how far
         apart they may lie."""
-        return (f"starting by {self.spans_ms[0] + self.extrapolation_ms[0]:g} ms and reaching "
-                f"{self.spans_ms[1] - self.extrapolation_ms[1]:g} ms"
+        start_by, reaching = self.reach_ms()
+        return (f"starting by {start_by:g} ms and reaching {reaching:g} ms"
                 + (f", at most {self.max_gap_ms:g} ms apart less any ms continued before the first or after the last"
                    if self.max_gap_ms else ""))
 

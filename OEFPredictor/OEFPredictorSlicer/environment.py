@@ -100,14 +100,15 @@ def modelSummary(modelPath, needsModel=True):
         card = json.loads(Path(modelPath).with_suffix(".json").read_text(encoding="utf-8"))
         supported = card.get("supported_protocols")
         if supported and supported.get("spans_ms"):  # a model that resamples other echo trains to its own
-            before, after = supported.get("extrapolation_ms", (0.0, 0.0))  # how far it continues the decay
-            gap = supported.get("max_gap_ms")
+            from OEFPredictorLib import decay  # the card read as the engine reads it (no Keras)
+
+            reads = decay.ProtocolRange.from_dict(supported)
+            start_by, reaching = reads.reach_ms()
             return _("{name}: {n0}-{n1} echoes starting by TE {a:g} ms and reaching {b:g} ms{apart} at 3 T (x 3/B0 "
                      "elsewhere), {t0:g}-{t1:g} T").format(
-                name=Path(modelPath).name, n0=supported["echoes"][0], n1=supported["echoes"][1],
-                a=supported["spans_ms"][0] + before, b=supported["spans_ms"][1] - after,
-                apart=_(", at most {g:g} ms apart").format(g=gap) if gap else "",
-                t0=supported["field_strength_T"][0], t1=supported["field_strength_T"][1])
+                name=Path(modelPath).name, n0=reads.echoes[0], n1=reads.echoes[1], a=start_by, b=reaching,
+                apart=_(", at most {g:g} ms apart").format(g=reads.max_gap_ms) if reads.max_gap_ms else "",
+                t0=reads.field_strength_T[0], t1=reads.field_strength_T[1])
         if supported:  # a protocol-free model
             return _("{name}: {n0}-{n1} echoes, last echo {a:g}-{b:g} ms, {t0:g}-{t1:g} T").format(
                 name=Path(modelPath).name, n0=supported["echoes"][0], n1=supported["echoes"][1],
