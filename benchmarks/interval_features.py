@@ -31,7 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "OEFPredictor"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-DEV_SEED = 9801  # benchmarks/interval_lesions.py's development seed
 FEATURE_QUANTILES = (0.5, 0.8, 0.95)
 SMOOTHING_VOXELS = 1.0  # the residual's Gaussian sigma (2 mm at the model's grid)
 
@@ -60,13 +59,10 @@ FEATURES = ("residual", "r2star", "qsm")
 
 
 def pooled(volumes, scale_fit) -> dict:
-    from OEFPredictorLib import spatial
+    """interval_lesions.pooled (the voxels in one table, with each one's volume scale), with the features."""
+    from interval_lesions import pooled as voxels
 
-    table = {k: np.concatenate([v[k] for v in volumes]) for k in ("scores", "widths", "abnormal", "lesion") + FEATURES}
-    table["scale"] = np.concatenate([np.full(len(v["scores"]),
-                                             spatial.noise_scale({"noise": scale_fit}, v["noise_level"], v["resampling"]))
-                                     for v in volumes])
-    return table
+    return {**voxels(volumes, scale_fit), **{k: np.concatenate([v[k] for v in volumes]) for k in FEATURES}}
 
 
 def axes(table, width_edges, feature, feature_edges):
@@ -104,6 +100,7 @@ def measure(table, factors, width_edges, feature=None, feature_edges=()) -> dict
 
 
 def main() -> int:
+    from interval_lesions import DEV_SEED
     from OEFPredictorLib import models
     from OEFPredictorLib.training import calibration
     from OEFPredictorLib.training.context import ContextTrainConfig
