@@ -208,6 +208,58 @@ def test_decoded_interval_brackets_the_estimate():
     assert np.all(wider["OEF_width"] >= out["OEF_width"] - 1e-5)
 
 
+def test_the_contrast_gain_scales_the_map_about_the_brain_median_and_the_interval_follows():
+    """spatial.decode with a gain: every voxel's OEF moves to median + gain x (OEF - median), Y says the same OEF,
+    and the interval is centred on the new estimate with the network's own half-widths (calibration is on the
+    map after the gain)."""
+    rng = np.random.default_rng(1)
+    raw = rng.normal(size=(101, 7)).astype(np.float32)
+    scaling = {"mean": [1.1, 18, 0.6, 0.03, 0.0], "std": [0.05, 5, 0.1, 0.01, 0.05]}
+    plain = spatial.decode(raw, np.ones(101, np.float32), scaling)
+    centre = np.median(plain["OEF"])
+    for gain in (0.4, 1.25):
+        out = spatial.decode(raw, np.ones(101, np.float32), scaling, gain=gain)
+        np.testing.assert_allclose(out["OEF"], centre + gain * (plain["OEF"] - centre), atol=1e-3)
+        np.testing.assert_allclose(out["OEF"], 100 * physics.oef_from_Y(out["Y"]), atol=1e-3)
+        np.testing.assert_allclose(out["OEF_p95"] - out["OEF"], plain["OEF_p95"] - plain["OEF"], atol=1e-3)
+        assert np.std(out["OEF"]) == pytest.approx(gain * np.std(plain["OEF"]), rel=1e-3)
+        for name in ("S0", "R2", "v", "chi_nb"):  # only OEF (and Y) carry the gain
+            np.testing.assert_array_equal(out[name], plain[name])
+
+
+def test_the_contrast_gain_is_a_line_in_the_noise_level_held_to_its_range():
+    fit = {"intercept": -0.9, "slope": -1.0, "noise_levels": [-2.3, -1.2]}
+    assert spatial.contrast_gain(fit, -2.0) == pytest.approx(1.1)
+    assert spatial.contrast_gain(fit, -3.0) == pytest.approx(spatial.contrast_gain(fit, -2.3))  # cleaner than seen
+    assert spatial.contrast_gain({**fit, "intercept": -1.5}, -1.0) == 0.0  # never below 0 (never inverts the map)
+    assert spatial.contrast_gain(None, -2.0) == 1.0 and spatial.contrast_gain(fit, float("nan")) == 1.0
+
+
+def test_the_contrast_gain_is_fitted_to_the_volumes_and_the_scores_follow():
+    """calibration.contrast_gain_fit recovers gain = a + b x noise level from volumes whose estimates are their
+    truths' deviations from the median divided by that gain (plus noise the gain does not see); with_contrast_gain
+    then gives the estimates back near the truth, and their interval scores and abnormality on the new map."""
+    rng = np.random.default_rng(2)
+    volumes = []
+    for level in np.linspace(-2.3, -1.3, 12):
+        truth = 40.0 + rng.normal(0.0, 5.0, 4000)
+        gain = -0.9 - 1.0 * level
+        oef = 40.0 + (truth - 40.0) / gain + rng.normal(0.0, 0.2, truth.size)
+        half = np.full(truth.size, 5.0)
+        volumes.append({"oef": oef, "truth": truth, "centre": 40.0, "noise_level": level, "below": half,
+                        "above": half, "scores": calibration.sided_scores(oef, truth, half, half),
+                        "abnormal": np.abs(oef - 40.0)})
+    fit, record = calibration.contrast_gain_fit(volumes)
+    assert fit["intercept"] == pytest.approx(-0.9, abs=0.02) and fit["slope"] == pytest.approx(-1.0, abs=0.02)
+    assert fit["noise_levels"] == [-2.3, -1.3]
+    assert record["rmse_after_pp"] < 0.5 * record["rmse_before_pp"]
+    after = calibration.with_contrast_gain(volumes[0], fit)
+    assert np.sqrt(np.mean((after["oef"] - after["truth"]) ** 2)) < 0.5
+    np.testing.assert_allclose(after["scores"], np.abs(after["oef"] - after["truth"]) / 5.0)
+    np.testing.assert_allclose(after["abnormal"], np.abs(after["oef"] - 40.0))
+    assert calibration.contrast_gain_fit(volumes[:2])[0] is None
+
+
 def test_loss_ignores_voxels_outside_the_metric_mask_and_rewards_coverage():
     from keras import ops
 

@@ -4,6 +4,7 @@ patients with other (wide) tissue priors:
 
     .venv/bin/python benchmarks/interval_lesions.py [--model M.keras] [--patients 24] [--dev-patients 12]
 
+On the map after the card's contrast gain (spatial.contrast_gain), as the engine makes it.
 - "bundled": the card's way (calibration.recalibrate): a per-volume scale fitted to the noise level and
   resampling, then one symmetric factor per bin of half-width x predicted abnormality (|OEF - median|);
 - "lesion-enriched bins": the same scale; finer abnormality bins; the outward side (away from the brain's
@@ -129,7 +130,9 @@ def main() -> int:
 
     def volumes(patients: int, seed: int, wide: bool) -> list[dict]:
         sized = dataclasses.replace(config, calibration_patients=patients)
-        return list(calibration.calibration_volumes(bundle, sized, seed, wide=wide, progress=progress))
+        gain = bundle.card["spatial"].get("contrast_gain")  # the map as the engine makes it
+        return [calibration.with_contrast_gain(v, gain)
+                for v in calibration.calibration_volumes(bundle, sized, seed, wide=wide, progress=progress)]
 
     fit_set = volumes(args.patients, calibration.CALIBRATION_SEED, False)
     dev_set = volumes(args.dev_patients, DEV_SEED, True)

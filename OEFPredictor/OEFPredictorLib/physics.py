@@ -242,6 +242,11 @@ def oef_from_Y(Y) -> np.ndarray:
     return 1.0 - np.asarray(Y, dtype=float) / YA
 
 
+def Y_from_oef(oef_fraction) -> np.ndarray:
+    """Y from OEF as a fraction (the inverse of oef_from_Y)."""
+    return YA * (1.0 - np.asarray(oef_fraction, dtype=float))
+
+
 def cmro2(cbf, oef_fraction) -> np.ndarray:
     """CMRO2 (umol/100 g/min) from CBF (mL/100 g/min) and OEF (fraction)."""
     return np.asarray(cbf, dtype=float) * np.asarray(oef_fraction, dtype=float) * HA

@@ -25,6 +25,12 @@ OEF_p05 = OEF - k softplus(a) * 10 pp, OEF_p95 = OEF + k softplus(b) * 10 pp, tr
 pinball loss at 5 % and 95 % and widened by the factor k (`spatial.interval_scale`) that split
 conformal calibration on held-out patients gives.
 
+The map's contrast about the brain's median OEF is then scaled by a gain that depends on the volume's
+measured noise (`spatial.contrast_gain` in the card, fitted on the calibration patients; contrast_gain):
+the network was trained on a wide prior, so in noisy data it keeps too much of what is noise (the gain is
+below 1 there: the map leans on the brain's own typical value, not on a population's), and in clean data
+it shrinks real contrast (above 1). The interval is calibrated on the map after the gain.
+
 Memory stays bounded for any input size: the context model's network, which maps each voxel's features
 alone, runs in fixed-size chunks of the voxels whose values are read back (run_pointwise); the U-Net runs
 tile by tile (overlapping tiles blended with a linear ramp) when the brain's box exceeds the tile size.
@@ -210,14 +216,14 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_scale=1.0,
-           r2_factor: float = 1.0, noise_level: float | None = None, resampling=None) -> dict:
+           r2_factor: float = 1.0, noise_level: float | None = None, resampling=None, gain: float = 1.0) -> dict:
     """(N, 7) network outputs of in-mask voxels -> clamped parameters, OEF and its interval (percent).
 
     `r2_factor`: real-time R2 per predicted R2 (B0 / 3 for protocol-free models, which predict R2 in
     3 T-equivalent time). `interval_scale`: the conformal factor(s), see interval_factors; the voxels are
     one volume's brain (the abnormality is relative to its median) of noise level `noise_level`
     (decay.noise_level), whose decay reached the model's echo times by `resampling` (decay.Resampling; None:
-    measured at them)."""
+    measured at them). `gain`: the contrast gain about the brain's median OEF (contrast_gain)."""
     from . import models
 
     n = len(physics.PARAMETER_NAMES)
@@ -225,6 +231,9 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
     params["R2"] = params["R2"] * r2_factor
     params = physics.clamp_to_bounds(params, s0_scale=echo1)
     oef = 100.0 * physics.oef_from_Y(params["Y"])
+    if gain != 1.0 and oef.size:
+        params["Y"] = np.clip(physics.Y_from_oef(apply_gain(oef, gain, np.median(oef)) / 100.0), *physics.BOUNDS["Y"])
+        oef = 100.0 * physics.oef_from_Y(params["Y"])
     half_below = softplus(raw[:, n]) * INTERVAL_UNIT * 100.0
     half_above = softplus(raw[:, n + 1]) * INTERVAL_UNIT * 100.0
     k = interval_factors(interval_scale, half_below, half_above, oef, noise_level, resampling)
@@ -234,6 +243,21 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
     out["OEF_p95"] = np.clip(oef + k * half_above, 0.0, 100.0).astype(np.float32)
     out["OEF_width"] = (out["OEF_p95"] - out["OEF_p05"]).astype(np.float32)
     return out
+
+
+def apply_gain(oef: np.ndarray, gain: float, centre: float) -> np.ndarray:
+    """OEF (pp) with its contrast about `centre` (the brain's median) scaled by `gain`."""
+    return centre + gain * (oef - centre)
+
+
+def contrast_gain(fit: dict | None, noise_level: float | None) -> float:
+    """The gain on the map's contrast for a volume of noise level `noise_level` (decay.noise_level): the card's
+    line {"intercept", "slope"} in the noise level, which is held within the calibration volumes' range
+    ("noise_levels"), and never below 0. 1 without a fit, or where the noise level is unknown (an empty mask)."""
+    if fit is None or noise_level is None or not np.isfinite(noise_level):
+        return 1.0
+    level = float(np.clip(noise_level, *fit["noise_levels"]))
+    return max(0.0, fit["intercept"] + fit["slope"] * level)
 
 
 def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndarray, oef: np.ndarray,
@@ -642,4 +666,4 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     if first_echo_gain is not None:  # the model's first echo, for S0
         echo1, channels = echo1 * channels[:, -1], channels[:, :-1]
     return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor, noise_level,
-                  resampling)
+                  resampling, contrast_gain(info.get("contrast_gain"), noise_level))

@@ -28,13 +28,19 @@ def conformal_factor(scores: np.ndarray, coverage: float = 0.90) -> float:
 def interval_scores(out: dict, truth: np.ndarray) -> np.ndarray:
     """Per voxel, the factor on its interval's half-width that would just cover the truth."""
     oef = out["OEF"]
-    below, above = np.maximum(oef - out["OEF_p05"], 1e-3), np.maximum(out["OEF_p95"] - oef, 1e-3)
+    return sided_scores(oef, truth, np.maximum(oef - out["OEF_p05"], 1e-3), np.maximum(out["OEF_p95"] - oef, 1e-3))
+
+
+def sided_scores(oef, truth, below, above) -> np.ndarray:
+    """interval_scores from the estimate and the half-widths below and above it."""
     return np.where(truth < oef, (oef - truth) / below, (truth - oef) / above)
 
 
 def uncalibrated(model, card: dict, path: Path = Path(".")):
-    """The model as a bundle whose interval has no conformal factor yet (the raw network interval)."""
-    return models.ModelBundle(model, dict(card, spatial=dict(card["spatial"], interval_scale=1.0)), path)
+    """The model as a bundle whose interval has no conformal factor yet (the raw network interval), and whose
+    map has no contrast gain (spatial.contrast_gain)."""
+    spatial_info = {k: v for k, v in card["spatial"].items() if k != "contrast_gain"}
+    return models.ModelBundle(model, dict(card, spatial=dict(spatial_info, interval_scale=1.0)), path)
 
 
 def calibration_scores(model, card: dict, config, progress=None) -> np.ndarray:
@@ -78,6 +84,45 @@ def mondrian_factors(scores: np.ndarray, widths: np.ndarray, abnormal: np.ndarra
             "record": {"voxels": int(len(scores)), "voxels_per_bin": counts.tolist(),
                        "coverage_before": round(float(np.mean(scores <= 1.0)), 4), "single_factor": round(overall, 4),
                        "method": "Mondrian split conformal, 90 %, by half-width x abnormality"}}
+
+
+def contrast_gain_fit(volumes: list[dict]) -> tuple[dict | None, dict]:
+    """The map's contrast gain as a line in the noise level (spatial.contrast_gain), fitted by least squares
+    over the metric voxels of raw calibration volumes (calibration_volumes): truth - centre ~ gain x (estimate
+    - centre), centre the brain's median estimate, gain = intercept + slope x the volume's noise level. Returns
+    the card's "contrast_gain" entry (None with fewer than 3 volumes or an unknown noise level) and a record:
+    the RMSE before and after, and each volume's own best gain by noise level."""
+    volumes = [v for v in volumes if len(v["oef"])]
+    levels = np.array([v["noise_level"] for v in volumes], dtype=float)
+    if len(volumes) < 3 or not np.isfinite(levels).all():
+        return None, {}
+    deviation = [v["oef"].astype(np.float64) - v["centre"] for v in volumes]
+    target = np.concatenate([v["truth"] - v["centre"] for v in volumes])
+    design = np.concatenate([np.column_stack([d, level * d]) for d, level in zip(deviation, levels)])
+    intercept, slope = np.linalg.lstsq(design, target, rcond=None)[0]
+    fit = {"intercept": round(float(intercept), 4), "slope": round(float(slope), 4),
+           "noise_levels": [round(float(levels.min()), 3), round(float(levels.max()), 3)]}
+    own = [float(np.dot(v["truth"] - v["centre"], d) / max(np.dot(d, d), 1e-12)) for v, d in zip(volumes, deviation)]
+    after = [with_contrast_gain(v, fit) for v in volumes]
+
+    def rmse(vs):
+        return round(float(np.sqrt(np.mean(np.concatenate([(v["oef"] - v["truth"]) ** 2 for v in vs])))), 4)
+
+    record = {"voxels": int(len(target)), "rmse_before_pp": rmse(volumes), "rmse_after_pp": rmse(after),
+              "volumes_noise_level_and_own_gain": np.round(np.column_stack([levels, own]), 3).tolist(),
+              "method": "least squares of truth - median on (estimate - median) x (1, noise level)"}
+    return fit, record
+
+
+def with_contrast_gain(volume: dict, fit: dict | None) -> dict:
+    """A raw calibration volume (calibration_volumes) as the engine maps it with the contrast gain `fit`
+    (spatial.contrast_gain): its estimate, interval scores and abnormality after the gain."""
+    gain = spatial.contrast_gain(fit, volume["noise_level"])
+    if gain == 1.0:
+        return volume
+    oef = spatial.apply_gain(volume["oef"], gain, volume["centre"])
+    return dict(volume, oef=oef, scores=sided_scores(oef, volume["truth"], volume["below"], volume["above"]),
+                abnormal=np.abs(oef - volume["centre"]))
 
 
 # --- Recalibrating a trained model's interval over the acquisitions it reads ------------------------
@@ -133,14 +178,15 @@ def volume_scale_fit(levels, resamplings, scores) -> tuple[dict | None, np.ndarr
 
 def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool = False, progress=None,
                         features=None):
-    """Per calibration volume, the model's raw interval (no conformal factor) through the engine's own path
+    """Per calibration volume, the model's raw map and interval (no contrast gain, no conformal factor; see
+    with_contrast_gain) through the engine's own path
     (spatial.predict_volume: resampling of other protocols included): `config.calibration_patients` patients
     of `seed` (population tissue priors, or wide ones), each at a protocol the model reads and the engine gives
     it (none that a bundled model it prefers reads: preferred_ranges), with noise, a receive-field bias and a
     QSM offset drawn as in training (noise.noisy_acquisition). Yields, on the volume's metric voxels: the
     estimate and truth (OEF, pp), the half-widths below and above, their mean ("widths"), the interval scores,
     the predicted abnormality (|OEF - the brain's median|) and which voxels are lesions (not their mirror
-    regions); and its noise level, whether and how it was resampled (decay.Resampling), and its protocol.
+    regions); and the brain's median estimate ("centre", over the whole mask), its noise level, whether and how it was resampled (decay.Resampling), and its protocol.
     `features(echoes, qsm, mask, protocol, out)`, when given, returns more per-voxel arrays (of the mask's voxels,
     named) to yield on the metric voxels too (benchmarks that look for what tells where the interval misses)."""
     from .data import make_patient
@@ -163,6 +209,7 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
         yield {"oef": oef[keep], "truth": truth[keep], "below": below[keep], "above": above[keep],
                "widths": (0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep],
                "scores": interval_scores(out, truth)[keep],
+               "centre": float(np.median(oef)) if oef.size else 0.0,
                "abnormal": np.abs(oef - np.median(oef))[keep],
                "lesion": np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep],
                "noise_level": diagnostics["noise_level"], "resampling": diagnostics["resampling"],
@@ -174,14 +221,17 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
 
 
 def recalibrate(bundle, config, progress=None) -> dict:
-    """Calibration of a trained spatial model's interval on its calibration volumes (calibration_volumes:
+    """Calibration of a trained spatial model's map and interval on its calibration volumes (calibration_volumes:
     population-prior patients of CALIBRATION_SEED, `config.lesion_free_share` of them without lesions, an
-    SNR drawn log-uniformly over `config.snr_range`, QSM noise over `config.qsm_noise_ppb_range`): a scale that grows
+    SNR drawn log-uniformly over `config.snr_range`, QSM noise over `config.qsm_noise_ppb_range`): first the map's
+    contrast gain (contrast_gain_fit), then, on the map after it, the interval: a scale that grows
     with the volume's noise level (decay.noise_level) and with how its decay was resampled (volume_scale_fit,
     fitted to the volumes' own conformal factors), then Mondrian split conformal by half-width x
-    abnormality on the scores relative to that scale. Returns the card's "interval_scale" and
+    abnormality on the scores relative to that scale. Returns the card's "contrast_gain", "interval_scale" and
     "calibration" entries."""
     volumes = list(calibration_volumes(bundle, config, progress=progress))
+    gain_fit, gain_record = contrast_gain_fit(volumes)
+    volumes = [with_contrast_gain(v, gain_fit) for v in volumes]
     scores, widths, abnormal, lesion = ([v[k] for v in volumes] for k in ("scores", "widths", "abnormal", "lesion"))
     levels = [v["noise_level"] for v in volumes]  # NaN for an empty mask: no noise scale is fitted then
     resamplings = [v["resampling"] for v in volumes]
@@ -210,6 +260,6 @@ def recalibrate(bundle, config, progress=None) -> dict:
                            noise=f"SNR {config.snr_range[0]:g}-{config.snr_range[1]:g} (log-uniform), QSM "
                                  f"{config.qsm_noise_ppb_range[0]:g}-{config.qsm_noise_ppb_range[1]:g} ppb",
                            priors="population (tissue priors of the design notes), stroke-like lesions",
-                           lesion_voxels=int(lesion.sum()))
-    return {"interval_scale": found["interval_scale"], "calibration": found["record"]}
+                           lesion_voxels=int(lesion.sum()), contrast_gain=gain_record)
+    return {"contrast_gain": gain_fit, "interval_scale": found["interval_scale"], "calibration": found["record"]}
 
