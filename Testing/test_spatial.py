@@ -233,6 +233,10 @@ def test_the_contrast_gain_is_a_line_in_the_noise_level_held_to_its_range():
     assert spatial.contrast_gain(fit, -3.0) == pytest.approx(spatial.contrast_gain(fit, -2.3))  # cleaner than seen
     assert spatial.contrast_gain({**fit, "intercept": -1.5}, -1.0) == 0.0  # never below 0 (never inverts the map)
     assert spatial.contrast_gain(None, -2.0) == 1.0 and spatial.contrast_gain(fit, float("nan")) == 1.0
+    damped = {**fit, "smallest_shrink": 0.1}  # shrinks 0.1 smaller; gains above 1 as they are
+    assert spatial.contrast_gain(damped, -1.85) == 1.0  # the line says 0.95
+    assert spatial.contrast_gain(damped, -1.5) == pytest.approx(0.7)  # the line says 0.6
+    assert spatial.contrast_gain(damped, -2.0) == pytest.approx(1.1)
 
 
 def test_the_contrast_gain_is_fitted_to_the_volumes_and_the_scores_follow():
@@ -251,9 +255,9 @@ def test_the_contrast_gain_is_fitted_to_the_volumes_and_the_scores_follow():
                         "abnormal": np.abs(oef - 40.0)})
     fit, record = calibration.contrast_gain_fit(volumes)
     assert fit["intercept"] == pytest.approx(-0.9, abs=0.02) and fit["slope"] == pytest.approx(-1.0, abs=0.02)
-    assert fit["noise_levels"] == [-2.3, -1.3]
+    assert fit["noise_levels"] == [-2.3, -1.3] and fit["smallest_shrink"] == calibration.SMALLEST_SHRINK
     assert record["rmse_after_pp"] < 0.5 * record["rmse_before_pp"]
-    after = calibration.with_contrast_gain(volumes[0], fit)
+    after = calibration.with_contrast_gain(volumes[0], {**fit, "smallest_shrink": 0.0})
     assert np.sqrt(np.mean((after["oef"] - after["truth"]) ** 2)) < 0.5
     np.testing.assert_allclose(after["scores"], np.abs(after["oef"] - after["truth"]) / 5.0)
     np.testing.assert_allclose(after["abnormal"], np.abs(after["oef"] - 40.0))
