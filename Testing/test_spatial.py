@@ -478,13 +478,22 @@ def test_the_volume_scale_is_fitted_to_noise_and_resampling():
     levels = rng.uniform(-2.4, -1.2, n)
     resamplings = [decay.Resampling(True, rng.uniform(0.2, 4.0) if i % 4 == 1 else 0.0,
                                     rng.uniform(0.5, 8.0) if i % 4 == 2 else 0.0) if i % 4 else None for i in range(n)]
-    log_factor = [0.3 + 0.15 * level + (0.05 + 0.03 * r.extrapolated_ms + 0.01 * r.wider_gap_ms if r else 0.0)
+    middle = 0.5 * (levels.min() + levels.max())
+    log_factor = [0.3 + 0.15 * level - 0.2 * (level - middle) ** 2
+                  + (0.05 + 0.03 * r.extrapolated_ms + 0.01 * r.wider_gap_ms if r else 0.0)
                   for level, r in zip(levels, resamplings)]
     scores = [base * 10 ** f for f in log_factor]
     fit, table = calibration.volume_scale_fit(levels, resamplings, scores)
-    assert fit == pytest.approx({"intercept": 0.3, "slope": 0.15, "resampled": 0.05, "extrapolated_per_ms": 0.03,
-                                 "wider_gap_per_ms": 0.01}, abs=2e-3)
+    assert fit.pop("noise_levels") == pytest.approx([levels.min(), levels.max()], abs=1e-3)
+    assert fit == pytest.approx({"intercept": 0.3, "slope": 0.15, "curvature": -0.2, "resampled": 0.05,
+                                 "extrapolated_per_ms": 0.03, "wider_gap_per_ms": 0.01}, abs=2e-3)
     assert table.shape == (n, 5)
+    fit["noise_levels"] = [levels.min(), levels.max()]
+    for level, r, f in zip(levels, resamplings, log_factor):  # the engine's scale is the fitted one
+        assert np.log10(spatial.noise_scale({"noise": fit}, level, r)) == pytest.approx(f, abs=5e-3)
+    beyond = spatial.noise_scale({"noise": fit}, levels.max() + 1.0)  # the parabola is held at its range's end
+    edge = spatial.noise_scale({"noise": fit}, levels.max())
+    assert np.log10(beyond / edge) == pytest.approx(0.15, abs=1e-3)
     few = [decay.Resampling(True, 1.0 if i < 3 else 0.0) for i in range(n)]  # only 3 continued beyond their echoes
     fit, _ = calibration.volume_scale_fit(levels, few, scores)
     assert "extrapolated_per_ms" not in fit and "resampled" not in fit  # every volume resampled: no step either

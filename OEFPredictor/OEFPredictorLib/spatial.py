@@ -284,8 +284,9 @@ def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndar
 
 
 def noise_scale(interval_scale: dict, noise_level: float | None, resampling=None) -> float:
-    """The interval's scale for a volume: 10^(intercept + slope x its noise level (decay.noise_level) + each
-    resampling term x the volume's value of it (decay.Resampling.covariates: "resampled" where its decay was
+    """The interval's scale for a volume: 10^(intercept + slope x its noise level (decay.noise_level) + curvature
+    x (its noise level - the middle of the calibration's range "noise_levels")^2 + each resampling term x the
+    volume's value of it (decay.Resampling.covariates: "resampled" where its decay was
     resampled from another echo train, "extrapolated_per_ms" x how far it was continued beyond the echoes,
     "wider_gap_per_ms" x how much wider its widest echo gap is than the model's)); 1 without a "noise" entry.
     A card without a term (calibrated before it) leaves it out."""
@@ -297,7 +298,11 @@ def noise_scale(interval_scale: dict, noise_level: float | None, resampling=None
     from . import decay
 
     terms = (resampling or decay.Resampling()).covariates()
-    return float(10.0 ** (noise["intercept"] + noise["slope"] * noise_level
+    curve = 0.0
+    if "curvature" in noise:  # held within the calibration's range, where a parabola was fitted
+        lo, hi = noise["noise_levels"]
+        curve = noise["curvature"] * (float(np.clip(noise_level, lo, hi)) - 0.5 * (lo + hi)) ** 2
+    return float(10.0 ** (noise["intercept"] + noise["slope"] * noise_level + curve
                           + sum(noise.get(name, 0.0) * value for name, value in terms.items())))
 
 
