@@ -475,3 +475,24 @@ def test_recalibration_covers_90_percent_of_its_calibration_voxels_and_replaces_
     assert 0.88 <= record["coverage_after"] <= 0.92 and len(record["protocols"]) == 3
     assert set(card["spatial"]["interval_scale"]["noise"]) == {"intercept", "slope"}
     assert model.read_bytes() == before and not model.with_suffix(".json.partial").exists()
+
+
+def test_the_bundled_model_leans_on_the_brain_median_in_noisy_data(tmp_path):
+    """The engine applies the card's contrast gain for the volume's measured noise: at SNR 25 the bundled map's
+    deviations from the brain's median are the raw network's times a gain well below 1 (the map leans on the
+    brain's own typical value rather than read noise as lesions), and its median stays where it was."""
+    from OEFPredictorLib import simulate
+
+    folder = simulate.simulate_dataset(tmp_path, 1, seed=31, voxel_size=4.0, noise=simulate.NoiseModel(25.0, 2.0))[0]
+    d = simulate.load_patient(folder)
+    bundle = models.load_bundle(None)
+    raw = calibration.uncalibrated(bundle.model, bundle.card, bundle.path)
+    diagnostics = {}
+    shown = spatial.predict_volume(bundle, d.echoes, d.qsm, d.mask, d.geometry.spacing, d.protocol,
+                                   diagnostics=diagnostics)["OEF"]
+    network = spatial.predict_volume(raw, d.echoes, d.qsm, d.mask, d.geometry.spacing, d.protocol)["OEF"]
+    gain = spatial.contrast_gain(bundle.card["spatial"]["contrast_gain"], diagnostics["noise_level"])
+    assert gain < 0.8
+    centre = np.median(network)
+    assert np.median(shown) == pytest.approx(centre, abs=0.05)
+    np.testing.assert_allclose(shown - centre, gain * (network - centre), atol=0.02)
