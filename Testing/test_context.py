@@ -487,12 +487,20 @@ def test_the_bundled_model_leans_on_the_brain_median_in_noisy_data(tmp_path):
     d = simulate.load_patient(folder)
     bundle = models.load_bundle(None)
     raw = calibration.uncalibrated(bundle.model, bundle.card, bundle.path)
-    diagnostics = {}
+    diagnostics, warnings = {}, []
     shown = spatial.predict_volume(bundle, d.echoes, d.qsm, d.mask, d.geometry.spacing, d.protocol,
-                                   diagnostics=diagnostics)["OEF"]
+                                   diagnostics=diagnostics, warnings=warnings)["OEF"]
     network = spatial.predict_volume(raw, d.echoes, d.qsm, d.mask, d.geometry.spacing, d.protocol)["OEF"]
     gain = spatial.contrast_gain(bundle.card["spatial"]["contrast_gain"], diagnostics["noise_level"])
     assert gain < 0.8
     centre = np.median(network)
     assert np.median(shown) == pytest.approx(centre, abs=0.05)
     np.testing.assert_allclose(shown - centre, gain * (network - centre), atol=0.02)
+    said = [w for w in warnings if "noisy" in w]  # the output says so, with the gain
+    assert len(said) == 1 and f"scaled by {gain:.2f}" in said[0]
+    quiet = []  # at SNR 100 the gain is about 1: nothing to say
+    clean = simulate.simulate_dataset(tmp_path / "clean", 1, seed=31, voxel_size=4.0,
+                                      noise=simulate.NoiseModel(100.0, 2.0))[0]
+    c = simulate.load_patient(clean)
+    spatial.predict_volume(bundle, c.echoes, c.qsm, c.mask, c.geometry.spacing, c.protocol, warnings=quiet)
+    assert not [w for w in quiet if "noisy" in w]

@@ -130,9 +130,7 @@ def main() -> int:
 
     def volumes(patients: int, seed: int, wide: bool) -> list[dict]:
         sized = dataclasses.replace(config, calibration_patients=patients)
-        gain = bundle.card["spatial"].get("contrast_gain")  # the map as the engine makes it
-        return [calibration.with_contrast_gain(v, gain)
-                for v in calibration.calibration_volumes(bundle, sized, seed, wide=wide, progress=progress)]
+        return list(calibration.shipped_volumes(bundle, sized, seed, wide=wide, progress=progress))
 
     fit_set = volumes(args.patients, calibration.CALIBRATION_SEED, False)
     dev_set = volumes(args.dev_patients, DEV_SEED, True)

@@ -88,4 +88,7 @@ def provenance(result, inputs: dict, protocol) -> dict:
             # how the OEF interval was made and calibrated (methods with an interval only)
             "interval": spatial and {"coverage": "90 % (true OEF between oef_p05 and oef_p95)",
                                      "calibration": spatial.get("calibration"),
-                                     "interval_scale": spatial.get("interval_scale")}}
+                                     "interval_scale": spatial.get("interval_scale")},
+            # the OEF map's gain about the brain's median, by the data's noise (spatial models; the warnings say
+            # when it drew the map towards the median)
+            "contrast_gain": spatial and spatial.get("contrast_gain")}

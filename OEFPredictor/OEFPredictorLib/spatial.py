@@ -54,6 +54,8 @@ SLAB_BLOCKS = 8  # model voxels per z slab when averaging blocks: bounds the dat
 # Inputs are clipped to what tissue can give (echo ratios decay from 1; QSM within +-0.5 ppm), so a
 # stray voxel (vessel, artefact, bad mask edge) cannot dominate its neighbourhood in the network.
 ECHO_RATIO_RANGE = (0.0, 1.5)
+# Below this contrast gain the output says that the map was drawn towards the brain's median (noisy data).
+CONTRAST_GAIN_NOTICE = 0.9
 QSM_RANGE_PPM = (-0.5, 0.5)
 # The context model's local-noise channels: of the base channels, the last echo ratio and QSM.
 LOCAL_NOISE_CHANNELS = (-2, -1)
@@ -675,5 +677,11 @@ def predict_volume(bundle, echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray
     echo1 = echoes[..., 0][mask].astype(np.float32)
     if first_echo_gain is not None:  # the model's first echo, for S0
         echo1, channels = echo1 * channels[:, -1], channels[:, :-1]
+    gain = contrast_gain(info.get("contrast_gain"), noise_level)
+    if gain < CONTRAST_GAIN_NOTICE and warnings is not None:
+        warnings.append(f"The data are noisy (about SNR {10.0 ** -noise_level:.0f} by the echoes' scatter about their "
+                        f"decay): the map's departures from the brain's median OEF were scaled by {gain:.2f}, as the "
+                        "calibration found best at this noise, so that noise does not look like lesions; real "
+                        "lesions look weaker too. Read the map with its interval width.")
     return decode(channels, echo1, card["output_scaling"], info.get("interval_scale", 1.0), r2_factor, noise_level,
-                  resampling, contrast_gain(info.get("contrast_gain"), noise_level))
+                  resampling, gain)

@@ -202,7 +202,8 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
     QSM offset drawn as in training (noise.noisy_acquisition). Yields, on the volume's metric voxels: the
     estimate and truth (OEF, pp), the half-widths below and above, their mean ("widths"), the interval scores,
     the predicted abnormality (|OEF - the brain's median|) and which voxels are lesions (not their mirror
-    regions); and the brain's median estimate ("centre", over the whole mask), its noise level, whether and how it was resampled (decay.Resampling), and its protocol.
+    regions); and the brain's median estimate ("centre", over the whole mask), its noise level, whether and
+    how it was resampled (decay.Resampling), and its protocol.
     `features(echoes, qsm, mask, protocol, out)`, when given, returns more per-voxel arrays (of the mask's voxels,
     named) to yield on the metric voxels too (benchmarks that look for what tells where the interval misses)."""
     from .data import make_patient
@@ -234,6 +235,14 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
                                                           if features else {}).items()}}
         if progress:
             progress(i + 1, config.calibration_patients, "calibrating the interval")
+
+
+def shipped_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool = False, progress=None, features=None):
+    """calibration_volumes as the engine maps them with the card's contrast gain (with_contrast_gain): for
+    benchmarks that try other interval calibrations on the map as shipped."""
+    fit = bundle.card["spatial"].get("contrast_gain")
+    for volume in calibration_volumes(bundle, config, seed, wide, progress, features):
+        yield with_contrast_gain(volume, fit)
 
 
 def recalibrate(bundle, config, progress=None) -> dict:
