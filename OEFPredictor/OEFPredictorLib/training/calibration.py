@@ -271,16 +271,20 @@ def recalibrate(bundle, config, progress=None) -> dict:
     if noise_fit:
         scale["noise"] = noise_fit
         found["record"]["method"] += (", relative to a scale fitted to the volumes' noise level"
-                                      + "".join(f", {name}" for name in noise_fit if name not in ("intercept", "slope")))
+                                      + "".join(f", {name}" for name in noise_fit
+                                                if name not in ("intercept", "slope", "noise_levels")))
     found["record"]["volumes_noise_level_resampling_and_log10_factor"] = {
         "columns": ["noise_level"] + list(decay.Resampling().covariates()) + ["log10_factor"],
         "rows": np.round(per_volume, 3).tolist()}
     factor = np.asarray(scale["factors"])[np.searchsorted(scale["abnormality_edges_pp"], abnormal),
                                           np.searchsorted(scale["width_edges_pp"], widths)] * scale_of_volume
     covered = scores <= factor
+
+    def in_lesions(hit):  # None where the calibration patients have no lesion voxels (tiny sets)
+        return round(float(hit[lesion].mean()), 4) if lesion.any() else None
+
     found["record"].update(coverage_after=round(float(covered.mean()), 4),
-                           lesion_coverage_before=round(float(np.mean(scores[lesion] <= 1.0)), 4),
-                           lesion_coverage_after=round(float(covered[lesion].mean()), 4))
+                           lesion_coverage_before=in_lesions(scores <= 1.0), lesion_coverage_after=in_lesions(covered))
     found["record"].update(patients=config.calibration_patients, seed=CALIBRATION_SEED, protocols=protocols,
                            noise=f"SNR {config.snr_range[0]:g}-{config.snr_range[1]:g} (log-uniform), QSM "
                                  f"{config.qsm_noise_ppb_range[0]:g}-{config.qsm_noise_ppb_range[1]:g} ppb",

@@ -26,8 +26,9 @@ def main(argv=None) -> int:
     card = dict(bundle.card, spatial=dict(bundle.card["spatial"], **found))
     path = models.write_card(args.model, card)
     record = found["calibration"]
-    print(f"{path}: coverage {record['coverage_before']:.3f} -> {record['coverage_after']:.3f} over the brain, "
-          f"{record['lesion_coverage_before']:.3f} -> {record['lesion_coverage_after']:.3f} in lesions")
+    lesions = (f"{record['lesion_coverage_before']:.3f} -> {record['lesion_coverage_after']:.3f} in lesions"
+               if record["lesion_coverage_after"] is not None else "no lesion voxels")
+    print(f"{path}: coverage {record['coverage_before']:.3f} -> {record['coverage_after']:.3f} over the brain, {lesions}")
     return 0
 
 
