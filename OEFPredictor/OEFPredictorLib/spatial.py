@@ -233,12 +233,13 @@ def decode(raw: np.ndarray, echo1: np.ndarray, output_scaling: dict, interval_sc
     params["R2"] = params["R2"] * r2_factor
     params = physics.clamp_to_bounds(params, s0_scale=echo1)
     oef = 100.0 * physics.oef_from_Y(params["Y"])
+    centre = float(np.median(oef)) if oef.size else 0.0  # the gain keeps it: the interval's bins read it too
     if gain != 1.0 and oef.size:
-        params["Y"] = np.clip(physics.Y_from_oef(apply_gain(oef, gain, np.median(oef)) / 100.0), *physics.BOUNDS["Y"])
+        params["Y"] = np.clip(physics.Y_from_oef(apply_gain(oef, gain, centre) / 100.0), *physics.BOUNDS["Y"])
         oef = 100.0 * physics.oef_from_Y(params["Y"])
     half_below = softplus(raw[:, n]) * INTERVAL_UNIT * 100.0
     half_above = softplus(raw[:, n + 1]) * INTERVAL_UNIT * 100.0
-    k = interval_factors(interval_scale, half_below, half_above, oef, noise_level, resampling)
+    k = interval_factors(interval_scale, half_below, half_above, oef, noise_level, resampling, centre)
     out = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
     out["OEF"] = oef.astype(np.float32)
     out["OEF_p05"] = np.clip(oef - k * half_below, 0.0, 100.0).astype(np.float32)
@@ -268,20 +269,22 @@ def contrast_gain(fit: dict | None, noise_level: float | None) -> float:
 
 
 def interval_factors(interval_scale, half_below: np.ndarray, half_above: np.ndarray, oef: np.ndarray,
-                     noise_level: float | None = None, resampling=None):
+                     noise_level: float | None = None, resampling=None, centre: float | None = None):
     """The conformal factor of each voxel's interval: one number for all, or Mondrian (a card's
     {"width_edges_pp", "abnormality_edges_pp", "factors"}): voxels are calibrated among those of the same
     bin of the network's own half-width and of predicted abnormality (|OEF - the brain's median OEF|),
     so the interval is right where the network is unsure, and where it sees a lesion, not only on
     average. With "noise" ({"intercept", "slope"} and the resampling terms) the factors are relative to the
     volume's scale (noise_scale), because the network's own half-width does not grow enough with the noise
-    or with the error of resampling another echo train."""
+    or with the error of resampling another echo train. `centre`: the brain's median OEF (from `oef` when not
+    given)."""
     if not isinstance(interval_scale, dict):
         return float(interval_scale)
     factors = np.asarray(interval_scale["factors"], dtype=np.float32)  # (abnormality bins, width bins)
     width = np.searchsorted(np.asarray(interval_scale["width_edges_pp"]), 0.5 * (half_below + half_above))
-    abnormal = np.searchsorted(np.asarray(interval_scale["abnormality_edges_pp"]),
-                               np.abs(oef - (np.median(oef) if oef.size else 0.0)))
+    if centre is None:
+        centre = float(np.median(oef)) if oef.size else 0.0
+    abnormal = np.searchsorted(np.asarray(interval_scale["abnormality_edges_pp"]), np.abs(oef - centre))
     return factors[abnormal, width] * noise_scale(interval_scale, noise_level, resampling)
 
 

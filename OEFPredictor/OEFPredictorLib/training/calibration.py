@@ -223,11 +223,11 @@ def calibration_volumes(bundle, config, seed: int = CALIBRATION_SEED, wide: bool
         truth = 100.0 * physics.oef_from_Y(patient.params[..., 2][patient.mask].astype(np.float64))
         oef = out["OEF"]
         below, above = np.maximum(oef - out["OEF_p05"], 1e-3), np.maximum(out["OEF_p95"] - oef, 1e-3)
+        centre = float(np.median(oef)) if oef.size else 0.0
         yield {"oef": oef[keep], "truth": truth[keep], "below": below[keep], "above": above[keep],
                "widths": (0.5 * (out["OEF_p95"] - out["OEF_p05"]))[keep],
-               "scores": interval_scores(out, truth)[keep],
-               "centre": float(np.median(oef)) if oef.size else 0.0,
-               "abnormal": np.abs(oef - np.median(oef))[keep],
+               "scores": sided_scores(oef, truth, below, above)[keep],
+               "centre": centre, "abnormal": np.abs(oef - centre)[keep],
                "lesion": np.isin(patient.lesion_map[patient.mask], evaluate.LESION_CODES)[keep],
                "noise_level": diagnostics["noise_level"], "resampling": diagnostics["resampling"],
                "protocol": protocol.describe(),
