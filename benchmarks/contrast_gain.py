@@ -47,16 +47,15 @@ def main() -> int:
     bundle = models.load_bundle(args.model)
     config = ContextTrainConfig(calibration_patients=args.volumes,
                                 voxel_size_mm=float(bundle.card["spatial"]["voxel_size_mm"]))
-    volumes = list(calibration.calibration_volumes(bundle, config, DEV_SEED,
-                                                   progress=lambda i, n, what: print(f"{i}/{n}", flush=True)))
+    volumes = [v for v in calibration.calibration_volumes(bundle, config, DEV_SEED,
+                                                         progress=lambda i, n, what: print(f"{i}/{n}", flush=True))
+               if len(v["oef"])]  # as contrast_gain_fit keeps them: its record is per kept volume
     constant = 100.0 * float(physics.oef_from_Y(evaluate.healthy_prior_Y()))
+    fit_on_all, record = calibration.contrast_gain_fit(volumes)
     rows = []
-    for i, volume in enumerate(volumes):
+    for i, (volume, (level, own_gain)) in enumerate(zip(volumes, record["volumes_noise_level_and_own_gain"])):
         fit, _ = calibration.contrast_gain_fit([v for j, v in enumerate(volumes) if j != i])
-        deviation = volume["oef"] - volume["centre"]
-        rows.append({"noise_level": round(float(volume["noise_level"]), 3),
-                     "own_gain": round(float(np.dot(volume["truth"] - volume["centre"], deviation)
-                                             / max(float(np.dot(deviation, deviation)), 1e-12)), 3),
+        rows.append({"noise_level": level, "own_gain": own_gain,
                      "network": rmse(volume["oef"], volume["truth"]),
                      "gain": rmse(calibration.with_contrast_gain(volume, fit)["oef"], volume["truth"]),
                      "gain_without_smallest_shrink": rmse(
@@ -70,10 +69,9 @@ def main() -> int:
                                                       for key in ("own_gain", "network", "gain",
                                                                   "gain_without_smallest_shrink", "constant")}}
             print(name, json.dumps(bands[name]), flush=True)
-    fit, _ = calibration.contrast_gain_fit(volumes)
     result = {"model": bundle.path.name, "seed": DEV_SEED, "volumes": len(volumes),
               "note": "mean per-volume OEF RMSE (pp) of the left-out volumes, by band of measured noise",
-              "bands": bands, "fit_on_all": fit, "per_volume": rows}
+              "bands": bands, "fit_on_all": fit_on_all, "per_volume": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0
 
