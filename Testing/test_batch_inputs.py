@@ -253,3 +253,44 @@ def test_ctrl_c_says_what_was_kept(raw, tmp_path):
     partials = [p for p in out.rglob("*.partial-*")]
     assert ("no partial output was kept" in message[0]) == (not partials), (message, partials)
     assert not partials
+
+
+def test_abandoned_result_fetches_are_not_reported_after_the_cluster_is_lost():
+    """A result fetch still waiting when the client closes ends in Dask's AllExit; asyncio would
+    print "Task exception was never retrieved" and its traceback after the one-line reason (seen
+    in CI when a worker was killed mid-fetch). The batch's closing filter drops exactly those."""
+    import asyncio
+    import gc
+    import logging
+
+    from distributed.client import AllExit
+
+    from OEFPredictorLib.cli import batch
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    handler = Keep()
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addHandler(handler)
+    try:
+        batch._close(None, None)
+
+        async def abandoned(exc):
+            raise exc
+
+        async def main():
+            for exc in (AllExit(), ValueError("a real bug")):
+                asyncio.get_running_loop().create_task(abandoned(exc))
+            await asyncio.sleep(0)
+
+        asyncio.run(main())
+        gc.collect()
+    finally:
+        asyncio_log.removeHandler(handler)
+        asyncio_log.removeFilter(batch._drop_abandoned_fetches)
+    reported = [r.exc_info[0].__name__ for r in seen if r.exc_info]
+    assert reported == ["ValueError"], reported

@@ -151,8 +151,19 @@ def _participants(args, bids_dir: Path, out: Path, start: float) -> int:
     return 1 if failed else 0
 
 
+def _drop_abandoned_fetches(record: logging.LogRecord) -> bool:
+    """A logging filter: a result fetch still waiting when the client closes ends in Dask's AllExit,
+    and asyncio reports each such task ("Task exception was never retrieved") when it is collected.
+    They are this run's own abandoned waits, not news for the user."""
+    exc_type = record.exc_info[0] if record.exc_info else None
+    return not (exc_type is not None and exc_type.__name__ == "AllExit")
+
+
 def _close(client, cluster) -> None:
     """Close the client and a local cluster without hanging on a dead scheduler."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _drop_abandoned_fetches not in asyncio_log.filters:
+        asyncio_log.addFilter(_drop_abandoned_fetches)
     for thing in (client, cluster):
         if thing is None:
             continue
