@@ -479,6 +479,7 @@ def valid_case(tiny_noisy_dataset):
     ("qsm_constant", "same value"),
     ("echoes_reversed", "does not decay"),
     ("echoes_shuffled", "look shuffled"),
+    ("echoes_clipped", "look clipped"),
 ])
 def test_the_plausibility_gate_refuses(valid_case, case, message):
     from OEFPredictorLib import predict
@@ -495,6 +496,8 @@ def test_the_plausibility_gate_refuses(valid_case, case, message):
         echoes = echoes[..., ::-1]
     elif case == "echoes_shuffled":
         echoes = echoes[..., [0, 1, 5, 2, 6, 3, 7, 4]]
+    elif case == "echoes_clipped":  # floats cast to uint16 with too large a scale
+        echoes = np.minimum(echoes * (65535.0 / np.percentile(echoes[p.mask], 30)), 65535.0).astype(np.uint16)
     for mask in (p.mask, None):
         with pytest.raises(predict.InputError, match=message):
             predict.PredictionInputs(echoes, qsm, p.protocol, mask=mask).validate()

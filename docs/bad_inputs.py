@@ -228,6 +228,11 @@ def c_echoes_shuffled(ctx):
     return _edited(ctx, echo_fn=lambda e: e[..., [0, 1, 5, 2, 6, 3, 7, 4]])
 
 
+def c_echoes_clipped(ctx):
+    return _edited(ctx, echo_fn=lambda e: np.minimum(e * (65535.0 / np.percentile(e[e > 0], 80)), 65535.0)
+                   .astype(np.uint16))
+
+
 def c_qsm_zero(ctx):
     return _edited(ctx, qsm_fn=np.zeros_like)
 
@@ -558,6 +563,8 @@ CASES = [
     Case("Plausibility", "QSM in ppb instead of ppm", T + "test_the_plausibility_gate_refuses", c_qsm_ppb),
     Case("Plausibility", "echoes in reverse order", T + "test_the_plausibility_gate_refuses", c_echoes_reversed),
     Case("Plausibility", "echoes shuffled", T + "test_the_plausibility_gate_refuses", c_echoes_shuffled),
+    Case("Plausibility", "echoes clipped when stored (floats cast to 16-bit integers, scaled too far)",
+         T + "test_the_plausibility_gate_refuses", c_echoes_clipped),
     Case("Plausibility", "all-zero QSM", T + "test_the_plausibility_gate_refuses", c_qsm_zero),
     Case("Plausibility", "constant QSM", T + "test_the_plausibility_gate_refuses", c_qsm_constant),
     Case("Plausibility", "`--te` that contradicts the BIDS sidecar",

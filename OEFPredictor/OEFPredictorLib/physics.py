@@ -47,7 +47,8 @@ def parse_echo_times_ms(text: str) -> list[float]:
     if any(not np.isfinite(v) or v <= 0 for v in values):
         raise ValueError(f"Echo times must be positive milliseconds, got {text}.")
     if any(b <= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"Echo times must be strictly increasing, got {text}.")
+        raise ValueError(f"Echo times must be strictly increasing, got {text}; give the echoes and their "
+                         "times shortest first, each echo once.")
     if max(values) < 1.0:
         raise ValueError(f"Echo times {text}: this looks like seconds; give them in milliseconds "
                          f"(e.g. {','.join(f'{v * 1000:g}' for v in values)}).")
@@ -85,7 +86,8 @@ class Protocol:
         if not np.all(np.isfinite(te)) or np.any(te <= 0):
             raise ValueError(f"Echo times must be positive numbers, got {_listed(te)}.")
         if np.any(np.diff(te) <= 0):
-            raise ValueError(f"Echo times must be strictly increasing, got {_listed(te)}.")
+            raise ValueError(f"Echo times must be strictly increasing, got {_listed(te)}; give the echoes and their "
+                             "times shortest first, each echo once.")
         if te.max() > 1.0:
             raise ValueError(
                 f"Echo times look like milliseconds ({_listed(te)}); a Protocol takes seconds. "

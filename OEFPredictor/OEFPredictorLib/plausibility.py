@@ -6,6 +6,9 @@ what is wrong and what to do:
 - a QSM in ppb instead of ppm (median |QSM| in the brain above 1 ppm: brain tissue lies within
   about +-0.2 ppm, the same data in ppb around 10-200);
 - an all-zero or constant QSM;
+- echoes clipped when stored (more than 1 % of the brain's first-echo voxels at the echoes' very
+  largest value: e.g. floats cast to 16-bit integers without rescaling; valid data reach their
+  maximum in a few voxels at most);
 - echoes whose signal does not decay (reversed order), or whose brain median rises from one echo
   to the next by more than 2 % (shuffled order): a GRE magnitude decays with echo time, by about
   10 % per 5 ms in brain tissue, and the median over thousands of voxels is not moved by noise.
@@ -33,6 +36,7 @@ from .errors import InputError
 
 MAX_MEDIAN_ABS_QSM_PPM = 1.0  # above: the QSM is in ppb (or another unit)
 MAX_ECHO_RISE = 1.02  # brain-median signal of echo j+1 over echo j; above: echoes out of order
+MAX_CLIPPED_FRACTION = 0.01  # of the brain's first-echo voxels at the echoes' largest value; above: clipped
 MAX_MEDIAN_QUALITY = 0.15  # median normalised residual; ~1/SNR on valid data
 MAX_NON_BRAIN_FRACTION = 0.01  # of the mask's voxels that look like non-brain tissue; above: a warning
 MIN_TISSUE_SIGNAL = 0.1  # echo 1 over the mask's median echo 1; below: no tissue signal
@@ -78,8 +82,15 @@ def check_inputs(echoes: np.ndarray, qsm: np.ndarray, mask: np.ndarray | None, e
     if median_abs > MAX_MEDIAN_ABS_QSM_PPM:
         raise InputError(f"The QSM looks like ppb, not ppm: its median magnitude in the brain is {median_abs:.3g}, "
                          "while brain tissue lies within about +-0.2 ppm. Divide it by 1000 (ppb -> ppm).")
-    medians = np.median(rows, axis=0)
     te = [f"{t:g} ms" for t in echo_times_ms]
+    ceiling = float(np.nanmax(echoes))
+    clipped = float(np.mean(rows[:, 0] == ceiling))
+    if clipped > MAX_CLIPPED_FRACTION:
+        raise InputError(f"The echoes look clipped: {100 * clipped:.0f} % of the brain's voxels on the first echo "
+                         f"({te[0]}) sit at the echoes' largest value, {ceiling:.6g}, so their signal and decay are "
+                         "lost. Store the echoes again without clipping (as floats, or scaled to fit the integer "
+                         "type).")
+    medians = np.median(rows, axis=0)
     if medians[-1] >= medians[0]:
         raise InputError(f"The echo signal does not decay: in the brain the last echo ({te[-1]}) is as bright as "
                          f"or brighter than the first ({te[0]}), median {medians[-1]:.4g} vs {medians[0]:.4g}. "
