@@ -53,6 +53,8 @@ SLOW_TESTS = {
     "test_registered_in_evaluate", "test_predict_voxels_contract[cat]",
     "test_engine_equals_plain_model_predict_across_chunks", "test_cli_equals_library",
     "test_training_targets_hold_r2_in_3t_equivalent_time", "test_qsm_is_referenced_to_the_brains_csf_and_a_mask_without_csf_is_named",
+    "test_the_engine_with_a_field_map_maps_dephased_echoes_as_the_undephased_ones",
+    "test_predict_reads_a_field_map_in_the_unit_given_or_its_sidecar_and_never_assumes_one",
 }
 
 

@@ -12,18 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from . import maptable, physics, predict
+from . import fieldmap, maptable, physics, predict
 from .errors import InputError
-from .io import Geometry, check_same_grid, read_echo_series, read_image, resolve_field_strength, write_volume
+from .io import (Geometry, check_same_grid, read_echo_series, read_image, read_json, resolve_field_strength,
+                 sidecar_path, write_volume)
 
 
 def load_inputs(echoes, qsm, mask=None, cbf=None, echo_times_ms=None, field_strength: float | None = None,
-                notes: list[str] | None = None):
+                notes: list[str] | None = None, field_map=None, field_map_units: str | None = None):
     """Read and cross-check a prediction's input files -> (predict.PredictionInputs, Geometry).
 
     echoes: one 4D file, several 3D files in echo order, or a DICOM folder (read_echo_series).
     echo_times_ms / field_strength: given values (numbers) that override what the files say.
-    `notes` receives warnings about the files (e.g. given echo times that contradict a sidecar)."""
+    `notes` receives warnings about the files (e.g. given echo times that contradict a sidecar).
+    field_map: a field map file for the gradient correction (fieldmap.py), in field_map_units, else
+    the unit that its BIDS sidecar's "Units" gives; never assumed."""
     echoes = [echoes] if isinstance(echoes, (str, os.PathLike)) else list(echoes)
     te_ms = None if echo_times_ms is None else [float(t) for t in echo_times_ms]
     array, geometry, tes, field = read_echo_series(echoes, te_ms, notes)
@@ -45,8 +48,31 @@ def load_inputs(echoes, qsm, mask=None, cbf=None, echo_times_ms=None, field_stre
     qsm_array = read_3d(qsm, "QSM")
     mask_array = None if mask is None else np.nan_to_num(read_3d(mask, "mask")) > 0.5
     cbf_array = None if cbf is None else read_3d(cbf, "CBF")
-    inputs = predict.PredictionInputs(array, qsm_array, protocol, mask_array, cbf_array, geometry.spacing)
+    field_map_hz = None
+    if field_map is not None:
+        unit = field_map_unit(field_map, field_map_units)
+        field_map_hz = fieldmap.to_hz(read_3d(field_map, "field map"), unit, protocol.field_strength)
+    inputs = predict.PredictionInputs(array, qsm_array, protocol, mask_array, cbf_array, geometry.spacing,
+                                      field_map_hz)
     return inputs, geometry
+
+
+def field_map_unit(path, given: str | None) -> str:
+    """The unit of a field map: the one given, else its BIDS sidecar's "Units"; never assumed (Hz and
+    rad/s differ by 2 pi, and a wrong unit scales the whole correction)."""
+    if given is not None:
+        unit = fieldmap.unit_named(given)
+        if unit is None:
+            raise InputError(f"--field-map-units {given}: use one of {', '.join(fieldmap.UNITS)}.")
+        return unit
+    sidecar = sidecar_path(path)
+    said = read_json(sidecar).get("Units") if Path(sidecar).is_file() else None
+    unit = None if said is None else fieldmap.unit_named(said)
+    if unit is None:
+        where = f"its sidecar {Path(sidecar).name} says {said!r}" if said is not None else "it has no BIDS sidecar with Units"
+        raise InputError(f"The unit of the field map {Path(path).name} is unknown ({where}); give it with "
+                         f"--field-map-units ({', '.join(fieldmap.UNITS)}).")
+    return unit
 
 
 def write_maps(result, geometry: Geometry, folder: str | os.PathLike, file_name=None,

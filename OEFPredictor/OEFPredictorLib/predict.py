@@ -1,4 +1,4 @@
-"""The prediction engine: echoes + QSM (+ mask, CBF) -> OEF and QQ parameter maps.
+"""The prediction engine: echoes + QSM (+ mask, CBF, field map) -> OEF and QQ parameter maps.
 
 Used by the command line (`oefpredictor predict`, `oefpredictor demo`) and by the Slicer module
 (through PredictionJob, which runs the engine in a background thread).
@@ -9,6 +9,8 @@ protocol, which is checked against the model there), then run by predict_maps:
 2. the mask: the given one, or one derived from the data (where the QSM is defined, else from
    echo 1; see derived_mask; the result says which in mask_source); voxels with
    NaN/Inf values or echo 1 <= 0 are taken out of it with a warning, so they never reach a window;
+   with a field map, the echoes are corrected for the macroscopic field gradients it shows
+   (fieldmap.py), and voxels whose signal the gradient took mostly away are taken out with a warning;
 3. per-voxel features (echoes / echo 1, QSM * qsm_scale; sequences.voxel_features);
 4. Predictor.fit: a spatial model on the whole volume, or, voxelwise, chunk by chunk (the chunk
    size follows from memory_budget_mb) the windows of the chunk through the network on batches;
@@ -38,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import maptable, methods, physics, plausibility, sequences
+from . import fieldmap, maptable, methods, physics, plausibility, sequences
 from .errors import CancelledError, InputError
 from .jobs import BackgroundJob, call_interruptibly
 
@@ -56,8 +58,9 @@ Progress = Callable[[float, str], None]
 @dataclasses.dataclass
 class PredictionInputs:
     """Arrays in SimpleITK order: echoes (z, y, x, E) magnitudes, qsm (z, y, x) ppm, optional mask
-    (z, y, x) bool and CBF (z, y, x) mL/100 g/min; protocol: the echo times of the data; spacing:
-    the voxel size (x, y, z) in mm, as io.Geometry.spacing (the spatial model resamples to its grid)."""
+    (z, y, x) bool, CBF (z, y, x) mL/100 g/min and field map (z, y, x) Hz (the field whose gradients
+    dephase the echoes; fieldmap.py); protocol: the echo times of the data; spacing: the voxel size
+    (x, y, z) in mm, as io.Geometry.spacing (the spatial model resamples to its grid)."""
 
     echoes: np.ndarray
     qsm: np.ndarray
@@ -65,6 +68,7 @@ class PredictionInputs:
     mask: np.ndarray | None = None
     cbf: np.ndarray | None = None
     spacing: tuple[float, float, float] | None = None
+    field_map: np.ndarray | None = None
 
     def validate(self) -> list[str]:
         """Raise InputError for unusable inputs; return warnings (e.g. NaN voxels left out). Whether
@@ -87,7 +91,7 @@ class PredictionInputs:
         if echoes.shape[3] != self.protocol.n_echoes:
             raise InputError(f"The echo series has {echoes.shape[3]} echoes but {self.protocol.n_echoes} echo "
                              f"times were given ({self.protocol.describe()}).")
-        for name, extra in (("mask", self.mask), ("CBF", self.cbf)):
+        for name, extra in (("mask", self.mask), ("CBF", self.cbf), ("field map", self.field_map)):
             if extra is not None and np.shape(extra) != qsm.shape:
                 raise InputError(f"The {name} {np.shape(extra)} and QSM {qsm.shape} differ in size (z, y, x).")
         warnings = []
@@ -580,6 +584,18 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
         run.warnings.append(f"{n_warn} voxel(s) with NaN/Inf values or echo 1 < 0 were left out of the mask "
                             "(their maps are 0).")
     mask = mask & ~bad
+    if inputs.field_map is not None:
+        report(0.03, "Correcting the field gradients")
+        echoes, untrusted = fieldmap.correct_echoes(echoes, inputs.field_map, mask, inputs.protocol)
+        inputs = dataclasses.replace(inputs, echoes=echoes)
+        n_untrusted = int(np.count_nonzero(untrusted))
+        if n_untrusted:
+            run.warnings.append(
+                f"{n_untrusted} voxel(s) ({100 * n_untrusted / max(int(mask.sum()), 1):.1f} % of the mask) were left "
+                f"out (their maps are 0): the field map's gradient there takes more than "
+                f"{100 * (1 - fieldmap.MIN_DEPHASING):.0f} % of the last echo's signal, or the field is not finite, so "
+                "the correction cannot be trusted (near the sinuses and ear canals).")
+        mask = mask & ~untrusted
     if not mask.any():
         raise InputError("No voxel inside the mask has finite echoes and QSM with echo 1 > 0; nothing to predict.")
     idx = np.flatnonzero(mask)  # C order (z, y, x): the voxel list of sequences.py

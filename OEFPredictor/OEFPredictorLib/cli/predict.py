@@ -38,6 +38,12 @@ def register(sub):
                    help="B0 field strength in tesla; default: MagneticFieldStrength of the BIDS sidecar, or the DICOM "
                         "tag (0018,0087). Never assumed: without any of these the command stops")
     p.add_argument("--cbf", metavar="FILE", help="CBF map (mL/100 g/min) for a CMRO2 map")
+    p.add_argument("--field-map", metavar="FILE",
+                   help="field map (the total or background field of a QSM pipeline, on the echoes' grid) to correct "
+                        "the echoes for macroscopic field gradients (near the sinuses); recommended: uncorrected, "
+                        "such gradients move OEF by 5-40 points where they exceed 1 Hz/mm")
+    p.add_argument("--field-map-units", metavar="UNIT",
+                   help="unit of --field-map: Hz, rad/s, ppm or T; default: Units of its BIDS sidecar (never assumed)")
     p.add_argument("--model", metavar="FILE", help="a .keras model with its .json card (default: bundled)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto (GPU if the backend sees one, else CPU; default), cpu, or gpu")
@@ -74,7 +80,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     out = Path(args.out)
-    inputs_given = [*args.echoes, args.qsm, args.mask, args.cbf]
+    inputs_given = [*args.echoes, args.qsm, args.mask, args.cbf, args.field_map]
     inputs_given += [io.sidecar_path(p) for p in args.echoes]
     names = [m.file for m in maptable.MAPS.values() if m.file] + [maptable.MASK_FILE, maptable.PROVENANCE_FILE]
     io.check_output_dir(out, args.overwrite, inputs_given, names)  # before any work
@@ -84,8 +90,10 @@ def run(args) -> int:
     notes = []
     if args.field_strength is not None and not 0 < args.field_strength <= 21:
         raise InputError(f"--field-strength {args.field_strength:g}: give the field strength in tesla (e.g. 3).")
+    if args.field_map:  # the unit used, as prediction.json records it (given, or from the sidecar)
+        args.field_map_units = files.field_map_unit(args.field_map, args.field_map_units)
     inputs, geometry = files.load_inputs(args.echoes, args.qsm, args.mask, args.cbf, te_ms, args.field_strength,
-                                         notes=notes)
+                                         notes=notes, field_map=args.field_map, field_map_units=args.field_map_units)
     args.field_strength_used = inputs.protocol.field_strength
     for note in notes:
         sys.stderr.write(f"oefpredictor predict: warning: {note}\n")
