@@ -32,7 +32,7 @@ _MODULE_DIR = Path(__file__).resolve().parent
 if str(_MODULE_DIR) not in sys.path:  # Slicer adds it; plain Python (tests, scripts) may not
     sys.path.insert(0, str(_MODULE_DIR))
 
-from OEFPredictorLib import maptable, methods, physics, predict  # noqa: E402  (no Keras at import)
+from OEFPredictorLib import fieldmap, maptable, methods, physics, predict  # noqa: E402  (no Keras at import)
 from OEFPredictorLib.errors import CancelledError, InputError  # noqa: E402
 from OEFPredictorSlicer import display, environment  # noqa: E402
 from OEFPredictorSlicer.comparison import (  # noqa: E402  (names scripts and tests use)
@@ -84,6 +84,8 @@ def _choices(name, labels):
 
 Device = _choices("Device", {"auto": _("Automatic (GPU if available)"), "cpu": _("CPU"), "gpu": _("GPU")})
 Method = _choices("Method", {m.name: m.label for m in methods.METHODS.values()})  # the engine's registry
+# a field map's unit: none is assumed (a run with a field map and no unit is refused)
+FieldMapUnit = _choices("FieldMapUnit", {"unset": _("Choose the unit"), **{unit: unit for unit in fieldmap.UNITS}})
 assert [d.value for d in Device] == list(predict.DEVICES)
 
 # The panel's state, saved with the scene: field -> (type, default, (min, max)). The .ui binds its
@@ -98,6 +100,8 @@ PARAMETER_NODE_FIELDS = {
     "qsm": ("vtkMRMLScalarVolumeNode", None, None),
     "mask": ("vtkMRMLScalarVolumeNode", None, None),
     "cbf": ("vtkMRMLScalarVolumeNode", None, None),
+    "fieldMap": ("vtkMRMLScalarVolumeNode", None, None),
+    "fieldMapUnits": (FieldMapUnit, FieldMapUnit.unset, None),
     "echoTimesMs": (str, None, None),
     "fieldStrength": (float, 0.0, (0.0, 21.0)),  # 0: unknown (shown so; never assumed)
     "useBundledModel": (bool, True, None),
@@ -213,7 +217,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = OEFPredictorLogic()
 
         # the same items, in the same order, as the parameter node's connector lists (Enum labels)
-        for combo, choices in ((self.ui.deviceComboBox, Device), (self.ui.methodComboBox, Method)):
+        for combo, choices in ((self.ui.deviceComboBox, Device), (self.ui.methodComboBox, Method),
+                               (self.ui.fieldMapUnitsComboBox, FieldMapUnit)):
             combo.clear()
             for member in choices:
                 combo.addItem(member.label())
@@ -225,8 +230,9 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         # Everything that changes whether Apply makes sense
         for selector in (self.ui.echoSequenceSelector, self.ui.qsmSelector, self.ui.maskSelector,
-                         self.ui.cbfSelector):
+                         self.ui.cbfSelector, self.ui.fieldMapSelector):
             selector.currentNodeChanged.connect(self.onInputChanged)
+        self.ui.fieldMapUnitsComboBox.currentIndexChanged.connect(self.onInputChanged)
         self.ui.echoSequenceSelector.currentNodeChanged.connect(self.onEchoSourceNodesChanged)
         self.ui.echoVolumesSelector.checkedNodesChanged.connect(self.onEchoSourceNodesChanged)
         self.ui.echoSequenceRadioButton.toggled.connect(self.onEchoSourceToggled)
@@ -328,6 +334,11 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def device(self):
         return list(Device)[qtProperty(self.ui.deviceComboBox, "currentIndex")].value
 
+    def fieldMapUnits(self):
+        """The field map's unit chosen in the panel, or None while unset."""
+        unit = list(FieldMapUnit)[qtProperty(self.ui.fieldMapUnitsComboBox, "currentIndex")]
+        return None if unit is FieldMapUnit.unset else unit.value
+
     def model(self):
         """None (the method's bundled model) or the model file typed in the panel."""
         if self.ui.bundledModelRadioButton.isChecked():
@@ -339,7 +350,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         times are parsed (InputError) unless echoTimes is False."""
         return PredictionSettings(
             echoTimesMs=self.echoTimesMs() if echoTimes else None,
-            fieldStrength=self.fieldStrength(), model=self.model(), device=self.device(),
+            fieldStrength=self.fieldStrength(), fieldMapUnits=self.fieldMapUnits(), model=self.model(),
+            device=self.device(),
             method=self.method(), opacity=qtProperty(self.ui.opacitySliderWidget, "value"),
             outputNodes={name: getattr(self.ui, selector).currentNode() for name, selector in OUTPUT_SELECTORS.items()})
 
@@ -377,6 +389,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             missing.append(str(exc))
         if self.fieldStrength() is None:
             missing.append(_("Set the field strength (T): the echoes carry no DICOM MagneticFieldStrength."))
+        if self.ui.fieldMapSelector.currentNode() is not None and self.fieldMapUnits() is None:
+            missing.append(_("Choose the field map's unit (Hz, rad/s, ppm or T)."))
         model = self.modelFile()
         if model == "" and self.model() is None:
             missing.append(_("The bundled model is not installed; choose a model file."))
@@ -526,7 +540,8 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             run = self.logic.startPrediction(self.echoInput(), self.ui.qsmSelector.currentNode(),
                                              mask=self.ui.maskSelector.currentNode(),
-                                             cbf=self.ui.cbfSelector.currentNode(), settings=self.settings())
+                                             cbf=self.ui.cbfSelector.currentNode(),
+                                             fieldMap=self.ui.fieldMapSelector.currentNode(), settings=self.settings())
         except InputError as exc:
             self.lastError = exc
             self._showError(str(exc))
@@ -582,11 +597,12 @@ class OEFPredictorLogic(ScriptedLoadableModuleLogic):
         self.comparison = ComparisonLogic(self.prediction.predictionMasks)
 
     # --- prediction (settings: a PredictionSettings; keywords override its fields) ---------------
-    def process(self, echoes, qsm, mask=None, cbf=None, settings=None, wait=True, timeout=None, **overrides):
-        return self.prediction.process(echoes, qsm, mask, cbf, settings, wait, timeout, **overrides)
+    def process(self, echoes, qsm, mask=None, cbf=None, settings=None, wait=True, timeout=None, fieldMap=None,
+                **overrides):
+        return self.prediction.process(echoes, qsm, mask, cbf, settings, wait, timeout, fieldMap, **overrides)
 
-    def startPrediction(self, echoes, qsm, mask=None, cbf=None, settings=None, **overrides):
-        return self.prediction.startPrediction(echoes, qsm, mask, cbf, settings, **overrides)
+    def startPrediction(self, echoes, qsm, mask=None, cbf=None, settings=None, fieldMap=None, **overrides):
+        return self.prediction.startPrediction(echoes, qsm, mask, cbf, settings, fieldMap, **overrides)
 
     def echoTimesFromNodes(self, echoes):
         return self.prediction.echoTimesFromNodes(echoes)

@@ -417,3 +417,38 @@ def test_the_field_strength_comes_from_dicom_or_the_panel_never_assumed(case, en
     assert inputs.protocol.field_strength == 1.5
     seq, _browser = add_echo_sequence(patient)
     assert logic.prediction.fieldStrengthFromNodes(seq) == patient.protocol.field_strength
+
+
+def test_a_field_map_volume_corrects_the_echoes_as_the_engine_does_and_needs_its_unit(case, env):
+    """A field map node (here in rad/s) reaches the engine in Hz: the outputs are the engine's run on
+    the same arrays with that field map. Without its unit, or on another grid, the run is refused
+    before it starts, and the scene is as it was."""
+    from OEFPredictorLib import fieldmap
+
+    patient, model_path = case
+    echoes = add_echo_volumes(patient)
+    qsm = slicer.util.addVolumeFromArray(patient.qsm, ijk_to_ras(patient.geometry), "QSM")
+    field_hz = 3.0 * np.indices(patient.qsm.shape)[0].astype(np.float32)  # 3 Hz per voxel along z
+    field_hz[~patient.mask] = 0.0
+    rad_s = (2 * np.pi * field_hz).astype(np.float32)
+    field_node = slicer.util.addVolumeFromArray(rad_s, ijk_to_ras(patient.geometry), "field map")
+    other_grid = slicer.util.addVolumeFromArray(rad_s[:, :-1], ijk_to_ras(patient.geometry), "cropped field map")
+    logic = module.OEFPredictorLogic()
+    run = dict(echoTimesMs=patient.protocol.echo_times_ms, model=str(model_path), method="lstm", device="cpu")
+    before_ids = scene_node_ids(env.scene)
+    with pytest.raises(InputError, match="unit of the field map 'field map' is not set"):
+        logic.process(echoes, qsm, fieldMap=field_node, **run)
+    with pytest.raises(InputError, match="field map volume 'cropped field map' is not on the same voxel grid"):
+        logic.process(echoes, qsm, fieldMap=other_grid, fieldMapUnits="rad/s", **run)
+    assert scene_node_ids(env.scene) == before_ids
+    outputs = logic.process(echoes, qsm, fieldMap=field_node, fieldMapUnits="rad/s", **run)
+    inputs = predict.PredictionInputs(patient.echoes.astype(np.float32), patient.qsm.astype(np.float32),
+                                      patient.protocol,
+                                      field_map=fieldmap.to_hz(rad_s, "rad/s", patient.protocol.field_strength))
+    expected = predict.predict_maps(inputs, model=str(model_path), method="lstm", device="cpu")
+    for name in MAPS:
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(outputs[name]), expected.maps[name])
+    uncorrected = _engine(patient, model_path)
+    # the tiny untrained LSTM barely reads its inputs; the quality map shows which echoes it was given
+    assert not np.allclose(uncorrected.maps["quality"], expected.maps["quality"])
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(field_node), rad_s)  # the user's node as it was

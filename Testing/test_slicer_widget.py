@@ -438,3 +438,29 @@ def test_the_panel_field_strength_comes_from_dicom_and_is_never_assumed(panel):
         ui.echoVolumesSelector.setCheckState(node, QtCore.Qt.CheckState.Checked)
     assert panel.widget.settings().fieldStrength == 7.0
     assert ui.applyButton.isEnabled(), _tooltip(ui)
+
+
+def test_a_field_map_needs_its_unit_and_reaches_the_logic_with_it(panel, monkeypatch):
+    """A field map volume keeps Apply off until its unit is chosen (none is assumed); Apply then gives
+    the Logic the field map node and the unit."""
+    from slicer_testing import ijk_to_ras
+
+    ui = panel.ui
+    patient, seq, qsm = _ready_panel(panel)
+    assert panel.widget.settings().fieldMapUnits is None  # unset by default
+    field = slicer.util.addVolumeFromArray(np.zeros_like(patient.qsm), ijk_to_ras(patient.geometry), "field map")
+    ui.fieldMapSelector.setCurrentNode(field)
+    assert not ui.applyButton.isEnabled() and "field map's unit" in _tooltip(ui)
+    ui.fieldMapUnitsComboBox.setCurrentIndex(list(panel.module.FieldMapUnit).index(panel.module.FieldMapUnit.Hz))
+    assert ui.applyButton.isEnabled(), _tooltip(ui)
+    assert panel.widget.settings().fieldMapUnits == "Hz"
+    given = {}
+
+    def start(echoes, qsm_node, mask=None, cbf=None, fieldMap=None, settings=None):
+        given.update(fieldMap=fieldMap, units=settings.fieldMapUnits)
+        raise panel.module.InputError("stopped here by the test")
+
+    monkeypatch.setattr(panel.widget.logic, "startPrediction", start)
+    ui.applyButton.click()
+    assert given == {"fieldMap": field, "units": "Hz"}
+    assert "stopped here by the test" in str(panel.widget.lastError)

@@ -31,10 +31,12 @@ class PredictionSettings:
     fieldStrength: tesla (None: from the echoes' DICOM MagneticFieldStrength; never assumed).
     method: a name of OEFPredictorLib.methods.METHODS (the registry the command line uses too).
     model: None (the method's bundled model), a .keras path with its .json card, or a ModelBundle.
-    outputNodes: {map name: existing scalar volume to overwrite}; the others are created."""
+    outputNodes: {map name: existing scalar volume to overwrite}; the others are created.
+    fieldMapUnits: the unit of a field map volume (OEFPredictorLib.fieldmap.UNITS); never assumed."""
 
     echoTimesMs: list[float] | None = None
     fieldStrength: float | None = None
+    fieldMapUnits: str | None = None
     model: Any = None
     device: str = "auto"
     method: str | None = None  # None: the model's own method, else methods.DEFAULT_METHOD
@@ -225,11 +227,13 @@ class PredictionLogic:
             raise InputError(_("At least two echoes are needed, got {n}.").format(n=len(nodes)))
         return nodes
 
-    def collectInputs(self, echoes, qsm, mask=None, cbf=None, echoTimesMs=None, fieldStrength=None):
+    def collectInputs(self, echoes, qsm, mask=None, cbf=None, echoTimesMs=None, fieldStrength=None, fieldMap=None,
+                      fieldMapUnits=None):
         """Copy the arrays out of MRML (main thread): (PredictionInputs, context for the outputs).
 
-        Refuses, with what to do, inputs that do not share the echoes' voxel grid."""
-        from OEFPredictorLib import physics
+        Refuses, with what to do, inputs that do not share the echoes' voxel grid, and a field map
+        without its unit."""
+        from OEFPredictorLib import fieldmap, physics
         from OEFPredictorLib.predict import PredictionInputs
 
         nodes = self.echoVolumeNodes(echoes)
@@ -244,6 +248,12 @@ class PredictionLogic:
             named.append((_("mask"), mask))
         if cbf is not None:
             named.append((_("CBF"), cbf))
+        if fieldMap is not None:
+            named.append((_("field map"), fieldMap))
+            unit = fieldmap.unit_named(fieldMapUnits) if fieldMapUnits else None
+            if unit is None:
+                raise InputError(_("The unit of the field map '{name}' is not set: choose Hz, rad/s, ppm or T "
+                                   "(Field map unit).").format(name=fieldMap.GetName()))
         for label, node in named:
             if node.GetImageData() is None:
                 raise InputError(_("The {label} volume '{name}' has no voxels.").format(label=label, name=node.GetName()))
@@ -284,10 +294,12 @@ class PredictionLogic:
         qsmArray = np.array(slicer.util.arrayFromVolume(qsm), dtype=np.float32)
         maskArray = None if mask is None else np.array(slicer.util.arrayFromVolume(mask)) > 0
         cbfArray = None if cbf is None else np.array(slicer.util.arrayFromVolume(cbf), dtype=np.float32)
+        fieldMapHz = None if fieldMap is None else fieldmap.to_hz(slicer.util.arrayFromVolume(fieldMap), unit,
+                                                                    protocol.field_strength)
         # the voxel size (x, y, z) in mm: the spatial model resamples to its own grid
         spacing = tuple(float(x) for x in nodes[0].GetSpacing())
         inputs = PredictionInputs(echoes=echoArray, qsm=qsmArray, protocol=protocol, mask=maskArray, cbf=cbfArray,
-                                  spacing=spacing)
+                                  spacing=spacing, field_map=fieldMapHz)
         context = {
             "ijkToRAS": refMatrix,
             "transformID": refTransform,
@@ -321,12 +333,13 @@ class PredictionLogic:
         return None
 
     # --- running ---------------------------------------------------------------------------------
-    def startPrediction(self, echoes, qsm, mask=None, cbf=None, settings=None, **overrides):
+    def startPrediction(self, echoes, qsm, mask=None, cbf=None, settings=None, fieldMap=None, **overrides):
         """Copy the inputs out of MRML and start the engine in a background job.
 
         echoes: a vtkMRMLSequenceNode (index values = echo times) or a list of scalar volume nodes
-        in echo order. settings: a PredictionSettings; keyword arguments override its fields
-        (echoTimesMs=, model=, device=, ...). Returns a PredictionRun. One run at a time: a second
+        in echo order. fieldMap: a scalar volume of the field (settings.fieldMapUnits) whose
+        gradients the echoes are corrected for. settings: a PredictionSettings; keyword arguments
+        override its fields (echoTimesMs=, model=, device=, fieldMapUnits=, ...). Returns a PredictionRun. One run at a time: a second
         start while one runs is refused."""
         settings = dataclasses.replace(settings or PredictionSettings(), **overrides)
         if self.activeRun is not None and not self.activeRun.done:
@@ -336,12 +349,13 @@ class PredictionLogic:
         if settings.device not in predict.DEVICES:
             raise InputError(_("Unknown device {d!r}; choose one of {ds}.").format(
                 d=settings.device, ds=", ".join(predict.DEVICES)))
-        inputs, context = self.collectInputs(echoes, qsm, mask, cbf, settings.echoTimesMs, settings.fieldStrength)
+        inputs, context = self.collectInputs(echoes, qsm, mask, cbf, settings.echoTimesMs, settings.fieldStrength,
+                                             fieldMap, settings.fieldMapUnits)
         outputNodes = {name: node for name, node in (settings.outputNodes or {}).items() if node is not None}
         for name, node in outputNodes.items():
             if not node.IsA("vtkMRMLScalarVolumeNode"):
                 raise InputError(_("The output for {name} must be a scalar volume node.").format(name=name))
-            if node in self.echoVolumeNodes(echoes) or node in (qsm, mask, cbf):
+            if node in self.echoVolumeNodes(echoes) or node in (qsm, mask, cbf, fieldMap):
                 raise InputError(_("The output for {name} is one of the inputs; choose another volume or create "
                                    "a new one.").format(name=name))
         if len({node.GetID() for node in outputNodes.values()}) < len(outputNodes):
@@ -354,14 +368,15 @@ class PredictionLogic:
         self.activeRun = PredictionRun(self, job, context)
         return self.activeRun
 
-    def process(self, echoes, qsm, mask=None, cbf=None, settings=None, wait=True, timeout=None, **overrides):
+    def process(self, echoes, qsm, mask=None, cbf=None, settings=None, wait=True, timeout=None, fieldMap=None,
+                **overrides):
         """Predict OEF and the other maps from MRML nodes (see startPrediction for the arguments).
 
         wait=True (default): blocks until done and returns {map name: output volume node}
         (maptable.BASE, CMRO2 with a CBF volume, the interval maps of methods that give one);
         raises CancelledError or InputError without touching the scene. wait=False: returns the
         PredictionRun."""
-        run = self.startPrediction(echoes, qsm, mask=mask, cbf=cbf, settings=settings, **overrides)
+        run = self.startPrediction(echoes, qsm, mask=mask, cbf=cbf, settings=settings, fieldMap=fieldMap, **overrides)
         return run.wait(timeout) if wait else run
 
     # --- outputs ----------------------------------------------------------------------------------
