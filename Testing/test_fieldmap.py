@@ -134,6 +134,9 @@ def test_predict_reads_a_field_map_in_the_unit_given_or_its_sidecar_and_never_as
 
     code, _, err = run_cli(capsys, *argv, "--field-map-units", "Hz", "--out", tmp_path / "hz")
     assert code == 0, err
+    assert "no field map given" not in err
+    code, _, err = run_cli(capsys, *argv[:-2], "--out", tmp_path / "without")
+    assert code == 0 and "note: no field map given" in err and "--field-map" in err  # what was not corrected
     record = json.loads((tmp_path / "hz" / "prediction.json").read_text())
     assert record["inputs"]["field_map"] == str(path) and record["inputs"]["field_map_units"] == "Hz"
 

@@ -75,7 +75,7 @@ def run_prediction(inputs, predictor, device: str, bar_label: str = "Predicting"
 
 
 def run(args) -> int:
-    from .. import files, io, maptable, predict
+    from .. import fieldmap, files, io, maptable, predict
     from . import parse_echo_times_ms
 
     start = time.perf_counter()
@@ -111,6 +111,8 @@ def run(args) -> int:
     if result.mask_derived:
         sys.stderr.write(f"oefpredictor predict: note: no --mask given; the mask ({maptable.MASK_FILE}) is "
                          f"{result.mask_source}.\n")
+    if not args.field_map:
+        sys.stderr.write(f"oefpredictor predict: note: {fieldmap.NOT_CORRECTED_NOTE}\n")
     sys.stderr.flush()  # the result line comes last
     print(f"OEF maps of {result.n_voxels} voxels written to {out}/ ({', '.join(p.name for p in written.values())}) "
           f"in {time.perf_counter() - start:.1f} s (prediction {result.elapsed_s:.1f} s on the {result.device.upper()}).")
