@@ -294,3 +294,45 @@ def test_abandoned_result_fetches_are_not_reported_after_the_cluster_is_lost():
         asyncio_log.removeFilter(batch._drop_abandoned_fetches)
     reported = [r.exc_info[0].__name__ for r in seen if r.exc_info]
     assert reported == ["ValueError"], reported
+
+
+def test_batch_corrects_with_a_derivative_field_map_and_needs_its_unit(raw, tmp_path, capsys):
+    """A QSM pipeline's field map in a derivatives folder (Units in its sidecar) corrects that
+    subject's echoes, and the log says which file; one without Units fails its subject alone,
+    saying so; a raw fmap/ acquisition (its own grid) is not taken; a subject without any is
+    logged as not corrected."""
+    from OEFPredictorLib import bids, io
+
+    data = tmp_path / "raw"
+    shutil.copytree(raw, data)
+    derivatives = tmp_path / "qsmpipe"
+    derivatives.mkdir()
+    io.write_json({"Name": "a QSM pipeline", "BIDSVersion": bids.BIDS_VERSION, "DatasetType": "derivative",
+                   "GeneratedBy": [{"Name": "qsmpipe"}]}, derivatives / "dataset_description.json")
+    for subject, sidecar in (("P01", {"Units": "Hz"}), ("P02", {})):
+        qsm, geometry = io.read_volume(data / f"sub-{subject}" / "anat" / f"sub-{subject}_Chimap.nii.gz")
+        field = (2.0 * np.indices(qsm.shape)[0]).astype(np.float32) * (qsm != 0)
+        anat = derivatives / f"sub-{subject}" / "anat"
+        anat.mkdir(parents=True)
+        io.write_volume(field, geometry, anat / f"sub-{subject}_desc-total_fieldmap.nii.gz")
+        io.write_json(sidecar, anat / f"sub-{subject}_desc-total_fieldmap.json")
+    fmap = data / "sub-P03" / "fmap"  # a field-mapping acquisition on its own grid: not the correction's input
+    fmap.mkdir()
+    io.write_volume(np.zeros((5, 6, 7), np.float32), io.Geometry((3.0, 3.0, 3.0), (0.0, 0.0, 0.0),
+                                                                 (1, 0, 0, 0, 1, 0, 0, 0, 1)), fmap / "sub-P03_fieldmap.nii.gz")
+    io.write_json({"Units": "Hz"}, fmap / "sub-P03_fieldmap.json")
+
+    units = {u.name: u for u in bids.find_inputs(bids.open_layout(data, [derivatives]))}
+    assert units["sub-P01"].field_map.endswith("sub-P01_desc-total_fieldmap.nii.gz")
+    assert units["sub-P03"].field_map is None
+    assert any(p.endswith("sub-P01_desc-total_fieldmap.json") for p in units["sub-P01"].files())  # resumption key
+
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "batch", data, out, "--derivatives", derivatives, "--method", "nlls",
+                                "--workers", "1")
+    assert code == 1, err
+    log = (out / "logs" / "batch.log").read_text()
+    line = {name: next(l for l in log.splitlines() if f"\t{name}\t" in l) for name in ("sub-P01", "sub-P02", "sub-P03")}
+    assert "\tok\t" in line["sub-P01"] and "field map sub-P01_desc-total_fieldmap.nii.gz" in line["sub-P01"]
+    assert "\tfailed\tThe unit of the field map sub-P02_desc-total_fieldmap.nii.gz is unknown" in line["sub-P02"]
+    assert "\tok\t" in line["sub-P03"] and "no field map: field gradients not corrected" in line["sub-P03"]

@@ -9,6 +9,9 @@ beside the echoes in anat/ or in a derivatives folder:
     sub-<s>[_ses-<x>]_Chimap.nii.gz                            QSM (ppm)
     sub-<s>[_ses-<x>]_desc-brain_mask.nii.gz                   optional brain mask
     sub-<s>[_ses-<x>]_dseg.nii.gz + dseg.tsv                   optional tissue labels (index, name)
+    sub-<s>[_ses-<x>]_desc-<d>_fieldmap.nii.gz + .json         optional field map on the echoes' grid
+                                                               (a derivative; Units in its sidecar),
+                                                               for the field-gradient correction
 
 Converters (dcm2niix, heudiconv) add entities: acq-<a> and run-<n> echo sets are separate units,
 each with its own outputs (sub-01_run-2_desc-OEF_map.nii.gz), and take the QSM, mask and
@@ -101,6 +104,7 @@ class UnitInputs:
     mask: str | None = None
     dseg: str | None = None
     dseg_tsv: str | None = None
+    field_map: str | None = None  # a derivative field map on the echoes' grid (its sidecar gives Units)
     missing: list[str] = dataclasses.field(default_factory=list)
     entities: str = ""  # acq-/run- entities of the echo set ('' for most data sets)
     problems: list[str] = dataclasses.field(default_factory=list)  # bad metadata: fails this unit only
@@ -118,7 +122,7 @@ class UnitInputs:
 
     def files(self) -> list[str]:
         """Every input file, sidecars included (what the resumption checksums cover)."""
-        images = self.echoes + [p for p in (self.qsm, self.mask, self.dseg) if p]
+        images = self.echoes + [p for p in (self.qsm, self.mask, self.dseg, self.field_map) if p]
         extra = [str(io.sidecar_path(p)) for p in images if io.sidecar_path(p).exists()]
         return images + extra + ([self.dseg_tsv] if self.dseg_tsv else [])
 
@@ -306,9 +310,16 @@ def _unit_inputs(layout, subject: str, session: str | None, entities: str, echoe
     dseg_tsv = _label_table_for(dseg[0].path, layout) if dseg else None
     if dseg and dseg_tsv is None:
         missing.append(f"the label table of {Path(dseg[0].path).name} (a dseg.tsv with index and name)")
+    # a QSM pipeline's field map, resampled to the echoes: derivatives only (a raw fmap/ acquisition
+    # has its own grid and is not what the correction needs)
+    root = Path(layout.root)
+    field_maps = _matching([f for f in _get(layout, subject, session, suffix="fieldmap")
+                            if not Path(f.path).is_relative_to(root) or "derivatives" in Path(f.path).relative_to(root).parts],
+                           entities)
     return UnitInputs(subject, session, [f.path for f in echoes], tes, field,
                       qsm[0].path if qsm else None, mask[0].path if mask else None,
-                      dseg[0].path if dseg else None, dseg_tsv, missing, entities, problems, notes)
+                      dseg[0].path if dseg else None, dseg_tsv, field_maps[0].path if field_maps else None,
+                      missing, entities, problems, notes)
 
 
 def _label_table_for(dseg_path: str, layout) -> str | None:

@@ -266,7 +266,7 @@ def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, ou
     notes = []
     field = config.field_strength if config.field_strength is not None else unit.field_strength
     inputs, geometry = files.load_inputs(unit.echoes, unit.qsm, unit.mask, echo_times_ms=unit.echo_times_ms,
-                                         field_strength=field, notes=notes)
+                                         field_strength=field, notes=notes, field_map=unit.field_map)
     labels, names = None, {}
     if unit.dseg:
         labels, geom = io.read_image(unit.dseg)
@@ -277,8 +277,10 @@ def _predict_and_write(unit: bids.UnitInputs, config: BatchConfig, key: dict, ou
     result.warnings[:0] = notes
     stats = unit_statistics(result, labels, names)
     # what was chosen for the unit, for the log: a derived or a subject-level mask
-    chosen = list(unit.notes) + ([f"mask {result.mask_source}"] if result.mask_derived else [])
-    sources = [bids.source_uri(p, config.raw_root) for p in unit.echoes + [unit.qsm] + ([unit.mask] if unit.mask else [])]
+    chosen = list(unit.notes) + ([f"mask {result.mask_source}"] if result.mask_derived else []) + (
+        [f"field map {Path(unit.field_map).name}"] if unit.field_map else ["no field map: field gradients not corrected"])
+    sources = [bids.source_uri(p, config.raw_root)
+               for p in unit.echoes + [unit.qsm] + [p for p in (unit.mask, unit.field_map) if p]]
     check_output_present(out)  # else atomic_directory would create it again
     with io.atomic_directory(out / bids.unit_dir(unit.subject, unit.session), overwrite=True,
                              command=f"batch {unit.name}") as tmp:

@@ -70,8 +70,8 @@ def field_map_unit(path, given: str | None) -> str:
     unit = None if said is None else fieldmap.unit_named(said)
     if unit is None:
         where = f"its sidecar {Path(sidecar).name} says {said!r}" if said is not None else "it has no BIDS sidecar with Units"
-        raise InputError(f"The unit of the field map {Path(path).name} is unknown ({where}); give it with "
-                         f"--field-map-units ({', '.join(fieldmap.UNITS)}).")
+        raise InputError(f"The unit of the field map {Path(path).name} is unknown ({where}); say it in the "
+                         f"sidecar (\"Units\": one of {', '.join(fieldmap.UNITS)}) or with --field-map-units.")
     return unit
 
 
