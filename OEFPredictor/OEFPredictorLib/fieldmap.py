@@ -6,8 +6,11 @@ shimming) dephases the voxel's signal as well, by a factor G(t) that the model d
 
     S(t) = S0 exp(-R2 t) exp(-v fs(dw t)) G(t).
 
-At short times G(t) falls like 1 - c t^2, the shape of the blood's own static dephasing, so an
-uncorrected gradient is read as more deoxygenated blood: OEF too high, most near the sinuses.
+G(t) falls like 1 - c t^2, a decay that speeds up with time, which no parameter of the model
+describes; the network reads it as other tissue: on simulated patients the default model reads OEF
+too low, by 4-11 points where the gradient is 1-2 Hz/mm and 13-39 points above 2 Hz/mm (3 T, 2 mm,
+the more the steeper the region around; benchmarks/field_gradients.py): near the sinuses and ear
+canals.
 
 For a field that changes linearly across a box-shaped voxel, G(t) is a product of sinc functions,
 one per axis (physics.gradient_factor): with d_i the field difference (Hz) across one voxel along

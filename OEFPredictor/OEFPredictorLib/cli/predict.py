@@ -41,7 +41,7 @@ def register(sub):
     p.add_argument("--field-map", metavar="FILE",
                    help="field map (the total or background field of a QSM pipeline, on the echoes' grid) to correct "
                         "the echoes for macroscopic field gradients (near the sinuses); recommended: uncorrected, "
-                        "such gradients move OEF by 5-40 points where they exceed 1 Hz/mm")
+                        "such gradients read OEF 4-39 points low where they exceed 1 Hz/mm")
     p.add_argument("--field-map-units", metavar="UNIT",
                    help="unit of --field-map: Hz, rad/s, ppm or T; default: Units of its BIDS sidecar (never assumed)")
     p.add_argument("--model", metavar="FILE", help="a .keras model with its .json card (default: bundled)")
