@@ -145,6 +145,9 @@ experimental 3D U-Net, a DNN, or a voxelwise QQ fit.
 order. The echo times (ms) are filled from the sequence or the DICOM attributes; check them.</li>
 <li><b>QSM</b> in ppm, on the same voxel grid as the echoes; optional brain mask and CBF
 (mL/100 g/min, adds a CMRO2 map).</li>
+<li><b>Field map</b> (recommended): the QSM pipeline's total or background field, with its unit. The
+echoes are corrected for the signal that field gradients take near the sinuses and ear canals; without
+it, OEF there can read 4-39 points low.</li>
 <li>Echo times and field strength come from the data's metadata (check them). The default method reads
 5-16 echoes at 1.5-7 T whose echoes, in 3 T-equivalent time (TE x B0 / 3), start by 8.5 ms and reach 39 ms;
 shorter trains that reach 18 ms go to a second network, with a warning (lesions may not show). The paper's
