@@ -152,3 +152,16 @@ def test_predict_reads_a_field_map_in_the_unit_given_or_its_sidecar_and_never_as
     io.write_volume(field[:, :-2], files["geometry"], small)
     code, _, err = run_cli(capsys, *argv[:-1], small, "--field-map-units", "Hz", "--out", tmp_path / "small")
     assert code == 2 and "not on the same voxel grid" in err and "field map" in err
+
+
+def test_a_field_map_that_leaves_no_voxel_says_so(tiny_noisy_dataset):
+    """A field map in the wrong unit (rad/s read as Hz: 2 pi too steep) can leave every voxel below
+    the trusted signal: one line naming the field map and its unit, not an empty mask."""
+    from OEFPredictorLib import predict, simulate
+
+    p = simulate.load_patient(tiny_noisy_dataset / "P03", with_truth=False)
+    field = _linear_field(p.mask.shape, (200.0, 200.0, 200.0))
+    inputs = predict.PredictionInputs(p.echoes, p.qsm, p.protocol, mask=p.mask, field_map=field)
+    with pytest.raises(predict.InputError, match="field map's gradients take more than half .* its unit"):
+        predict.predict_maps(inputs, method="nlls")
+

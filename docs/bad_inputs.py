@@ -358,6 +358,34 @@ def c_field_strength(ctx):
     return predict(d, "--out", d / "out")
 
 
+def _field_map(d: Path, shape_cut: int = 0, hz_per_voxel: float = 2.0) -> Path:
+    """A field map beside the patient's files: a linear field along z, 0 outside the brain."""
+    from OEFPredictorLib import io
+
+    mask, geometry = io.read_volume(Ctx.p(d, "desc-brain_mask.nii.gz"))
+    field = (hz_per_voxel * np.indices(mask.shape)[0] * (mask > 0)).astype(np.float32)
+    path = d / "fieldmap.nii.gz"
+    io.write_volume(field[:, : field.shape[1] - shape_cut] if shape_cut else field, geometry, path)
+    return path
+
+
+def c_field_map_no_unit(ctx):
+    d = ctx.fresh()
+    return predict(d, "--mask", Ctx.p(d, "desc-brain_mask.nii.gz"), "--field-map", _field_map(d), "--out", d / "out")
+
+
+def c_field_map_other_grid(ctx):
+    d = ctx.fresh()
+    return predict(d, "--mask", Ctx.p(d, "desc-brain_mask.nii.gz"), "--field-map", _field_map(d, shape_cut=2),
+                   "--field-map-units", "Hz", "--out", d / "out")
+
+
+def c_field_map_steep(ctx):
+    d = ctx.fresh()
+    return predict(d, "--mask", Ctx.p(d, "desc-brain_mask.nii.gz"), "--field-map", _field_map(d, hz_per_voxel=30.0),
+                   "--field-map-units", "Hz", "--out", d / "out")
+
+
 def c_dicom_no_te(ctx):
     d = ctx.fresh()
     _dicom(d / "dcm", np.random.default_rng(2).integers(100, 1000, (5, 12, 14)))
@@ -633,6 +661,15 @@ CASES = [
          "Testing/test_cli_stats.py::test_montage_slice_out_of_range_is_one_line", c_montage_slice),
     Case("Commands", "`montage --out DIR` (it wrote DIR.png and said DIR)",
          "Testing/test_cli_stats.py::test_montage_names_the_file_it_wrote", c_montage_dir),
+    Case("Field gradients", "a field map without its unit (no --field-map-units, no sidecar Units)",
+         "Testing/test_fieldmap.py::test_predict_reads_a_field_map_in_the_unit_given_or_its_sidecar_and_never_assumes_one",
+         c_field_map_no_unit),
+    Case("Field gradients", "a field map on another grid",
+         "Testing/test_fieldmap.py::test_predict_reads_a_field_map_in_the_unit_given_or_its_sidecar_and_never_assumes_one",
+         c_field_map_other_grid),
+    Case("Field gradients", "a field map so steep (30 Hz per 6 mm voxel) that the last echo keeps under half its signal",
+         "Testing/test_fieldmap.py::test_the_engine_with_a_field_map_maps_dephased_echoes_as_the_undephased_ones",
+         c_field_map_steep),
     Case("Masks", "a mask that includes skull and scalp (the brain mask grown by a voxel; +5.4 pp, no warning)",
          FS + "test_a_mask_with_skull_is_named_in_a_warning", c_mask_skull),
     Case("Masks", "no mask: the default mask (was from echo 1, now where the QSM is defined, and said so)",

@@ -596,6 +596,10 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
                 f"{100 * (1 - fieldmap.MIN_DEPHASING):.0f} % of the last echo's signal, or the field is not finite, so "
                 "the correction cannot be trusted (near the sinuses and ear canals).")
         mask = mask & ~untrusted
+        if n_untrusted and not mask.any():
+            raise InputError("The field map's gradients take more than half of the last echo's signal in every "
+                             "voxel (or the field is not finite), so no voxel can be corrected: check the field map "
+                             "and its unit (Hz, rad/s, ppm or T).")
     if not mask.any():
         raise InputError("No voxel inside the mask has finite echoes and QSM with echo 1 > 0; nothing to predict.")
     idx = np.flatnonzero(mask)  # C order (z, y, x): the voxel list of sequences.py
