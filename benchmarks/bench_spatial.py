@@ -11,6 +11,9 @@ experimental U-Net) against the paper's LSTM.
 - 2 mm: the same end-to-end time on a whole 2 mm brain for the spatial model and for the paper's
   LSTM; the LSTM runs --lstm-voxels brain voxels and its whole-brain time is extrapolated from that
   throughput (said so in the JSON), since the whole brain takes minutes on two cores.
+- with a field map (--field-map): the context model at 1 mm with and without the field-gradient
+  correction (a field of FIELD_GRADIENT_HZ_PER_MM along z), time and peak memory, into
+  spatial_field_map.json (only these rows).
 Each timing is the median of --repeats runs after one warm-up run (model loading and graph tracing
 excluded, as for a Slicer user's second Apply). The JSON records the CPU count and load average:
 other jobs on a shared machine make the times upper bounds.
@@ -51,16 +54,24 @@ def make_volume(voxel_size: float, echoes_ms=None):
     return echoes, qsm, patient.mask
 
 
-def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | None = None, echoes_ms=None) -> dict:
+FIELD_GRADIENT_HZ_PER_MM = 1.0
+
+
+def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | None = None, echoes_ms=None,
+                field_map: bool = False) -> dict:
     from OEFPredictorLib import predict
 
     echoes, qsm, mask = make_volume(voxel_size, echoes_ms)
+    field = None
+    if field_map:  # the echoes stay as made: only the correction's cost is measured
+        field = (FIELD_GRADIENT_HZ_PER_MM * voxel_size * np.indices(mask.shape)[0]).astype(np.float32)
     n_brain = int(mask.sum())
     if max_voxels is not None and max_voxels < n_brain:
         sub = np.zeros(mask.size, bool)
         sub[np.flatnonzero(mask)[:max_voxels]] = True
         mask = sub.reshape(mask.shape)
-    inputs = predict.PredictionInputs(echoes, qsm, protocol_of(echoes_ms), mask, spacing=(voxel_size,) * 3)
+    inputs = predict.PredictionInputs(echoes, qsm, protocol_of(echoes_ms), mask, spacing=(voxel_size,) * 3,
+                                      field_map=field)
     predict.predict_maps(inputs, method=method, device="cpu")  # warm-up: load, trace
     times = []
     for _ in range(repeats):
@@ -73,13 +84,14 @@ def time_method(method: str, voxel_size: float, repeats: int, max_voxels: int | 
             "volume_shape": list(mask.shape), "brain_voxels": n_brain,
             "voxels_predicted": n, "seconds": round(seconds, 3), "runs": [round(t, 3) for t in times],
             "seconds_per_brain": round(seconds * n_brain / n, 2),
-            "whole_brain": "measured" if n == n_brain else f"extrapolated from {n} voxels"}
+            "whole_brain": "measured" if n == n_brain else f"extrapolated from {n} voxels", "field_map": field_map}
 
 
-def peak_rss_child(method: str, voxel_size: float, echoes_ms=None) -> dict:
+def peak_rss_child(method: str, voxel_size: float, echoes_ms=None, field_map: bool = False) -> dict:
     """Peak RSS of a fresh process that predicts one whole brain with a spatial model."""
     code = (f"import sys; sys.path.insert(0, {str(REPO / 'OEFPredictor')!r}); sys.path.insert(0, {str(REPO / 'benchmarks')!r});"
-            f"import bench_spatial as b; print(b.time_method({method!r}, {voxel_size}, 1, None, {echoes_ms!r})['seconds'])")
+            f"import bench_spatial as b; print(b.time_method({method!r}, {voxel_size}, 1, None, {echoes_ms!r}, "
+            f"{field_map!r})['seconds'])")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     import psutil
 
@@ -92,7 +104,7 @@ def peak_rss_child(method: str, voxel_size: float, echoes_ms=None) -> dict:
         time.sleep(0.05)
     proc.communicate()
     return {"method": method, "protocol": protocol_of(echoes_ms).describe(), "voxel_size_mm": voxel_size,
-            "peak_rss_gib": round(peak / 2 ** 30, 3),
+            "peak_rss_gib": round(peak / 2 ** 30, 3), "field_map": field_map,
             "note": "whole process: Python, TensorFlow, the simulated patient and its maps"}
 
 
@@ -101,10 +113,22 @@ def main() -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "spatial.json"))
     parser.add_argument("--lstm-voxels", type=int, default=40_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--field-map", action="store_true",
+                        help="only the rows with and without the field-gradient correction (1 mm, context), "
+                             "into spatial_field_map.json")
     args = parser.parse_args()
     load = os.getloadavg()
     results = {"cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in load],
                "python": platform.python_version(), "machine": platform.machine()}
+    if args.field_map:
+        results["field_gradient_hz_per_mm"] = FIELD_GRADIENT_HZ_PER_MM
+        results["context_1mm"] = time_method("context", 1.0, args.repeats)
+        results["context_1mm_field_map"] = time_method("context", 1.0, args.repeats, field_map=True)
+        results["memory"] = [peak_rss_child("context", 1.0), peak_rss_child("context", 1.0, field_map=True)]
+        out = Path(args.out).with_name("spatial_field_map.json")
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(results, indent=2))
+        return 0
     results["lstm_2mm"] = time_method("lstm", 2.0, 1, args.lstm_voxels)
     results["memory"] = []
     for method in ("context", "unet"):

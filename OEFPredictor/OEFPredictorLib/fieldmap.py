@@ -17,9 +17,9 @@ one per axis (physics.gradient_factor): with d_i the field difference (Hz) acros
 axis i, the phase spread across the voxel along that axis is 2 pi d_i t, and
 
     G(t) = prod_i |sin(pi d_i t) / (pi d_i t)|.
- The correction divides the echoes
-by G(t), with d_i taken from a field map in Hz (the total field, or the background field, that a
-QSM pipeline computes from the echoes' phase), on the echoes' grid. Where G at the last echo falls
+
+The correction divides the echoes by G(t), with d_i taken from a field map in Hz (the total field,
+or the background field, that a QSM pipeline computes from the echoes' phase), on the echoes' grid. Where G at the last echo falls
 below MIN_DEPHASING the signal is mostly gone and a linear-gradient correction cannot be trusted:
 those voxels are left out of the map.
 """
@@ -57,6 +57,7 @@ NOT_CORRECTED_NOTE = ("no field map given: the echoes are read as free of macros
 # Below this fraction of signal left at the last echo the correction is not trusted (the voxel is
 # left out): a linear gradient model is then far from the truth, and the division amplifies noise.
 MIN_DEPHASING = 0.5
+CHUNK_VOXELS = 262_144  # voxels whose G is computed at once
 
 
 def voxel_field_steps(field_hz: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -67,26 +68,25 @@ def voxel_field_steps(field_hz: np.ndarray, mask: np.ndarray) -> np.ndarray:
     output); 0 where a voxel has no such neighbour along an axis. NaN where the voxel's own field
     is not finite.
     """
-    field = np.asarray(field_hz, dtype=np.float64)
+    field = np.asarray(field_hz)
     usable = np.asarray(mask, bool) & np.isfinite(field)
-    values = np.where(usable, field, 0.0)
-    steps = np.zeros((3,) + field.shape)
+    values = np.where(usable, field, 0.0).astype(np.float32)  # float32 and few temporaries: 1 mm brains
+    steps = np.zeros((3,) + field.shape, np.float32)
     for axis in range(3):
-        forward = np.zeros(field.shape)
-        backward = np.zeros(field.shape)
-        has_forward = np.zeros(field.shape, bool)
-        has_backward = np.zeros(field.shape, bool)
         head = [slice(None)] * 3
         tail = [slice(None)] * 3
         head[axis], tail[axis] = slice(1, None), slice(None, -1)
         head, tail = tuple(head), tuple(tail)
-        difference = values[head] - values[tail]  # field[i + 1] - field[i]
         both = usable[head] & usable[tail]
-        forward[tail], has_forward[tail] = difference, both
-        backward[head], has_backward[head] = difference, both
-        count = has_forward.astype(np.float64) + has_backward
-        total = np.where(has_forward, forward, 0.0) + np.where(has_backward, backward, 0.0)
-        steps[axis] = np.divide(total, count, out=np.zeros(field.shape), where=count > 0)
+        difference = np.where(both, values[head] - values[tail], np.float32(0))  # field[i + 1] - field[i]
+        total = steps[axis]
+        count = np.zeros(field.shape, np.uint8)
+        total[tail] += difference  # the forward difference of voxel i
+        total[head] += difference  # the backward difference of voxel i + 1
+        count[tail] += both
+        count[head] += both
+        del both, difference
+        np.divide(total, count, out=total, where=count > 0)
     steps[:, ~np.isfinite(field)] = np.nan
     return steps
 
@@ -107,12 +107,13 @@ def correct_echoes(echoes: np.ndarray, field_hz: np.ndarray, mask: np.ndarray,
     inside = np.asarray(mask, bool)
     idx = np.flatnonzero(inside)
     steps = voxel_field_steps(field_hz, inside).reshape(3, -1)[:, idx]
-    g = dephasing(steps, protocol)  # (voxels, echoes)
-    untrusted_rows = ~np.isfinite(g[:, -1]) | (g[:, -1] < MIN_DEPHASING)
     corrected = np.array(echoes, dtype=np.float32, copy=True)
     flat = corrected.reshape(-1, corrected.shape[-1])
-    keep = idx[~untrusted_rows]
-    flat[keep] = (flat[keep] / g[~untrusted_rows]).astype(np.float32)
     untrusted = np.zeros(inside.shape, bool)
-    untrusted.reshape(-1)[idx[untrusted_rows]] = True
+    for start in range(0, idx.size, CHUNK_VOXELS):  # G chunk by chunk: bounded memory on 1 mm brains
+        rows = slice(start, start + CHUNK_VOXELS)
+        g = dephasing(steps[:, rows], protocol)  # (voxels, echoes)
+        lost = ~np.isfinite(g[:, -1]) | (g[:, -1] < MIN_DEPHASING)
+        flat[idx[rows][~lost]] /= g[~lost].astype(np.float32)
+        untrusted.reshape(-1)[idx[rows][lost]] = True
     return corrected, untrusted
