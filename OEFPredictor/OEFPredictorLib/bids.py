@@ -199,12 +199,13 @@ def _get(layout, subject, session, **filters) -> list:
     option, they are what the user asked for)."""
     query = dict(subject=subject, extension=IMAGE_EXTENSIONS, **filters)
     query["session"] = session if session else layout_none()
-    root = Path(layout.root)
+    return sorted(layout.get(**query), key=lambda f: (in_raw(f.path, layout), f.path))
 
-    def in_raw(path: Path) -> bool:
-        return path.is_relative_to(root) and "derivatives" not in path.relative_to(root).parts
 
-    return sorted(layout.get(**query), key=lambda f: (in_raw(Path(f.path)), f.path))
+def in_raw(path, layout) -> bool:
+    """Whether a file of the layout is part of the raw data set (not of a derivatives folder)."""
+    root, path = Path(layout.root), Path(path)
+    return path.is_relative_to(root) and "derivatives" not in path.relative_to(root).parts
 
 
 def layout_none():
@@ -312,9 +313,7 @@ def _unit_inputs(layout, subject: str, session: str | None, entities: str, echoe
         missing.append(f"the label table of {Path(dseg[0].path).name} (a dseg.tsv with index and name)")
     # a QSM pipeline's field map, resampled to the echoes: derivatives only (a raw fmap/ acquisition
     # has its own grid and is not what the correction needs)
-    root = Path(layout.root)
-    field_maps = _matching([f for f in _get(layout, subject, session, suffix="fieldmap")
-                            if not Path(f.path).is_relative_to(root) or "derivatives" in Path(f.path).relative_to(root).parts],
+    field_maps = _matching([f for f in _get(layout, subject, session, suffix="fieldmap") if not in_raw(f.path, layout)],
                            entities)
     return UnitInputs(subject, session, [f.path for f in echoes], tes, field,
                       qsm[0].path if qsm else None, mask[0].path if mask else None,
