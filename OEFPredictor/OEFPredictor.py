@@ -393,7 +393,7 @@ class OEFPredictorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.fieldStrength() is None:
             missing.append(_("Set the field strength (T): the echoes carry no DICOM MagneticFieldStrength."))
         if self.ui.fieldMapSelector.currentNode() is not None and self.fieldMapUnits() is None:
-            missing.append(_("Choose the field map's unit (Hz, rad/s, ppm or T)."))
+            missing.append(_("Choose the field map's unit ({units}).").format(units=fieldmap.UNITS_LISTED))
         model = self.modelFile()
         if model == "" and self.model() is None:
             missing.append(_("The bundled model is not installed; choose a model file."))

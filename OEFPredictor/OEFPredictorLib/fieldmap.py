@@ -32,6 +32,7 @@ from . import physics
 # A field map's unit, to Hz: BIDS field maps say it in their sidecar ("Units"); QSM pipelines write
 # Hz, rad/s or ppm of B0. The factor of ppm needs the field strength.
 UNITS = ("Hz", "rad/s", "ppm", "T")
+UNITS_LISTED = ", ".join(UNITS[:-1]) + " or " + UNITS[-1]  # for messages: "Hz, rad/s, ppm or T"
 
 
 def to_hz(field: np.ndarray, unit: str, field_strength_t: float) -> np.ndarray:

@@ -599,7 +599,7 @@ def predict_maps(inputs: PredictionInputs, model=None, device: str = "auto", met
         if n_untrusted and not mask.any():
             raise InputError("The field map's gradients take more than half of the last echo's signal in every "
                              "voxel (or the field is not finite), so no voxel can be corrected: check the field map "
-                             "and its unit (Hz, rad/s, ppm or T).")
+                             f"and its unit ({fieldmap.UNITS_LISTED}).")
     if not mask.any():
         raise InputError("No voxel inside the mask has finite echoes and QSM with echo 1 > 0; nothing to predict.")
     idx = np.flatnonzero(mask)  # C order (z, y, x): the voxel list of sequences.py

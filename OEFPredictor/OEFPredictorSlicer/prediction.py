@@ -252,8 +252,8 @@ class PredictionLogic:
             named.append((_("field map"), fieldMap))
             unit = fieldmap.unit_named(fieldMapUnits) if fieldMapUnits else None
             if unit is None:
-                raise InputError(_("The unit of the field map '{name}' is not set: choose Hz, rad/s, ppm or T "
-                                   "(Field map unit).").format(name=fieldMap.GetName()))
+                raise InputError(_("The unit of the field map '{name}' is not set: choose {units} "
+                                   "(Field map unit).").format(name=fieldMap.GetName(), units=fieldmap.UNITS_LISTED))
         for label, node in named:
             if node.GetImageData() is None:
                 raise InputError(_("The {label} volume '{name}' has no voxels.").format(label=label, name=node.GetName()))
@@ -339,7 +339,8 @@ class PredictionLogic:
         echoes: a vtkMRMLSequenceNode (index values = echo times) or a list of scalar volume nodes
         in echo order. fieldMap: a scalar volume of the field (settings.fieldMapUnits) whose
         gradients the echoes are corrected for. settings: a PredictionSettings; keyword arguments
-        override its fields (echoTimesMs=, model=, device=, fieldMapUnits=, ...). Returns a PredictionRun. One run at a time: a second
+        override its fields (echoTimesMs=, model=, device=, fieldMapUnits=, ...). Returns a
+        PredictionRun. One run at a time: a second
         start while one runs is refused."""
         settings = dataclasses.replace(settings or PredictionSettings(), **overrides)
         if self.activeRun is not None and not self.activeRun.done:

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .. import methods
+from .. import fieldmap, methods
 from . import help_literal
 
 
@@ -43,7 +43,8 @@ def register(sub):
                         "the echoes for macroscopic field gradients (near the sinuses); recommended: uncorrected, "
                         "such gradients read OEF 4-39 points low where they exceed 1 Hz/mm")
     p.add_argument("--field-map-units", metavar="UNIT",
-                   help="unit of --field-map: Hz, rad/s, ppm or T; default: Units of its BIDS sidecar (never assumed)")
+                   help=f"unit of --field-map: {fieldmap.UNITS_LISTED}; default: Units of its BIDS sidecar (never "
+                        "assumed)")
     p.add_argument("--model", metavar="FILE", help="a .keras model with its .json card (default: bundled)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="auto (GPU if the backend sees one, else CPU; default), cpu, or gpu")
@@ -75,7 +76,7 @@ def run_prediction(inputs, predictor, device: str, bar_label: str = "Predicting"
 
 
 def run(args) -> int:
-    from .. import fieldmap, files, io, maptable, predict
+    from .. import files, io, maptable, predict
     from . import parse_echo_times_ms
 
     start = time.perf_counter()
